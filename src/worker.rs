@@ -1,0 +1,864 @@
+//! One event-loop thread: its listeners, its client sessions, its backend.
+//!
+//! A worker owns a `mio::Poll`, the client connections it accepted (in a
+//! `Slab`), and a [`Backend`] with its own keep-alive pools. A request goes:
+//! bytes → codec → fold the key → shared [`Cache`] → answer now, or wait for
+//! a fetch (this worker's or another's: the cache coalesces across workers).
+//! Answers for sessions of another worker travel over that worker's channel
+//! with a `mio::Waker`. Per connection, answers leave in request order. The
+//! worker never closes an idle client connection: Postfix pays a one-second
+//! stall for each close.
+
+use crate::backend::{Backend, Completion, MapServers, Outcome};
+use crate::cache::{self, Cache, Lookup, Ttls, Waiter};
+use crate::codec::{netstring, tcp_table};
+use crate::config::Config;
+use crate::log::RateLimit;
+use crate::net::{Listener, Stream};
+use crossbeam_channel::{Receiver, Sender};
+use hashbrown::HashMap;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Tokens: sessions from 0, backend connections from here, listeners and the
+/// waker at the very top.
+const BACKEND_TOKEN_BASE: usize = 1 << 40;
+const WAKER_TOKEN: Token = Token(usize::MAX);
+const LISTENER_TOKEN_TOP: usize = usize::MAX - 1;
+/// Requests one connection may have waiting for answers before we stop reading it.
+const MAX_PENDING_PER_SESSION: usize = 256;
+/// Bytes of answers buffered for one connection before we stop reading it.
+const MAX_WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Connections accepted per listener event before other work gets a turn.
+const ACCEPT_BATCH: usize = 256;
+/// Readiness events handled per poll.
+const EVENTS_CAPACITY: usize = 1024;
+/// After EMFILE/ENFILE (or `max_clients`), accepting pauses this long.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Overhead of a netstring around a query: up to 20 digits, ':' and ','.
+const NETSTRING_OVERHEAD_BYTES: usize = 22;
+
+static LOG_TOO_LONG: RateLimit = RateLimit::new(Duration::from_secs(10));
+static LOG_TEMP: RateLimit = RateLimit::new(Duration::from_secs(10));
+static LOG_STALE: RateLimit = RateLimit::new(Duration::from_secs(60));
+static LOG_BAD_REQUEST: RateLimit = RateLimit::new(Duration::from_secs(10));
+static LOG_ACCEPT: RateLimit = RateLimit::new(Duration::from_secs(60));
+
+/// An answer on its way to a client.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Found(Arc<[u8]>),
+    NotFound,
+    Temp(Arc<str>),
+}
+
+/// What a worker receives from the others and from the control thread.
+pub enum Msg {
+    Answer {
+        session: u32,
+        gen: u64,
+        seq: u64,
+        answer: Answer,
+    },
+    /// Stop accepting, finish what is in flight, then return.
+    Shutdown,
+}
+
+/// How a listener's clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    TcpTable { map: u16 },
+    Socketmap,
+}
+
+/// Counters shared by every worker (the metrics page reads them).
+#[derive(Default)]
+pub struct Counters {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub requests: AtomicU64,
+    pub found: AtomicU64,
+    pub not_found: AtomicU64,
+    pub temp_errors: AtomicU64,
+    pub bad_requests: AtomicU64,
+}
+
+/// What every worker shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub cache: Arc<Cache>,
+    pub maps: Vec<MapServers>,
+    pub map_by_name: HashMap<Vec<u8>, u16>,
+    pub ttls: Vec<Ttls>,
+    pub mailboxes: Vec<(Sender<Msg>, Arc<Waker>)>,
+    pub counters: Counters,
+}
+
+enum Slot {
+    Waiting,
+    Ready(Vec<u8>),
+}
+
+#[derive(PartialEq, Eq)]
+enum SessionState {
+    Open,
+    /// Answer what is owed, flush, then close (bad framing, over-long line).
+    Closing,
+}
+
+struct Session {
+    stream: Stream,
+    proto: Proto,
+    gen: u64,
+    state: SessionState,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Answers owed, in request order: `pending[i]` is request `first_seq + i`.
+    pending: VecDeque<Slot>,
+    first_seq: u64,
+    next_seq: u64,
+    /// Reading stopped for backpressure; resume when answers drain.
+    paused: bool,
+    /// The client closed its side.
+    eof: bool,
+}
+
+pub struct Worker {
+    id: u32,
+    poll: Poll,
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+    listeners: Vec<(Listener, Proto)>,
+    sessions: Slab<Session>,
+    backend: Backend,
+    next_gen: u64,
+    stopping: bool,
+    accept_paused_until: Option<Instant>,
+    read_buf: Box<[u8]>,
+    key_buf: Vec<u8>,
+    fold_buf: Vec<u8>,
+    ckey_buf: Vec<u8>,
+}
+
+impl Worker {
+    pub fn new(
+        id: u32,
+        poll: Poll,
+        shared: Arc<Shared>,
+        rx: Receiver<Msg>,
+        listeners: Vec<(Listener, Proto)>,
+    ) -> io::Result<Worker> {
+        let backend = Backend::new(
+            BACKEND_TOKEN_BASE,
+            &shared.maps,
+            shared.cfg.daemon.workers,
+            shared.cache.epoch(),
+        );
+        let mut w = Worker {
+            id,
+            poll,
+            shared,
+            rx,
+            listeners,
+            sessions: Slab::new(),
+            backend,
+            next_gen: 1,
+            stopping: false,
+            accept_paused_until: None,
+            read_buf: vec![0; 64 * 1024].into_boxed_slice(),
+            key_buf: Vec::new(),
+            fold_buf: Vec::new(),
+            ckey_buf: Vec::new(),
+        };
+        for (i, (l, _)) in w.listeners.iter_mut().enumerate() {
+            w.poll
+                .registry()
+                .register(l, Token(LISTENER_TOKEN_TOP - i), Interest::READABLE)?;
+        }
+        Ok(w)
+    }
+
+    fn max_line(&self) -> usize {
+        self.shared.cfg.daemon.max_request_bytes
+    }
+
+    /// Runs until shut down and drained.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let mut timeout = self
+                .backend
+                .next_deadline()
+                .map(|t| t.saturating_duration_since(now));
+            if let Some(t) = self.accept_paused_until {
+                let d = t.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(d, |x| x.min(d)));
+            }
+            if self.stopping {
+                timeout = Some(timeout.map_or(Duration::from_millis(50), |x| {
+                    x.min(Duration::from_millis(50))
+                }));
+            }
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    crate::error!("worker {}: poll failed: {e}", self.id);
+                    return;
+                }
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                let t = ev.token();
+                if t == WAKER_TOKEN {
+                    self.drain_mailbox(now);
+                } else if t.0 > LISTENER_TOKEN_TOP - self.listeners.len()
+                    && t.0 <= LISTENER_TOKEN_TOP
+                {
+                    self.accept(LISTENER_TOKEN_TOP - t.0);
+                } else if self.backend.owns(t) {
+                    let registry = self.poll.registry();
+                    self.backend.event(registry, ev, now);
+                } else {
+                    self.session_event(t.0, now);
+                }
+                self.handle_completions(now);
+            }
+            if let Some(t) = self.accept_paused_until {
+                if now >= t {
+                    self.accept_paused_until = None;
+                    for i in 0..self.listeners.len() {
+                        self.accept(i);
+                    }
+                }
+            }
+            let registry = self.poll.registry();
+            self.backend.expire(registry, now);
+            self.handle_completions(now);
+            if self.stopping {
+                let deadline = *drain_deadline.get_or_insert_with(|| {
+                    let longest = self
+                        .shared
+                        .cfg
+                        .maps
+                        .iter()
+                        .map(|m| m.lookup_timeout)
+                        .max()
+                        .unwrap_or_default();
+                    now + longest + Duration::from_secs(1)
+                });
+                let owed = self
+                    .sessions
+                    .iter()
+                    .any(|(_, s)| !s.pending.is_empty() || s.wpos < s.wbuf.len());
+                if (self.backend.in_flight() == 0 && !owed) || now >= deadline {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drain_mailbox(&mut self, now: Instant) {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Answer {
+                    session,
+                    gen,
+                    seq,
+                    answer,
+                } => self.deliver(session as usize, gen, seq, &answer, now),
+                Msg::Shutdown => {
+                    self.stopping = true;
+                    for (mut l, _) in self.listeners.drain(..) {
+                        let _ = self.poll.registry().deregister(&mut l);
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, li: usize) {
+        if self.accept_paused_until.is_some() || li >= self.listeners.len() {
+            return;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            let (listener, proto) = &self.listeners[li];
+            let proto = *proto;
+            match listener.accept() {
+                Ok(stream) => self.add_session(stream, proto),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS...: keep serving what we have; do not spin.
+                    if let Some(n) = LOG_ACCEPT.check() {
+                        crate::warn!(
+                            "accept failed: {e}; pausing accepts for {}ms ({n} similar not logged)",
+                            ACCEPT_PAUSE.as_millis()
+                        );
+                    }
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    return;
+                }
+            }
+        }
+        // More may be waiting: edge-triggered, so come back on the next turn.
+        self.accept_paused_until = Some(Instant::now());
+    }
+
+    fn add_session(&mut self, mut stream: Stream, proto: Proto) {
+        let entry = self.sessions.vacant_entry();
+        let token = Token(entry.key());
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            crate::error!("cannot register a client connection: {e}");
+            return;
+        }
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        entry.insert(Session {
+            stream,
+            proto,
+            gen,
+            state: SessionState::Open,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            pending: VecDeque::new(),
+            first_seq: 0,
+            next_seq: 0,
+            paused: false,
+            eof: false,
+        });
+        let c = &self.shared.counters;
+        c.connections_open.fetch_add(1, Ordering::Relaxed);
+        c.connections_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn close_session(&mut self, sid: usize) {
+        if let Some(mut s) = self.sessions.try_remove(sid) {
+            let _ = self.poll.registry().deregister(&mut s.stream);
+            self.shared
+                .counters
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn read_limit(&self, proto: Proto) -> usize {
+        match proto {
+            Proto::TcpTable { .. } => self.max_line(),
+            Proto::Socketmap => netstring::DEFAULT_MAX_QUERY_BYTES + NETSTRING_OVERHEAD_BYTES,
+        }
+    }
+
+    fn session_event(&mut self, sid: usize, now: Instant) {
+        if !self.sessions.contains(sid) {
+            return;
+        }
+        if !self.flush(sid) {
+            return;
+        }
+        self.read_session(sid, now);
+    }
+
+    /// Reads and serves requests until the socket is drained, the session
+    /// is paused for backpressure, or it closes.
+    fn read_session(&mut self, sid: usize, now: Instant) {
+        let Some(proto) = self.sessions.get(sid).map(|s| s.proto) else {
+            return;
+        };
+        let limit = self.read_limit(proto);
+        loop {
+            let Some(s) = self.sessions.get_mut(sid) else {
+                return;
+            };
+            if s.paused || s.eof || s.state != SessionState::Open {
+                break;
+            }
+            let space = limit.saturating_sub(s.rbuf.len());
+            if space == 0 {
+                // A full buffer without one complete request: the codec says so.
+                self.serve(sid, now);
+                continue;
+            }
+            match s.stream.read(&mut self.read_buf[..space]) {
+                Ok(0) => {
+                    s.eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    s.rbuf.extend_from_slice(&self.read_buf[..n]);
+                    self.serve(sid, now);
+                    if n < space {
+                        break; // a short read drained the socket
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_session(sid);
+                    return;
+                }
+            }
+        }
+        if !self.flush(sid) {
+            return;
+        }
+        if let Some(s) = self.sessions.get(sid) {
+            if s.eof && s.pending.is_empty() && s.wpos >= s.wbuf.len() {
+                self.close_session(sid);
+            }
+        }
+    }
+
+    /// Serves every complete request in the session's read buffer.
+    fn serve(&mut self, sid: usize, now: Instant) {
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        let proto = s.proto;
+        let mut rbuf = std::mem::take(&mut s.rbuf);
+        let mut pos = 0;
+        let max_line = self.max_line();
+        loop {
+            let Some(s) = self.sessions.get_mut(sid) else {
+                return;
+            };
+            if s.state != SessionState::Open {
+                break;
+            }
+            if s.pending.len() >= MAX_PENDING_PER_SESSION
+                || s.wbuf.len() - s.wpos >= MAX_WRITE_BUFFER_BYTES
+            {
+                s.paused = true;
+                break;
+            }
+            match proto {
+                Proto::TcpTable { map } => {
+                    let mut key = std::mem::take(&mut self.key_buf);
+                    let parsed = tcp_table::parse_request(&rbuf[pos..], max_line, &mut key);
+                    match parsed {
+                        tcp_table::Parsed::Incomplete => {
+                            self.key_buf = key;
+                            break;
+                        }
+                        tcp_table::Parsed::TooLong => {
+                            self.key_buf = key;
+                            self.bad_request(
+                                sid,
+                                &format!("request line longer than {max_line} bytes"),
+                                true,
+                            );
+                            pos = rbuf.len();
+                            break;
+                        }
+                        tcp_table::Parsed::Line { consumed, result } => {
+                            pos += consumed;
+                            match result {
+                                Ok(()) => self.lookup(sid, map, &key, now),
+                                Err(e) => self.bad_request(sid, &e.to_string(), false),
+                            }
+                            self.key_buf = key;
+                        }
+                    }
+                }
+                Proto::Socketmap => {
+                    match netstring::parse(&rbuf[pos..], netstring::DEFAULT_MAX_QUERY_BYTES) {
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.bad_request(sid, &format!("malformed netstring: {e}"), true);
+                            pos = rbuf.len();
+                            break;
+                        }
+                        Ok(Some((start, end, consumed))) => {
+                            let payload = &rbuf[pos + start..pos + end];
+                            match netstring::split_request(payload) {
+                                Err(e) => {
+                                    let msg = format!("malformed socketmap request: {e}");
+                                    self.answer_now(sid, AnswerRef::Perm(msg.as_bytes()));
+                                }
+                                Ok((name, key)) => match self.shared.map_by_name.get(name).copied()
+                                {
+                                    Some(map) => {
+                                        let key = key.to_vec();
+                                        self.lookup(sid, map, &key, now);
+                                    }
+                                    None => {
+                                        let msg = format!(
+                                            "unknown map {:?}",
+                                            String::from_utf8_lossy(name)
+                                        );
+                                        self.answer_now(sid, AnswerRef::Perm(msg.as_bytes()));
+                                    }
+                                },
+                            }
+                            pos += consumed;
+                        }
+                    }
+                }
+            }
+        }
+        rbuf.drain(..pos.min(rbuf.len()));
+        if let Some(s) = self.sessions.get_mut(sid) {
+            s.rbuf = rbuf;
+        }
+    }
+
+    /// A request that cannot be served: answer an error; `fatal` closes the
+    /// connection after the answer (the stream cannot be resynchronised).
+    fn bad_request(&mut self, sid: usize, why: &str, fatal: bool) {
+        self.shared
+            .counters
+            .bad_requests
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = LOG_BAD_REQUEST.check() {
+            crate::warn!(
+                "bad request from a client: {why}{} ({n} similar not logged)",
+                if fatal {
+                    "; closing the connection"
+                } else {
+                    ""
+                }
+            );
+        }
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        match s.proto {
+            Proto::TcpTable { .. } => self.answer_now(sid, AnswerRef::Temp(why.as_bytes())),
+            Proto::Socketmap if !fatal => self.answer_now(sid, AnswerRef::Perm(why.as_bytes())),
+            Proto::Socketmap => {}
+        }
+        if fatal {
+            if let Some(s) = self.sessions.get_mut(sid) {
+                s.state = SessionState::Closing;
+            }
+        }
+    }
+
+    /// Answers the next request of `sid` at once (in order behind any owed answers).
+    fn answer_now(&mut self, sid: usize, a: AnswerRef<'_>) {
+        let map_name = self.map_name_of(sid);
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        s.next_seq += 1;
+        if s.pending.is_empty() {
+            s.first_seq = s.next_seq;
+            encode_answer(s.proto, a, &mut s.wbuf, &map_name);
+        } else {
+            let mut v = Vec::new();
+            encode_answer(s.proto, a, &mut v, &map_name);
+            s.pending.push_back(Slot::Ready(v));
+        }
+    }
+
+    fn map_name_of(&self, sid: usize) -> String {
+        match self.sessions.get(sid).map(|s| s.proto) {
+            Some(Proto::TcpTable { map }) => self.shared.cfg.maps[map as usize].name.clone(),
+            _ => String::new(),
+        }
+    }
+
+    fn lookup(&mut self, sid: usize, map: u16, key: &[u8], now: Instant) {
+        self.shared
+            .counters
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
+        let mcfg = &self.shared.cfg.maps[map as usize];
+        fold_key(key, mcfg.fold_case, &mut self.fold_buf);
+        cache::make_key(map, &self.fold_buf, &mut self.ckey_buf);
+        let cache = &self.shared.cache;
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let waiter = Waiter {
+            worker: self.id,
+            session: sid as u32,
+            gen: s.gen,
+            seq,
+        };
+        let immediate = s.pending.is_empty();
+        let mut deferred: Option<Vec<u8>> = None;
+        let proto = s.proto;
+        let counters = &self.shared.counters;
+        let r = cache.lookup(&self.ckey_buf, cache.now_ms(), waiter, |v| {
+            let a = match v {
+                Some(v) => {
+                    counters.found.fetch_add(1, Ordering::Relaxed);
+                    AnswerRef::Found(v)
+                }
+                None => {
+                    counters.not_found.fetch_add(1, Ordering::Relaxed);
+                    AnswerRef::NotFound
+                }
+            };
+            if immediate {
+                encode_answer(proto, a, &mut s.wbuf, &mcfg.name);
+            } else {
+                let mut out = Vec::new();
+                encode_answer(proto, a, &mut out, &mcfg.name);
+                deferred = Some(out);
+            }
+        });
+        match r {
+            Lookup::Hit { refresh } => {
+                if immediate {
+                    s.first_seq = s.next_seq;
+                } else if let Some(out) = deferred {
+                    s.pending.push_back(Slot::Ready(out));
+                }
+                if refresh {
+                    let registry = self.poll.registry();
+                    self.backend
+                        .start(registry, map, &self.fold_buf, &self.ckey_buf, now);
+                }
+            }
+            Lookup::Joined => s.pending.push_back(Slot::Waiting),
+            Lookup::Fetch => {
+                s.pending.push_back(Slot::Waiting);
+                let registry = self.poll.registry();
+                self.backend
+                    .start(registry, map, &self.fold_buf, &self.ckey_buf, now);
+            }
+        }
+    }
+
+    /// Stores finished fetches in the cache and answers their waiters.
+    fn handle_completions(&mut self, now: Instant) {
+        let done: Vec<Completion> = self.backend.completions().collect();
+        for c in done {
+            let cache = &self.shared.cache;
+            let now_ms = cache.now_ms();
+            let ttls = &self.shared.ttls[c.map as usize];
+            let map_name = &self.shared.cfg.maps[c.map as usize].name;
+            let (waiters, answer) = match c.outcome {
+                Outcome::Found(v) => (
+                    cache.complete_ok(&c.cache_key, Some(&v), ttls, now_ms),
+                    Answer::Found(v.into()),
+                ),
+                Outcome::NotFound => (
+                    cache.complete_ok(&c.cache_key, None, ttls, now_ms),
+                    Answer::NotFound,
+                ),
+                Outcome::Temp(msg) => {
+                    let (w, stale) = cache.complete_err(&c.cache_key, now_ms);
+                    match stale {
+                        Some(v) => {
+                            if let Some(n) = LOG_STALE.check() {
+                                crate::warn!("map {map_name}: every server failed ({msg}); answering from stale cache entries ({n} more not logged)");
+                            }
+                            (w, v.map_or(Answer::NotFound, |v| Answer::Found(v.into())))
+                        }
+                        None => {
+                            if let Some(n) = LOG_TEMP.check() {
+                                crate::warn!("map {map_name}: lookup failed, answered a temporary error: {msg} ({n} similar not logged)");
+                            }
+                            (w, Answer::Temp(msg.into()))
+                        }
+                    }
+                }
+            };
+            for w in waiters {
+                if w.worker == self.id {
+                    self.deliver(w.session as usize, w.gen, w.seq, &answer, now);
+                } else if let Some((tx, waker)) = self.shared.mailboxes.get(w.worker as usize) {
+                    let _ = tx.send(Msg::Answer {
+                        session: w.session,
+                        gen: w.gen,
+                        seq: w.seq,
+                        answer: answer.clone(),
+                    });
+                    let _ = waker.wake();
+                }
+            }
+        }
+    }
+
+    /// Puts an answer in its place on session `sid` and sends what is in order.
+    fn deliver(&mut self, sid: usize, gen: u64, seq: u64, answer: &Answer, now: Instant) {
+        let map_name = self.map_name_of(sid);
+        let counters = &self.shared.counters;
+        let Some(s) = self.sessions.get_mut(sid).filter(|s| s.gen == gen) else {
+            return;
+        };
+        let Some(i) = seq.checked_sub(s.first_seq).map(|i| i as usize) else {
+            return;
+        };
+        if !matches!(s.pending.get(i), Some(Slot::Waiting)) {
+            return;
+        }
+        let a = match answer {
+            Answer::Found(v) => {
+                counters.found.fetch_add(1, Ordering::Relaxed);
+                AnswerRef::Found(v)
+            }
+            Answer::NotFound => {
+                counters.not_found.fetch_add(1, Ordering::Relaxed);
+                AnswerRef::NotFound
+            }
+            Answer::Temp(m) => {
+                counters.temp_errors.fetch_add(1, Ordering::Relaxed);
+                AnswerRef::Temp(m.as_bytes())
+            }
+        };
+        if i == 0 {
+            encode_answer(s.proto, a, &mut s.wbuf, &map_name);
+            s.pending.pop_front();
+            s.first_seq += 1;
+        } else {
+            let mut v = Vec::new();
+            encode_answer(s.proto, a, &mut v, &map_name);
+            s.pending[i] = Slot::Ready(v);
+        }
+        while let Some(Slot::Ready(_)) = s.pending.front() {
+            if let Some(Slot::Ready(v)) = s.pending.pop_front() {
+                s.wbuf.extend_from_slice(&v);
+            }
+            s.first_seq += 1;
+        }
+        let resume = s.paused && s.pending.len() < MAX_PENDING_PER_SESSION / 2;
+        if resume {
+            s.paused = false;
+        }
+        if !self.flush(sid) {
+            return;
+        }
+        if resume {
+            self.serve(sid, now);
+            self.read_session(sid, now);
+        } else if let Some(s) = self.sessions.get(sid) {
+            if s.eof && s.pending.is_empty() && s.wpos >= s.wbuf.len() {
+                self.close_session(sid);
+            }
+        }
+    }
+
+    /// Writes what the session owes. False if the session is gone.
+    fn flush(&mut self, sid: usize) -> bool {
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return false;
+        };
+        while s.wpos < s.wbuf.len() {
+            match s.stream.write(&s.wbuf[s.wpos..]) {
+                Ok(0) => {
+                    self.close_session(sid);
+                    return false;
+                }
+                Ok(n) => s.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_session(sid);
+                    return false;
+                }
+            }
+        }
+        if s.wpos >= s.wbuf.len() {
+            s.wbuf.clear();
+            s.wpos = 0;
+            if s.state == SessionState::Closing && s.pending.is_empty() {
+                self.close_session(sid);
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// An answer borrowed for encoding.
+#[derive(Clone, Copy)]
+enum AnswerRef<'a> {
+    Found(&'a [u8]),
+    NotFound,
+    Temp(&'a [u8]),
+    /// A configuration error (socketmap only; tcp_table has no such reply).
+    Perm(&'a [u8]),
+}
+
+/// Encodes one answer in the session's protocol.
+fn encode_answer(proto: Proto, a: AnswerRef<'_>, out: &mut Vec<u8>, map_name: &str) {
+    match proto {
+        Proto::TcpTable { .. } => match a {
+            AnswerRef::Found(v) if !v.is_empty() => {
+                if let Err(e) = tcp_table::encode_found(v, out) {
+                    if let Some(n) = LOG_TOO_LONG.check() {
+                        crate::warn!("map {map_name}: a result is too long for tcp_table ({e}); answered 400 ({n} similar not logged)");
+                    }
+                    tcp_table::encode_temp_error(
+                        format!("result too long for tcp_table: {e}").as_bytes(),
+                        out,
+                    );
+                }
+            }
+            AnswerRef::Found(_) | AnswerRef::NotFound => {
+                tcp_table::encode_not_found(b"not found", out)
+            }
+            AnswerRef::Temp(m) | AnswerRef::Perm(m) => tcp_table::encode_temp_error(m, out),
+        },
+        Proto::Socketmap => {
+            let max = netstring::DEFAULT_MAX_REPLY_BYTES;
+            match a {
+                AnswerRef::Found(v) if !v.is_empty() => {
+                    if let Err(e) = netstring::encode_ok(v, max, out) {
+                        if let Some(n) = LOG_TOO_LONG.check() {
+                            crate::warn!("a result is too long for socketmap ({e}); answered TEMP ({n} similar not logged)");
+                        }
+                        netstring::encode_temp(
+                            format!("result too long: {e}").as_bytes(),
+                            max,
+                            out,
+                        );
+                    }
+                }
+                AnswerRef::Found(_) | AnswerRef::NotFound => netstring::encode_notfound(out),
+                AnswerRef::Temp(m) => netstring::encode_temp(m, max, out),
+                AnswerRef::Perm(m) => netstring::encode_perm(m, max, out),
+            }
+        }
+    }
+}
+
+/// Lower-cases `key` into `out` when `fold` (ASCII fast path; UTF-8 keys by
+/// Unicode lower case, as Postfix folds SMTPUTF8 keys).
+pub fn fold_key(key: &[u8], fold: bool, out: &mut Vec<u8>) {
+    out.clear();
+    if !fold {
+        out.extend_from_slice(key);
+    } else if key.is_ascii() {
+        out.extend(key.iter().map(u8::to_ascii_lowercase));
+    } else if let Ok(s) = std::str::from_utf8(key) {
+        out.extend_from_slice(s.to_lowercase().as_bytes());
+    } else {
+        out.extend(key.iter().map(u8::to_ascii_lowercase));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folding() {
+        let mut out = Vec::new();
+        for (k, fold, want) in [
+            ("Alice@Example.COM", true, "alice@example.com"),
+            ("Alice@Example.COM", false, "Alice@Example.COM"),
+            ("ÅSA@Exämple.com", true, "åsa@exämple.com"),
+        ] {
+            fold_key(k.as_bytes(), fold, &mut out);
+            assert_eq!(out, want.as_bytes());
+        }
+    }
+}

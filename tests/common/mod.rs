@@ -1,0 +1,928 @@
+//! Shared harness for the integration tests: a scriptable HTTP/1.1 backend
+//! (`TestServer`), the real `httpmapd` binary under test (`Daemon`), and
+//! clients for the Postfix side (`postmap_q`, `LineClient`).
+//!
+//! Everything talks over real loopback sockets; nothing here knows the
+//! daemon's internals. Each `tests/*.rs` does `mod common;`; not every test
+//! uses every item, hence the `dead_code` allowances.
+
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------
+// (a) The scriptable HTTP backend
+// ---------------------------------------------------------------------------
+
+/// Largest request head the test server reads before giving up on a client.
+const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+
+/// One request as the test server parsed it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// The request target as sent (path and query).
+    pub path: String,
+    /// Headers in order, names as sent.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The `POSTFIX-DICT-EMAIL` header (or `POSTFIX_DICT_EMAIL`), if any.
+    pub key: Option<Vec<u8>>,
+}
+
+impl Request {
+    /// The first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The key as text (lossy), or "" if none.
+    pub fn key_str(&self) -> String {
+        self.key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// How a `Reply::Http` body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Content-Length: N` (added by the server).
+    ContentLength,
+    /// `Transfer-Encoding: chunked`; the body is sent in two chunks when it
+    /// has two bytes or more, to exercise chunk boundaries.
+    Chunked,
+    /// No length: the body ends when the server closes the connection.
+    CloseDelimited,
+}
+
+/// What the test server does with one request.
+// `CloseMidReply` is the name the tests use, though it ends in "Reply".
+#[allow(clippy::enum_variant_names)]
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A normal response. `close`: send Connection: close and close after.
+    /// The server adds the framing headers (`Content-Length`,
+    /// `Transfer-Encoding`, `Connection: close`) itself.
+    Http {
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        body: Vec<u8>,
+        framing: Framing,
+        close: bool,
+    },
+    /// Write these raw bytes then close.
+    Garbage(Vec<u8>),
+    /// Read the request, then hold the connection open without answering
+    /// (until the server is dropped).
+    NeverAnswer,
+    /// Write half of a valid head then close.
+    CloseMidReply,
+    /// Wait, then do the inner reply.
+    Delay(Duration, Box<Reply>),
+}
+
+impl Reply {
+    /// `200` with `POSTFIX-DICT-RESULTS: v`, Content-Length framing, keep-alive.
+    pub fn found(v: &[u8]) -> Reply {
+        Reply::header_reply(200, "POSTFIX-DICT-RESULTS", v)
+    }
+
+    /// `200` with an empty `POSTFIX-DICT-RESULTS:` header.
+    pub fn not_found() -> Reply {
+        Reply::header_reply(200, "POSTFIX-DICT-RESULTS", b"")
+    }
+
+    /// Status `code` with `POSTFIX-DICT-RETMSG: retmsg`.
+    pub fn status(code: u16, retmsg: &str) -> Reply {
+        Reply::header_reply(code, "POSTFIX-DICT-RETMSG", retmsg.as_bytes())
+    }
+
+    /// A response with only a body (for `result = "body"` maps).
+    pub fn body(status: u16, body: &[u8]) -> Reply {
+        Reply::Http {
+            status,
+            headers: Vec::new(),
+            body: body.to_vec(),
+            framing: Framing::ContentLength,
+            close: false,
+        }
+    }
+
+    /// This reply, after `d`.
+    pub fn delayed(self, d: Duration) -> Reply {
+        Reply::Delay(d, Box::new(self))
+    }
+
+    fn header_reply(status: u16, name: &str, value: &[u8]) -> Reply {
+        Reply::Http {
+            status,
+            headers: vec![(name.to_string(), value.to_vec())],
+            body: Vec::new(),
+            framing: Framing::ContentLength,
+            close: false,
+        }
+    }
+}
+
+type Handler = dyn Fn(&Request) -> Reply + Send + Sync + 'static;
+
+/// State shared by the accept thread, the connection threads and the owner.
+struct Shared {
+    handler: Box<Handler>,
+    stop: AtomicBool,
+    requests: AtomicUsize,
+    connections: AtomicUsize,
+    keys: Mutex<Vec<Vec<u8>>>,
+    /// Clones of every accepted stream, so `drop` can shut them all down.
+    streams: Mutex<Vec<TcpStream>>,
+}
+
+/// A scriptable HTTP/1.1 server on 127.0.0.1: one thread per connection,
+/// keep-alive, request bodies read and discarded. Dropping it stops
+/// accepting and shuts down every connection.
+pub struct TestServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts on 127.0.0.1:0 with a handler called for each request (from several threads).
+    pub fn start(handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> TestServer {
+        TestServer::start_on("127.0.0.1:0", handler).expect("bind test server")
+    }
+
+    /// Starts on a given address (e.g. to bring a "failed" server back on
+    /// the port it had).
+    pub fn start_on(
+        addr: &str,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> io::Result<TestServer> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            handler: Box::new(handler),
+            stop: AtomicBool::new(false),
+            requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            keys: Mutex::new(Vec::new()),
+            streams: Mutex::new(Vec::new()),
+        });
+        let accept_shared = Arc::clone(&shared);
+        let accept_thread = thread::Builder::new()
+            .name(format!("test-server-{}", addr.port()))
+            .spawn(move || accept_loop(listener, accept_shared))?;
+        Ok(TestServer {
+            addr,
+            shared,
+            accept_thread: Some(accept_thread),
+        })
+    }
+
+    /// A map-backed handler: found for keys in the map, not found otherwise.
+    /// Keys match exactly (no case folding: the test sees what was sent).
+    pub fn with_map(pairs: &[(&str, &str)]) -> TestServer {
+        let map: std::collections::HashMap<Vec<u8>, Vec<u8>> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        TestServer::start(move |req| match req.key.as_ref().and_then(|k| map.get(k)) {
+            Some(v) => Reply::found(v),
+            None => Reply::not_found(),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// "http://127.0.0.1:PORT{path}"
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// How many requests reached the server (counted when the head is parsed,
+    /// before the handler runs).
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Keys seen (requests without a key are skipped), in arrival order.
+    pub fn keys(&self) -> Vec<Vec<u8>> {
+        self.shared.keys.lock().unwrap().clone()
+    }
+
+    /// How many TCP connections were accepted.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Polls (every 10 ms) until at least `n` requests arrived; false on timeout.
+    pub fn wait_for_requests(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.requests() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept() so it sees the stop flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        // Shut every connection down: blocked reads (NeverAnswer, idle
+        // keep-alive) return EOF and their threads end; clients see EOF.
+        for s in self.shared.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        {
+            let mut streams = shared.streams.lock().unwrap();
+            // Checked under the lock so drop cannot miss this stream.
+            if shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Ok(clone) = stream.try_clone() {
+                streams.push(clone);
+            }
+        }
+        let conn_shared = Arc::clone(&shared);
+        thread::spawn(move || {
+            let _ = serve_connection(stream, &conn_shared);
+        });
+    }
+}
+
+/// Outcome of parsing a request head at the start of a buffer.
+enum Parsed {
+    Incomplete,
+    Complete {
+        request: Request,
+        head_len: usize,
+        body_len: usize,
+        client_wants_close: bool,
+    },
+}
+
+fn parse_request(buf: &[u8]) -> Result<Parsed, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf).map_err(|e| e.to_string())? {
+        httparse::Status::Partial => return Ok(Parsed::Incomplete),
+        httparse::Status::Complete(n) => n,
+    };
+    let headers: Vec<(String, Vec<u8>)> = req
+        .headers
+        .iter()
+        .map(|h| (h.name.to_string(), h.value.to_vec()))
+        .collect();
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let key = find("POSTFIX-DICT-EMAIL").or_else(|| find("POSTFIX_DICT_EMAIL"));
+    let body_len = match find("Content-Length") {
+        Some(v) => String::from_utf8_lossy(&v)
+            .trim()
+            .parse()
+            .map_err(|_| "bad Content-Length".to_string())?,
+        None => 0,
+    };
+    let connection_close = find("Connection")
+        .map(|v| {
+            String::from_utf8_lossy(&v)
+                .to_ascii_lowercase()
+                .contains("close")
+        })
+        .unwrap_or(false);
+    let client_wants_close = connection_close || req.version == Some(0);
+    Ok(Parsed::Complete {
+        request: Request {
+            method: req.method.unwrap_or("").to_string(),
+            path: req.path.unwrap_or("").to_string(),
+            headers,
+            key,
+        },
+        head_len,
+        body_len,
+        client_wants_close,
+    })
+}
+
+fn serve_connection(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    loop {
+        // Read one request head (and its body) from the buffer and the socket.
+        let (request, client_wants_close) = loop {
+            match parse_request(&buf) {
+                Ok(Parsed::Complete {
+                    request,
+                    head_len,
+                    body_len,
+                    client_wants_close,
+                }) => {
+                    while buf.len() < head_len + body_len {
+                        if !read_more(&mut stream, &mut buf)? {
+                            return Ok(());
+                        }
+                    }
+                    buf.drain(..head_len + body_len);
+                    break (request, client_wants_close);
+                }
+                Ok(Parsed::Incomplete) if buf.len() < MAX_REQUEST_HEAD_BYTES => {
+                    if !read_more(&mut stream, &mut buf)? {
+                        return Ok(());
+                    }
+                }
+                _ => {
+                    stream.write_all(
+                        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )?;
+                    return close(stream);
+                }
+            }
+        };
+        shared.requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(key) = &request.key {
+            shared.keys.lock().unwrap().push(key.clone());
+        }
+        let reply = (shared.handler)(&request);
+        if !perform(&mut stream, reply, client_wants_close, shared)? {
+            return close(stream);
+        }
+    }
+}
+
+/// Reads more bytes into `buf`; false on EOF.
+fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
+    let mut chunk = [0u8; 4096];
+    let n = stream.read(&mut chunk)?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
+
+fn close(stream: TcpStream) -> io::Result<()> {
+    let _ = stream.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+/// Carries out one reply; returns whether the connection stays open.
+fn perform(
+    stream: &mut TcpStream,
+    reply: Reply,
+    client_wants_close: bool,
+    shared: &Shared,
+) -> io::Result<bool> {
+    match reply {
+        Reply::Http {
+            status,
+            headers,
+            body,
+            framing,
+            close,
+        } => {
+            let close = close || client_wants_close || framing == Framing::CloseDelimited;
+            let mut out = format!("HTTP/1.1 {} {}\r\n", status, reason(status)).into_bytes();
+            for (name, value) in &headers {
+                out.extend_from_slice(name.as_bytes());
+                out.push(b':');
+                if !value.is_empty() {
+                    out.push(b' ');
+                    out.extend_from_slice(value);
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+            match framing {
+                Framing::ContentLength => {
+                    out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes())
+                }
+                Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+                Framing::CloseDelimited => {}
+            }
+            if close {
+                out.extend_from_slice(b"Connection: close\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            match framing {
+                Framing::Chunked => {
+                    let (a, b) = body.split_at(body.len() / 2);
+                    for chunk in [a, b] {
+                        if !chunk.is_empty() {
+                            out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                            out.extend_from_slice(chunk);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                _ => out.extend_from_slice(&body),
+            }
+            stream.write_all(&out)?;
+            Ok(!close)
+        }
+        Reply::Garbage(bytes) => {
+            stream.write_all(&bytes)?;
+            Ok(false)
+        }
+        Reply::NeverAnswer => {
+            // Hold the connection: wait until the peer closes or `drop`
+            // shuts the socket down (read returns 0 or an error).
+            let mut sink = [0u8; 1024];
+            while let Ok(n) = stream.read(&mut sink) {
+                if n == 0 || shared.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            Ok(false)
+        }
+        Reply::CloseMidReply => {
+            stream.write_all(b"HTTP/1.1 200 OK\r\nPOSTFIX-DICT-RESU")?;
+            Ok(false)
+        }
+        Reply::Delay(d, inner) => {
+            // Sleep in slices so a dropped server does not wait out long delays.
+            let deadline = Instant::now() + d;
+            while Instant::now() < deadline {
+                if shared.stop.load(Ordering::SeqCst) {
+                    return Ok(false);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                thread::sleep(left.min(Duration::from_millis(20)));
+            }
+            perform(stream, *inner, client_wants_close, shared)
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Whatever",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (b) The daemon under test
+// ---------------------------------------------------------------------------
+
+/// A free loopback port (bind 127.0.0.1:0, read the port, drop the listener).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A fresh, empty directory under the system temp dir, unique per process,
+/// call and instant.
+pub fn unique_temp_dir(prefix: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{}-{}-{}-{}",
+        prefix,
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst),
+        nanos
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// The real `httpmapd` binary, running with a config written for the test.
+/// Dropping it kills the process and removes its temp dir (printing its
+/// stderr first if the test is panicking).
+pub struct Daemon {
+    pub child: Child,
+    /// The temp dir holding `httpmapd.toml`, `stderr.log` and `stdout.log`.
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `config` (TOML text) to a fresh temp dir as httpmapd.toml,
+    /// starts the binary with ["-c", path], stderr captured to a file in the
+    /// temp dir, and waits (up to 10 s, polling every 20 ms) until TCP connect
+    /// to `ready_port` on 127.0.0.1 succeeds; panics with the daemon's stderr
+    /// if it exits or never becomes ready.
+    pub fn start(config: &str, ready_port: u16) -> Daemon {
+        Daemon::start_with_args(config, ready_port, &[])
+    }
+
+    /// As `start`, with extra command-line arguments after `-c PATH`.
+    pub fn start_with_args(config: &str, ready_port: u16, extra_args: &[&str]) -> Daemon {
+        let dir = unique_temp_dir("httpmapd-test");
+        let config_path = dir.join("httpmapd.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let stderr = std::fs::File::create(dir.join("stderr.log")).expect("create stderr.log");
+        let stdout = std::fs::File::create(dir.join("stdout.log")).expect("create stdout.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_httpmapd"))
+            .arg("-c")
+            .arg(&config_path)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn httpmapd");
+        let mut daemon = Daemon {
+            child,
+            dir,
+            config_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ready_addr = SocketAddr::from(([127, 0, 0, 1], ready_port));
+        loop {
+            if let Some(status) = daemon.child.try_wait().expect("try_wait") {
+                panic!(
+                    "httpmapd exited before becoming ready ({}); stderr:\n{}",
+                    status,
+                    daemon.stderr()
+                );
+            }
+            if TcpStream::connect_timeout(&ready_addr, Duration::from_millis(200)).is_ok() {
+                return daemon;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "httpmapd not listening on {} after 10 s; stderr:\n{}",
+                    ready_addr,
+                    daemon.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What it logged to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// What it wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`, `libc::SIGHUP`) to the daemon.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with our own child's pid has no memory effects.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({}, {})", self.pid(), sig);
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; None if still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "---- httpmapd stderr ({}) ----\n{}---- end ----",
+                self.dir.display(),
+                self.stderr()
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (c) Clients: Postfix's postmap, and a raw line client
+// ---------------------------------------------------------------------------
+
+/// How long a postmap run may take before the harness kills it. Postfix's own
+/// timeouts are 100 s; a reconnect loop against a dead port takes ~11 s.
+const POSTMAP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The postmap binary, looked up on PATH and then in /usr/sbin.
+pub fn postmap_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("postmap"))
+        .find(|p| p.is_file())
+}
+
+/// Whether Postfix's `postmap` is installed.
+pub fn postmap_available() -> bool {
+    postmap_path().is_some()
+}
+
+/// Returns early from a test when postmap is missing, saying so loudly; in
+/// CI (env var `CI` set) a missing postmap is a failure instead.
+#[macro_export]
+macro_rules! require_postmap {
+    () => {
+        if !$crate::common::postmap_available() {
+            let name = ::std::thread::current()
+                .name()
+                .unwrap_or("<unnamed>")
+                .to_string();
+            if ::std::env::var_os("CI").is_some() {
+                panic!(
+                    "postmap not installed, but CI is set (install postfix): {}",
+                    name
+                );
+            }
+            eprintln!("SKIPPED (postmap not installed): {}", name);
+            return;
+        }
+    };
+}
+
+/// Runs Postfix's own `postmap -q KEY TABLE` with MAIL_CONFIG pointing at a
+/// temp dir holding an empty main.cf. Returns None (after printing a loud
+/// "SKIPPED: postmap not installed" line) when postmap is missing.
+/// Returns (exit code, stdout, stderr). Note postmap exits 1 both for "not
+/// found" and for a fatal query error; tell them apart by stderr.
+pub fn postmap_q(key: &str, table: &str) -> Option<(i32, String, String)> {
+    run_postmap(&["-q", key, table], None)
+}
+
+/// `postmap -q - TABLE` with `input` on stdin (many keys over one connection).
+/// stdout has one "key<TAB>value" line per key found.
+pub fn postmap_q_stdin(input: &str, table: &str) -> Option<(i32, String, String)> {
+    run_postmap(&["-q", "-", table], Some(input))
+}
+
+fn run_postmap(args: &[&str], stdin: Option<&str>) -> Option<(i32, String, String)> {
+    let Some(postmap) = postmap_path() else {
+        eprintln!("SKIPPED: postmap not installed (install the postfix package)");
+        return None;
+    };
+    let config_dir = unique_temp_dir("httpmapd-postmap");
+    // Postfix re-reads a main.cf modified within the last second or two
+    // (it waits for a file "being edited" to settle, 300 ms at a time), so
+    // date it an hour back.
+    let main_cf = std::fs::File::create(config_dir.join("main.cf")).expect("write main.cf");
+    main_cf
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .expect("set main.cf mtime");
+    drop(main_cf);
+    let out_path = config_dir.join("stdout");
+    let err_path = config_dir.join("stderr");
+    let path = format!(
+        "/usr/sbin:/usr/bin:/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = Command::new(&postmap)
+        .args(args)
+        .env("MAIL_CONFIG", &config_dir)
+        .env("PATH", path)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(std::fs::File::create(&out_path).expect("create stdout"))
+        .stderr(std::fs::File::create(&err_path).expect("create stderr"))
+        .spawn()
+        .expect("spawn postmap");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        // Postmap may exit early (fatal error) and close its stdin.
+        let _ = pipe.write_all(input.as_bytes());
+    }
+    let deadline = Instant::now() + POSTMAP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait postmap") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "postmap {:?} did not finish within {:?}; stderr:\n{}",
+                args,
+                POSTMAP_TIMEOUT,
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&config_dir);
+    Some((status.code().unwrap_or(-1), stdout, stderr))
+}
+
+/// How long `LineClient` waits for a reply before failing the test.
+const LINE_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A raw client for line (tcp_table) and netstring (socketmap) protocols.
+pub struct LineClient {
+    stream: TcpStream,
+    /// Bytes received but not yet returned.
+    buf: Vec<u8>,
+}
+
+impl LineClient {
+    /// Connects to 127.0.0.1:port (panics on failure).
+    pub fn connect(port: u16) -> LineClient {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{}: {}", port, e));
+        let _ = stream.set_nodelay(true);
+        LineClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("LineClient send");
+    }
+
+    /// Reads more bytes; panics on timeout; returns false on EOF.
+    fn fill(&mut self, timeout: Duration) -> bool {
+        self.stream.set_read_timeout(Some(timeout)).unwrap();
+        let mut chunk = [0u8; 8192];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "no reply within {:?} (have {:?})",
+                    timeout,
+                    String::from_utf8_lossy(&self.buf)
+                )
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => false,
+            Err(e) => panic!("LineClient read: {}", e),
+        }
+    }
+
+    /// One reply line including its '\n'. Panics after 10 s without one, or
+    /// on EOF before a complete line.
+    pub fn read_line(&mut self) -> Vec<u8> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                return self.buf.drain(..=i).collect();
+            }
+            if !self.fill(LINE_CLIENT_TIMEOUT) {
+                panic!(
+                    "connection closed before a complete line (have {:?})",
+                    String::from_utf8_lossy(&self.buf)
+                );
+            }
+        }
+    }
+
+    /// Sends `req` and reads one reply line.
+    pub fn query(&mut self, req: &[u8]) -> Vec<u8> {
+        self.send(req);
+        self.read_line()
+    }
+
+    /// Exactly `n` bytes (panics on timeout or EOF).
+    pub fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            if !self.fill(LINE_CLIENT_TIMEOUT) {
+                panic!("connection closed after {} of {} bytes", self.buf.len(), n);
+            }
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// One netstring `LEN:payload,`; returns the payload (panics if malformed).
+    pub fn read_netstring(&mut self) -> Vec<u8> {
+        let mut len = 0usize;
+        loop {
+            let b = self.read_exact(1)[0];
+            match b {
+                b'0'..=b'9' => len = len * 10 + (b - b'0') as usize,
+                b':' => break,
+                _ => panic!("malformed netstring length byte {:?}", b as char),
+            }
+        }
+        let payload = self.read_exact(len);
+        assert_eq!(self.read_exact(1), b",", "netstring not ended by ','");
+        payload
+    }
+
+    /// Sends a socketmap request `name key` as a netstring and reads the reply payload.
+    pub fn socketmap_query(&mut self, name: &str, key: &[u8]) -> Vec<u8> {
+        let mut payload = format!("{} ", name).into_bytes();
+        payload.extend_from_slice(key);
+        let mut req = format!("{}:", payload.len()).into_bytes();
+        req.extend_from_slice(&payload);
+        req.push(b',');
+        self.send(&req);
+        self.read_netstring()
+    }
+
+    /// Whether the peer has closed the connection: waits up to 1 s for EOF
+    /// (or a reset). Unread data is kept for later reads and means "open".
+    pub fn is_closed_by_peer(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut chunk = [0u8; 8192];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => true,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                false
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// The underlying stream (e.g. to shut down the write side).
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+/// Reads a file relative to the crate root (for checking shipped configs).
+pub fn crate_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
