@@ -87,6 +87,8 @@ pub struct CacheStats {
 
 pub struct Cache {
     shards: Box<[Mutex<Shard>]>,
+    /// Entries held per map id (the first two bytes of a key).
+    map_entries: Box<[AtomicU64]>,
     hasher: DefaultHashBuilder,
     epoch: Instant,
     pub stats: CacheStats,
@@ -109,6 +111,9 @@ impl Cache {
             .collect();
         Cache {
             shards,
+            map_entries: (0..crate::config::MAX_MAPS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             hasher: DefaultHashBuilder::default(),
             epoch: Instant::now(),
             stats: CacheStats::default(),
@@ -181,7 +186,9 @@ impl Cache {
         let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
         let waiters = shard.inflight.remove(key).unwrap_or_default();
         if ttl.is_zero() {
-            shard.lru.pop(key);
+            if shard.lru.pop(key).is_some() {
+                self.count(key, false);
+            }
         } else {
             let ttl_ms = ttl.as_millis() as u64;
             let ahead_ms = ttl_ms * u64::from(ttls.refresh_ahead_percent) / 100;
@@ -196,10 +203,14 @@ impl Cache {
                 },
                 stale_until_ms: fresh_until_ms + ttls.stale_ttl.as_millis() as u64,
             };
-            if let Some((old_key, _)) = shard.lru.push(key.into(), entry) {
-                if *old_key != *key {
+            match shard.lru.push(key.into(), entry) {
+                None => self.count(key, true),
+                Some((old_key, _)) if *old_key != *key => {
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    self.count(key, true);
+                    self.count(&old_key, false);
                 }
+                Some(_) => {} // replaced in place
             }
         }
         waiters
@@ -226,6 +237,27 @@ impl Cache {
         (waiters, stale)
     }
 
+    fn count(&self, key: &[u8], up: bool) {
+        let map = match key {
+            [a, b, ..] => u16::from_be_bytes([*a, *b]) as usize,
+            _ => return,
+        };
+        if let Some(c) = self.map_entries.get(map) {
+            if up {
+                c.fetch_add(1, Ordering::Relaxed);
+            } else {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Entries held now for map id `map`.
+    pub fn map_len(&self, map: u16) -> u64 {
+        self.map_entries
+            .get(map as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
     /// Entries held now (fresh, expired or stale), over all shards.
     pub fn len(&self) -> usize {
         self.shards
@@ -250,7 +282,9 @@ impl Cache {
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in doomed {
-                s.lru.pop(&k);
+                if s.lru.pop(&k).is_some() {
+                    self.count(&k, false);
+                }
             }
         }
     }
@@ -347,6 +381,14 @@ mod tests {
             small.complete_ok(&i.to_be_bytes(), Some(b"v"), &TTLS, 0);
         }
         assert_eq!(small.len(), SHARDS);
+        // keys are 4 bytes: the map id is their first two
+        let by_map: u64 = (0..1000u32)
+            .map(|i| (i >> 16) as u16)
+            .collect::<std::collections::BTreeSet<_>>()
+            .iter()
+            .map(|&m| small.map_len(m))
+            .sum();
+        assert_eq!(by_map, SHARDS as u64);
         assert_eq!(
             small.stats.evictions.load(Ordering::Relaxed),
             1000 - SHARDS as u64

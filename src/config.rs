@@ -61,6 +61,11 @@ pub struct Daemon {
     pub stats_listen: Option<SocketAddr>,
     pub max_request_bytes: usize,
     pub log_level: crate::log::Level,
+    /// Permissions of Unix listening sockets.
+    pub unix_socket_mode: u32,
+    /// Owner and group given to Unix listening sockets (resolved at load).
+    pub unix_socket_owner: Option<u32>,
+    pub unix_socket_group: Option<u32>,
 }
 
 /// Where a listener binds.
@@ -90,12 +95,17 @@ pub struct Cache {
 }
 
 /// How a server's reply carries the result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResultMode {
     /// dict_http: 2XX with `POSTFIX-DICT-RESULTS` (empty or missing = not found).
     Header,
-    /// 200 body (trimmed) = value; empty body or 404 = not found.
+    /// 200 body (trimmed) = value; empty body or 404 = not found. Several
+    /// non-empty lines are several results, joined with the map's separator.
     Body,
+    /// 200 body is JSON; the value at this JSON pointer (RFC 6901) is the
+    /// result: a string, a number, or an array of them (joined with the
+    /// separator). Missing, null, "" or [] = not found; 404 = not found.
+    Json(String),
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +128,8 @@ pub struct MapConfig {
     pub stale_ttl: Duration,
     /// Extra request headers (e.g. Authorization). Never logged.
     pub headers: Vec<(String, String)>,
+    /// Joins several results into one value (Postfix lists use ", ").
+    pub separator: String,
 }
 
 /// One HTTP server of a map, its address resolved.
@@ -184,6 +196,9 @@ struct RawDaemon {
     stats_listen: Option<Spanned<String>>,
     max_request_bytes: Option<Spanned<i64>>,
     log_level: Option<Spanned<String>>,
+    unix_socket_mode: Option<Spanned<String>>,
+    unix_socket_owner: Option<Spanned<String>>,
+    unix_socket_group: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +237,7 @@ struct RawMap {
     negative_ttl: Option<Spanned<toml::Value>>,
     stale_ttl: Option<Spanned<toml::Value>>,
     headers: Option<Spanned<BTreeMap<String, String>>>,
+    separator: Option<String>,
 }
 
 /// Parses a duration: "250ms", "3s", "5m", "1h", "2d", or a bare integer (seconds).
@@ -307,6 +323,33 @@ pub fn parse_server_url(url: &str) -> Result<ServerConfig, String> {
         target_parts: target.split("{key}").map(str::to_string).collect(),
     })
 }
+
+/// A user (or with `group`, a group) name or number → its id.
+fn lookup_id(name: &str, group: bool) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("{name:?}: invalid name"))?;
+    // SAFETY: getpwnam/getgrnam take a valid C string; the result is read at once.
+    unsafe {
+        if group {
+            let g = libc::getgrnam(c.as_ptr());
+            if g.is_null() {
+                return Err(format!("no group {name:?}"));
+            }
+            Ok((*g).gr_gid)
+        } else {
+            let p = libc::getpwnam(c.as_ptr());
+            if p.is_null() {
+                return Err(format!("no user {name:?}"));
+            }
+            Ok((*p).pw_uid)
+        }
+    }
+}
+
+/// Most maps one daemon serves (map ids are 16 bits in cache keys).
+pub const MAX_MAPS: usize = 1024;
 
 struct Ctx<'a> {
     file: &'a str,
@@ -409,6 +452,9 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         stats_listen: None,
         max_request_bytes: None,
         log_level: None,
+        unix_socket_mode: None,
+        unix_socket_owner: None,
+        unix_socket_group: None,
     });
     let mut workers = cx.count("workers", d.workers, 0, 1024, 0);
     if workers == 0 {
@@ -463,6 +509,38 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         },
     };
 
+    let unix_socket_mode = match d.unix_socket_mode {
+        None => 0o666,
+        Some(v) => match u32::from_str_radix(v.get_ref().trim_start_matches("0o"), 8) {
+            Ok(m) if m <= 0o7777 => m,
+            _ => {
+                cx.err(
+                    v.span().start,
+                    "unix_socket_mode: expected octal permissions such as \"0660\"",
+                );
+                0o666
+            }
+        },
+    };
+    let unix_socket_owner = d
+        .unix_socket_owner
+        .and_then(|v| match lookup_id(v.get_ref(), false) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                cx.err(v.span().start, format!("unix_socket_owner: {e}"));
+                None
+            }
+        });
+    let unix_socket_group = d
+        .unix_socket_group
+        .and_then(|v| match lookup_id(v.get_ref(), true) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                cx.err(v.span().start, format!("unix_socket_group: {e}"));
+                None
+            }
+        });
+
     let c = raw.cache.unwrap_or(RawCache {
         max_entries: None,
         ttl: None,
@@ -504,6 +582,9 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 
     let mut maps = Vec::new();
     let raw_maps = raw.maps.unwrap_or_default();
+    if raw_maps.len() > MAX_MAPS {
+        cx.err(0, format!("more than {MAX_MAPS} maps"));
+    }
     if raw_maps.is_empty() {
         cx.err(
             text.len(),
@@ -639,6 +720,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             negative_ttl: cx.duration("negative_ttl", m.negative_ttl, cache.negative_ttl),
             stale_ttl: cx.duration("stale_ttl", m.stale_ttl, cache.stale_ttl),
             headers,
+            separator: m.separator.unwrap_or_else(|| ", ".to_string()),
             name,
         };
         maps.push(map);
@@ -680,6 +762,9 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             stats_listen,
             max_request_bytes,
             log_level,
+            unix_socket_mode,
+            unix_socket_owner,
+            unix_socket_group,
         },
         cache,
         maps,

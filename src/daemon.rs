@@ -59,7 +59,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let mut first: Vec<Option<Bound>> = Vec::new();
     for (l, _) in &listens {
         first.push(Some(
-            Bound::bind(l).map_err(|e| format!("cannot listen on {l}: {e}"))?,
+            Bound::bind(l, &cfg.daemon).map_err(|e| format!("cannot listen on {l}: {e}"))?,
         ));
     }
     // Worker 0 takes the sockets just bound; the others get their own

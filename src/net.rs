@@ -38,7 +38,12 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 /// Binds a Unix listener at `path`, replacing a stale socket file (one that
 /// nobody accepts on) but never a live one or a file that is not a socket.
-pub fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<std::os::unix::net::UnixListener> {
+pub fn bind_unix(
+    path: &Path,
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> io::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -57,8 +62,9 @@ pub fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<std::os::unix::ne
     }
     let l = std::os::unix::net::UnixListener::bind(path)?;
     l.set_nonblocking(true)?;
-    if let Some(mode) = mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if owner.is_some() || group.is_some() {
+        std::os::unix::fs::chown(path, owner, group)?;
     }
     Ok(l)
 }
@@ -71,10 +77,16 @@ pub enum Bound {
 }
 
 impl Bound {
-    pub fn bind(listen: &Listen) -> io::Result<Bound> {
+    pub fn bind(listen: &Listen, d: &crate::config::Daemon) -> io::Result<Bound> {
         match listen {
             Listen::Tcp(a) => bind_tcp(*a).map(Bound::Tcp),
-            Listen::Unix(p) => bind_unix(p, Some(0o666)).map(Bound::Unix),
+            Listen::Unix(p) => bind_unix(
+                p,
+                d.unix_socket_mode,
+                d.unix_socket_owner,
+                d.unix_socket_group,
+            )
+            .map(Bound::Unix),
         }
     }
 
