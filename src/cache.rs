@@ -353,7 +353,7 @@ mod tests {
         get(&c, b"k", 0, 1);
         c.complete_ok(b"k", None, &TTLS, 0);
         assert_eq!(
-            get(&c, b"k", 9_999, 2),
+            get(&c, b"k", 5_000, 2),
             (Lookup::Hit { refresh: false }, Some(None))
         );
         assert_eq!(get(&c, b"k", 10_000, 3).0, Lookup::Fetch);

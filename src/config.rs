@@ -741,7 +741,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     for d in dups {
         cx.err(0, format!("listen address {d} is used twice"));
     }
-    if socketmap_listen.is_empty()
+    if cx.errors.is_empty()
+        && socketmap_listen.is_empty()
         && maps.iter().all(|m| m.tcp_listen.is_none())
         && !maps.is_empty()
     {
