@@ -251,6 +251,26 @@ impl Cache {
         }
     }
 
+    /// Changes the capacity to about `max_entries` (evicting the least
+    /// recently used entries if it shrinks).
+    pub fn resize(&self, max_entries: usize) {
+        let per_shard = max_entries.div_ceil(SHARDS).max(1);
+        let cap = std::num::NonZeroUsize::new(per_shard).unwrap_or(std::num::NonZeroUsize::MIN);
+        for s in self.shards.iter() {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            while s.lru.len() > per_shard {
+                match s.lru.pop_lru() {
+                    Some((k, _)) => {
+                        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                        self.count(&k, false);
+                    }
+                    None => break,
+                }
+            }
+            s.lru.resize(cap);
+        }
+    }
+
     /// Entries held now for map id `map`.
     pub fn map_len(&self, map: u16) -> u64 {
         self.map_entries

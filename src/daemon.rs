@@ -1,18 +1,28 @@
-//! Start-up and shutdown: from a validated [`Config`] to running workers, and
-//! the signal thread. This module owns the order of things at start (raise the
-//! open-files limit, bind every listener before any thread starts so a bad
-//! address is one clear error, start the workers) and at stop (SIGTERM or
-//! SIGINT: workers stop accepting, finish their lookups, flush, exit 0).
+//! Start-up, reload and shutdown: from a validated [`Config`] to running
+//! workers, and the thread that turns signals into messages for them.
+//!
+//! This module owns the order of things. At start: raise the open-files
+//! limit, bind every listener before any thread starts (so a bad address is
+//! one clear error), start the workers and the stats endpoint. On SIGHUP:
+//! load the file again; if it is invalid, log its `FILE:LINE` errors and keep
+//! serving; else bind the new listeners, keep map ids, server health and cache
+//! entries where a map's servers did not change, and hand each worker its new
+//! state (it keeps every client connection). On SIGTERM or SIGINT: workers stop
+//! accepting, finish their lookups, flush, and the process exits 0.
 
 use crate::backend::{health::Health, MapServers, SharedServer};
 use crate::cache::{Cache, Ttls};
-use crate::config::{Config, Listen, MAX_RETRY_INTERVAL_FACTOR};
-use crate::net::Bound;
-use crate::worker::{Counters, Msg, Proto, Shared, Worker};
+use crate::config::{Config, Listen, MapConfig, MAX_MAPS, MAX_RETRY_INTERVAL_FACTOR};
+use crate::metrics::{self, header, label};
+use crate::net::{Bound, Listener};
+use crate::worker::{ListenerUpdate, Msg, Proto, Shared, Stats, Worker};
+use crossbeam_channel::Sender;
 use hashbrown::HashMap;
 use mio::{Poll, Token, Waker};
+use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Raises the soft open-files limit to the hard limit (10,000 Postfix
 /// connections need 10,000 descriptors). Returns the new soft limit.
@@ -32,85 +42,191 @@ pub fn raise_nofile_limit() -> u64 {
                 rlim_max: rl.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur as u64;
+                return want.rlim_cur;
             }
         }
-        rl.rlim_cur as u64
+        rl.rlim_cur
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT. Errors are start-up failures.
-pub fn run(cfg: Config) -> Result<(), String> {
-    crate::log::set_level(cfg.daemon.log_level);
-    let nofile = raise_nofile_limit();
-    let cfg = Arc::new(cfg);
-    let workers = cfg.daemon.workers;
+type Mailboxes = Arc<Vec<(Sender<Msg>, Arc<Waker>)>>;
 
-    // Every listener: (address, protocol), bound once per worker.
-    let mut listens: Vec<(Listen, Proto)> = Vec::new();
-    for l in &cfg.daemon.socketmap_listen {
-        listens.push((l.clone(), Proto::Socketmap));
-    }
-    for (i, m) in cfg.maps.iter().enumerate() {
-        if let Some(l) = &m.tcp_listen {
-            listens.push((l.clone(), Proto::TcpTable { map: i as u16 }));
-        }
-    }
-    let mut first: Vec<Option<Bound>> = Vec::new();
-    for (l, _) in &listens {
-        first.push(Some(
-            Bound::bind(l, &cfg.daemon).map_err(|e| format!("cannot listen on {l}: {e}"))?,
-        ));
-    }
-    // Worker 0 takes the sockets just bound; the others get their own
-    // (SO_REUSEPORT for TCP, a clone for Unix).
-    let mut per_worker: Vec<Vec<(crate::net::Listener, Proto)>> =
-        (0..workers).map(|_| Vec::new()).collect();
-    for (i, (l, proto)) in listens.iter().enumerate() {
-        let b0 = first[i].take().expect("bound above");
-        for w in per_worker.iter_mut().skip(1) {
-            let b = b0
-                .for_worker(l)
-                .map_err(|e| format!("cannot listen on {l}: {e}"))?;
-            w.push((b.into_mio(), *proto));
-        }
-        per_worker[0].push((b0.into_mio(), *proto));
-    }
+/// The daemon's state between reloads (owned by the signal thread).
+struct State {
+    cfg_path: PathBuf,
+    /// The shared state the workers run on now (the stats endpoint reads it).
+    current: Arc<Mutex<Arc<Shared>>>,
+    /// Stable map ids by name: cache keys and counters survive reloads.
+    ids: HashMap<String, u16>,
+    listens: Vec<(Listen, Proto)>,
+}
 
-    let maps: Vec<MapServers> = cfg
-        .maps
+/// Map ids for `cfg`, adding new names to `ids`.
+fn assign_ids(cfg: &Config, ids: &mut HashMap<String, u16>) -> Result<Vec<u16>, String> {
+    let mut out = Vec::new();
+    for m in &cfg.maps {
+        let next = ids.len();
+        let id = match ids.get(&m.name) {
+            Some(&id) => id,
+            None if next < MAX_MAPS => {
+                ids.insert(m.name.clone(), next as u16);
+                next as u16
+            }
+            None => {
+                return Err(format!(
+                    "more than {MAX_MAPS} distinct map names since start; restart httpmapd"
+                ))
+            }
+        };
+        out.push(id);
+    }
+    Ok(out)
+}
+
+/// The listeners `cfg` asks for, with their protocols.
+fn listens_of(cfg: &Config, ids: &[u16]) -> Vec<(Listen, Proto)> {
+    let mut v: Vec<(Listen, Proto)> = cfg
+        .daemon
+        .socketmap_listen
         .iter()
-        .map(|m| MapServers {
-            cfg: Arc::new(m.clone()),
-            servers: m
-                .servers
-                .iter()
-                .map(|s| {
-                    Arc::new(SharedServer {
+        .map(|l| (l.clone(), Proto::Socketmap))
+        .collect();
+    for (m, &id) in cfg.maps.iter().zip(ids) {
+        if let Some(l) = &m.tcp_listen {
+            v.push((l.clone(), Proto::TcpTable { map: id }));
+        }
+    }
+    v
+}
+
+/// Whether a map's cached answers stay valid under a new config of it.
+fn same_answers(a: &MapConfig, b: &MapConfig) -> bool {
+    let urls = |m: &MapConfig| m.servers.iter().map(|s| s.url.clone()).collect::<Vec<_>>();
+    urls(a) == urls(b)
+        && a.result == b.result
+        && a.separator == b.separator
+        && a.fold_case == b.fold_case
+        && a.headers == b.headers
+}
+
+/// Builds the shared state for `cfg`; reuses `prev`'s server health where a
+/// server did not change. Returns it and the map ids whose cache must go.
+fn build_shared(
+    cfg: Arc<Config>,
+    ids: &[u16],
+    cache: Arc<Cache>,
+    stats: Arc<Stats>,
+    mailboxes: Mailboxes,
+    prev: Option<&Shared>,
+) -> (Shared, Vec<u16>) {
+    let len = ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+    let len = len.max(prev.map_or(0, |p| p.maps.len()));
+    let mut maps: Vec<Option<MapServers>> = (0..len).map(|_| None).collect();
+    let mut ttls: Vec<Ttls> = (0..len)
+        .map(|_| Ttls {
+            ttl: std::time::Duration::ZERO,
+            negative_ttl: std::time::Duration::ZERO,
+            stale_ttl: std::time::Duration::ZERO,
+            refresh_ahead_percent: 0,
+        })
+        .collect();
+    let mut purge = Vec::new();
+    let mut map_by_name = HashMap::new();
+    for (m, &id) in cfg.maps.iter().zip(ids) {
+        let old = prev
+            .and_then(|p| p.maps.get(id as usize))
+            .and_then(|o| o.as_ref());
+        if let Some(old) = old {
+            if !same_answers(&old.cfg, m) {
+                purge.push(id);
+            }
+        }
+        let servers = m
+            .servers
+            .iter()
+            .map(|s| {
+                let reuse = old
+                    .filter(|o| o.cfg.retry_interval == m.retry_interval)
+                    .and_then(|o| o.servers.iter().find(|x| x.cfg == *s));
+                match reuse {
+                    Some(x) => x.clone(),
+                    None => Arc::new(SharedServer {
                         cfg: s.clone(),
                         map_name: m.name.clone(),
                         health: Health::new(m.retry_interval, MAX_RETRY_INTERVAL_FACTOR),
-                    })
-                })
-                .collect(),
-        })
-        .collect();
-    let ttls = cfg
-        .maps
-        .iter()
-        .map(|m| Ttls {
+                        counters: Default::default(),
+                    }),
+                }
+            })
+            .collect();
+        maps[id as usize] = Some(MapServers {
+            cfg: Arc::new(m.clone()),
+            servers,
+        });
+        ttls[id as usize] = Ttls {
             ttl: m.ttl,
             negative_ttl: m.negative_ttl,
             stale_ttl: m.stale_ttl,
             refresh_ahead_percent: cfg.cache.refresh_ahead_percent,
-        })
-        .collect();
-    let map_by_name = cfg
-        .maps
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.name.as_bytes().to_vec(), i as u16))
-        .collect::<HashMap<_, _>>();
+        };
+        map_by_name.insert(m.name.as_bytes().to_vec(), id);
+    }
+    if let Some(p) = prev {
+        for (id, m) in p.maps.iter().enumerate() {
+            if m.is_some() && maps.get(id).is_none_or(|x| x.is_none()) {
+                purge.push(id as u16);
+            }
+        }
+    }
+    let shared = Shared {
+        cfg,
+        cache,
+        stats,
+        maps,
+        ttls,
+        map_by_name,
+        mailboxes,
+    };
+    (shared, purge)
+}
+
+/// Binds `listens` for `workers` workers: one socket each per address.
+fn bind_all(
+    listens: &[(Listen, Proto)],
+    cfg: &Config,
+    workers: usize,
+) -> Result<Vec<Vec<Listener>>, String> {
+    let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
+    for (l, _) in listens {
+        let b0 = Bound::bind(l, &cfg.daemon).map_err(|e| format!("cannot listen on {l}: {e}"))?;
+        for w in per_worker.iter_mut().skip(1) {
+            let b = b0
+                .for_worker(l)
+                .map_err(|e| format!("cannot listen on {l}: {e}"))?;
+            w.push(b.into_mio());
+        }
+        per_worker[0].push(b0.into_mio());
+    }
+    Ok(per_worker)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Errors are start-up failures.
+pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
+    crate::log::set_level(cfg.daemon.log_level);
+    let nofile = raise_nofile_limit();
+    let cfg = Arc::new(cfg);
+    let workers = cfg.daemon.workers;
+    let mut ids = HashMap::new();
+    let map_ids = assign_ids(&cfg, &mut ids)?;
+    let listens = listens_of(&cfg, &map_ids);
+    let per_worker = bind_all(&listens, &cfg, workers)?;
+    let stats_listener = match cfg.daemon.stats_listen {
+        Some(a) => Some(
+            std::net::TcpListener::bind(a)
+                .map_err(|e| format!("cannot listen on {a} (stats_listen): {e}"))?,
+        ),
+        None => None,
+    };
 
     let mut polls = Vec::new();
     let mut mailboxes = Vec::new();
@@ -124,20 +240,24 @@ pub fn run(cfg: Config) -> Result<(), String> {
         mailboxes.push((tx, Arc::new(waker)));
         receivers.push(rx);
     }
-    let shared = Arc::new(Shared {
-        cfg: cfg.clone(),
-        cache: Arc::new(Cache::new(cfg.cache.max_entries)),
-        maps,
-        map_by_name,
-        ttls,
-        mailboxes,
-        counters: Counters::default(),
-    });
+    let (shared, _) = build_shared(
+        cfg.clone(),
+        &map_ids,
+        Arc::new(Cache::new(cfg.cache.max_entries)),
+        Arc::new(Stats::default()),
+        Arc::new(mailboxes),
+        None,
+    );
+    let shared = Arc::new(shared);
 
     let mut handles = Vec::new();
-    for (id, ((poll, rx), listeners)) in
-        polls.into_iter().zip(receivers).zip(per_worker).enumerate()
+    for (id, ((poll, rx), sockets)) in polls.into_iter().zip(receivers).zip(per_worker).enumerate()
     {
+        let listeners = sockets
+            .into_iter()
+            .zip(&listens)
+            .map(|(s, (l, p))| (s, *p, l.clone()))
+            .collect();
         let w = Worker::new(id as u32, poll, shared.clone(), rx, listeners)
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
         let h = std::thread::Builder::new()
@@ -147,55 +267,423 @@ pub fn run(cfg: Config) -> Result<(), String> {
         handles.push(h);
     }
 
-    let listen_list: Vec<String> = listens
-        .iter()
-        .map(|(l, p)| match p {
-            Proto::Socketmap => format!("socketmap {l}"),
-            Proto::TcpTable { map } => format!("tcp {l} (map {})", cfg.maps[*map as usize].name),
-        })
-        .collect();
+    let current = Arc::new(Mutex::new(shared.clone()));
+    if let Some(l) = stats_listener {
+        let (c1, c2) = (current.clone(), current.clone());
+        std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                metrics::serve(
+                    l,
+                    move || render_metrics(&c1.lock().unwrap_or_else(|e| e.into_inner())),
+                    move || health(&c2.lock().unwrap_or_else(|e| e.into_inner())),
+                )
+            })
+            .map_err(|e| format!("cannot start the stats thread: {e}"))?;
+    }
     crate::info!(
-        "httpmapd {} started: {} worker(s), {} map(s), listening on {}; open files limit {}",
+        "httpmapd {} started: {} worker(s), {} map(s), listening on {}{}; open files limit {}",
         env!("CARGO_PKG_VERSION"),
         workers,
         cfg.maps.len(),
-        listen_list.join(", "),
+        describe(&listens, &shared),
+        cfg.daemon
+            .stats_listen
+            .map(|a| format!(", stats on {a}"))
+            .unwrap_or_default(),
         nofile
     );
 
-    spawn_signal_thread(shared.clone())?;
+    let state = State {
+        cfg_path,
+        current: current.clone(),
+        ids,
+        listens,
+    };
+    spawn_signal_thread(state)?;
     for h in handles {
         let _ = h.join();
+    }
+    // Unix socket files of the configuration in force at the end.
+    let last = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for l in last
+        .cfg
+        .daemon
+        .socketmap_listen
+        .iter()
+        .chain(last.cfg.maps.iter().filter_map(|m| m.tcp_listen.as_ref()))
+    {
+        if let Listen::Unix(p) = l {
+            let _ = std::fs::remove_file(p);
+        }
     }
     crate::info!("stopped");
     Ok(())
 }
 
+fn describe(listens: &[(Listen, Proto)], shared: &Shared) -> String {
+    listens
+        .iter()
+        .map(|(l, p)| match p {
+            Proto::Socketmap => format!("socketmap {l}"),
+            Proto::TcpTable { map } => {
+                format!(
+                    "tcp {l} (map {})",
+                    shared.map(*map).map_or("?", |m| m.name.as_str())
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// SIGHUP: load the config again and hand it to the workers, or refuse it.
+fn reload(state: &mut State) {
+    let path = state.cfg_path.display().to_string();
+    let mut cfg = match crate::config::load(&state.cfg_path) {
+        Ok(c) => c,
+        Err(errs) => {
+            for e in &errs.0 {
+                crate::error!("reload refused, the old configuration keeps serving: {e}");
+            }
+            return;
+        }
+    };
+    let prev = state
+        .current
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let workers = prev.cfg.daemon.workers;
+    if cfg.daemon.workers != workers {
+        crate::warn!(
+            "reload: workers changed from {workers} to {}; that takes a restart",
+            cfg.daemon.workers
+        );
+        cfg.daemon.workers = workers;
+    }
+    if cfg.daemon.stats_listen != prev.cfg.daemon.stats_listen {
+        crate::warn!("reload: stats_listen changed; that takes a restart");
+    }
+    let mut ids = state.ids.clone();
+    let map_ids = match assign_ids(&cfg, &mut ids) {
+        Ok(v) => v,
+        Err(e) => return crate::error!("reload refused: {e}"),
+    };
+    let listens = listens_of(&cfg, &map_ids);
+    let new_listens: Vec<(Listen, Proto)> = listens
+        .iter()
+        .filter(|(l, _)| !state.listens.iter().any(|(o, _)| o == l))
+        .cloned()
+        .collect();
+    let mut sockets = match bind_all(&new_listens, &cfg, workers) {
+        Ok(s) => s,
+        Err(e) => return crate::error!("reload refused, the old configuration keeps serving: {e}"),
+    };
+    crate::log::set_level(cfg.daemon.log_level);
+    let cfg = Arc::new(cfg);
+    let (shared, purge) = build_shared(
+        cfg.clone(),
+        &map_ids,
+        prev.cache.clone(),
+        prev.stats.clone(),
+        prev.mailboxes.clone(),
+        Some(&prev),
+    );
+    for id in &purge {
+        prev.cache.purge_prefix(&id.to_be_bytes());
+    }
+    prev.cache.resize(cfg.cache.max_entries);
+    let shared = Arc::new(shared);
+    for (w, (tx, waker)) in prev.mailboxes.iter().enumerate() {
+        let mut fresh = std::mem::take(&mut sockets[w]).into_iter();
+        let updates = listens
+            .iter()
+            .map(|(l, p)| ListenerUpdate {
+                listen: l.clone(),
+                proto: *p,
+                socket: if new_listens.iter().any(|(n, _)| n == l) {
+                    fresh.next()
+                } else {
+                    None
+                },
+            })
+            .collect();
+        let _ = tx.send(Msg::Reload {
+            shared: shared.clone(),
+            listeners: updates,
+        });
+        let _ = waker.wake();
+    }
+    for (l, _) in &state.listens {
+        if let Listen::Unix(p) = l {
+            if !listens.iter().any(|(n, _)| n == l) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    let removed = state
+        .listens
+        .iter()
+        .filter(|(l, _)| !listens.iter().any(|(n, _)| n == l))
+        .count();
+    crate::info!(
+        "reloaded {path}: {} map(s), listening on {} ({} listener(s) added, {removed} removed; cache dropped for {} map(s))",
+        cfg.maps.len(),
+        describe(&listens, &shared),
+        new_listens.len(),
+        purge.len()
+    );
+    *state.current.lock().unwrap_or_else(|e| e.into_inner()) = shared;
+    state.ids = ids;
+    state.listens = listens;
+}
+
+fn sum(
+    shared: &Shared,
+    f: impl Fn(&crate::metrics::MapCounters) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    shared
+        .stats
+        .maps
+        .iter()
+        .map(|m| f(m).load(Ordering::Relaxed))
+        .sum()
+}
+
 /// One line with the main counters (SIGUSR1).
 pub fn counters_line(shared: &Shared) -> String {
-    let c: &Counters = &shared.counters;
+    let c = &shared.stats.counters;
     let s = &shared.cache.stats;
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     format!(
-        "counters: connections_open={} connections_total={} requests={} found={} not_found={} temp_errors={} bad_requests={} cache_entries={} cache_hits={} cache_misses={} coalesced={} evictions={} stale_answers={} refreshes={}",
+        "counters: connections_open={} connections_total={} requests={} found={} not_found={} temporary={} stale={} bad_requests={} cache_entries={} cache_hits={} cache_misses={} coalesced={} evictions={} refreshes={}",
         l(&c.connections_open),
         l(&c.connections_total),
         l(&c.requests),
-        l(&c.found),
-        l(&c.not_found),
-        l(&c.temp_errors),
+        sum(shared, |m| &m.found),
+        sum(shared, |m| &m.not_found),
+        sum(shared, |m| &m.temporary),
+        sum(shared, |m| &m.stale),
         l(&c.bad_requests),
         shared.cache.len(),
         l(&s.hits),
         l(&s.misses),
         l(&s.joined),
         l(&s.evictions),
-        l(&s.stale_answers),
         l(&s.refreshes),
     )
 }
 
-fn spawn_signal_thread(shared: Arc<Shared>) -> Result<(), String> {
+/// The `/metrics` page.
+pub fn render_metrics(shared: &Shared) -> String {
+    let mut o = String::with_capacity(8192);
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let maps: Vec<(u16, &MapServers)> = shared
+        .maps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.as_ref().map(|m| (i as u16, m)))
+        .collect();
+
+    header(
+        &mut o,
+        "httpmapd_lookups_total",
+        "counter",
+        "Lookups answered, by map and outcome (found, not_found, temporary, stale).",
+    );
+    for (id, m) in &maps {
+        let c = &shared.stats.maps[*id as usize];
+        let name = label(&m.cfg.name);
+        for (outcome, v) in [
+            ("found", &c.found),
+            ("not_found", &c.not_found),
+            ("temporary", &c.temporary),
+            ("stale", &c.stale),
+        ] {
+            let _ = writeln!(
+                o,
+                "httpmapd_lookups_total{{map=\"{name}\",outcome=\"{outcome}\"}} {}",
+                l(v)
+            );
+        }
+    }
+    header(
+        &mut o,
+        "httpmapd_fetch_duration_seconds",
+        "histogram",
+        "Time from a cache miss to the servers' answer, by map.",
+    );
+    for (id, m) in &maps {
+        shared.stats.maps[*id as usize].fetch_latency.render(
+            &mut o,
+            "httpmapd_fetch_duration_seconds",
+            &format!("map=\"{}\"", label(&m.cfg.name)),
+        );
+    }
+    let cs = &shared.cache.stats;
+    for (name, help, v) in [
+        (
+            "httpmapd_cache_hits_total",
+            "Lookups answered from a fresh cache entry.",
+            &cs.hits,
+        ),
+        (
+            "httpmapd_cache_misses_total",
+            "Lookups not answered from the cache.",
+            &cs.misses,
+        ),
+        (
+            "httpmapd_cache_coalesced_total",
+            "Misses that joined a fetch already in flight.",
+            &cs.joined,
+        ),
+        (
+            "httpmapd_cache_evictions_total",
+            "Entries evicted to make room.",
+            &cs.evictions,
+        ),
+        (
+            "httpmapd_cache_refreshes_total",
+            "Background refreshes of entries near expiry.",
+            &cs.refreshes,
+        ),
+        (
+            "httpmapd_requests_total",
+            "Requests received from clients.",
+            &shared.stats.counters.requests,
+        ),
+        (
+            "httpmapd_bad_requests_total",
+            "Malformed or oversized client requests.",
+            &shared.stats.counters.bad_requests,
+        ),
+        (
+            "httpmapd_client_connections_total",
+            "Client connections accepted.",
+            &shared.stats.counters.connections_total,
+        ),
+    ] {
+        header(&mut o, name, "counter", help);
+        let _ = writeln!(o, "{name} {}", l(v));
+    }
+    header(
+        &mut o,
+        "httpmapd_client_connections",
+        "gauge",
+        "Client connections open.",
+    );
+    let _ = writeln!(
+        o,
+        "httpmapd_client_connections {}",
+        l(&shared.stats.counters.connections_open)
+    );
+    header(
+        &mut o,
+        "httpmapd_cache_entries",
+        "gauge",
+        "Entries in the cache, by map.",
+    );
+    for (id, m) in &maps {
+        let _ = writeln!(
+            o,
+            "httpmapd_cache_entries{{map=\"{}\"}} {}",
+            label(&m.cfg.name),
+            shared.cache.map_len(*id)
+        );
+    }
+    header(
+        &mut o,
+        "httpmapd_server_requests_total",
+        "counter",
+        "Requests to servers, by outcome (ok, http_error, failure).",
+    );
+    for (_, m) in &maps {
+        for s in &m.servers {
+            let lb = format!(
+                "map=\"{}\",server=\"{}\"",
+                label(&m.cfg.name),
+                label(&s.cfg.url)
+            );
+            for (outcome, v) in [
+                ("ok", &s.counters.ok),
+                ("http_error", &s.counters.http_error),
+                ("failure", &s.counters.failure),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "httpmapd_server_requests_total{{{lb},outcome=\"{outcome}\"}} {}",
+                    l(v)
+                );
+            }
+        }
+    }
+    header(
+        &mut o,
+        "httpmapd_server_up",
+        "gauge",
+        "1 if the server is healthy, 0 while it rests after failures.",
+    );
+    for (_, m) in &maps {
+        for s in &m.servers {
+            let lb = format!(
+                "map=\"{}\",server=\"{}\"",
+                label(&m.cfg.name),
+                label(&s.cfg.url)
+            );
+            let _ = writeln!(
+                o,
+                "httpmapd_server_up{{{lb}}} {}",
+                u8::from(s.health.is_up())
+            );
+        }
+    }
+    header(
+        &mut o,
+        "httpmapd_server_request_duration_seconds",
+        "histogram",
+        "Duration of answered server requests.",
+    );
+    for (_, m) in &maps {
+        for s in &m.servers {
+            let lb = format!(
+                "map=\"{}\",server=\"{}\"",
+                label(&m.cfg.name),
+                label(&s.cfg.url)
+            );
+            s.counters
+                .latency
+                .render(&mut o, "httpmapd_server_request_duration_seconds", &lb);
+        }
+    }
+    o
+}
+
+/// `/health`: healthy while every map has a server up.
+pub fn health(shared: &Shared) -> (bool, String) {
+    let mut ok = true;
+    let mut text = String::new();
+    for m in shared.maps.iter().flatten() {
+        let up = m.servers.iter().filter(|s| s.health.is_up()).count();
+        ok &= up > 0;
+        let _ = writeln!(
+            text,
+            "map {}: {up}/{} servers up",
+            m.cfg.name,
+            m.servers.len()
+        );
+    }
+    (
+        ok,
+        if ok {
+            format!("ok\n{text}")
+        } else {
+            format!("degraded\n{text}")
+        },
+    )
+}
+
+fn spawn_signal_thread(mut state: State) -> Result<(), String> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -203,17 +691,16 @@ fn spawn_signal_thread(shared: Arc<Shared>) -> Result<(), String> {
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                let shared = state.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 match sig {
                     SIGTERM | SIGINT => {
                         crate::info!("signal {sig}: stopping: no new connections, finishing lookups in flight");
-                        for (tx, waker) in &shared.mailboxes {
+                        for (tx, waker) in shared.mailboxes.iter() {
                             let _ = tx.send(Msg::Shutdown);
                             let _ = waker.wake();
                         }
                     }
-                    SIGHUP => crate::warn!(
-                        "SIGHUP: configuration reload is not implemented yet; the running configuration stays (restart to apply changes)"
-                    ),
+                    SIGHUP => reload(&mut state),
                     SIGUSR1 => crate::info!("{}", counters_line(&shared)),
                     _ => {}
                 }

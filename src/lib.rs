@@ -4,8 +4,9 @@
 //! # Threads
 //! ```text
 //!  main ── parses config, binds listeners, starts threads, joins them
-//!   ├─ signals   signal-hook: TERM/INT → drain & stop, USR1 → counters to the log
-//!   │            sends Msg::Shutdown over crossbeam-channel, then wakes each worker
+//!   ├─ signals   signal-hook: HUP → reload, TERM/INT → drain & stop, USR1 → counters
+//!   ├─ stats     optional: GET /metrics (Prometheus text) and /health
+//!   │            sends Msg::{Reload, Shutdown} over crossbeam-channel, wakes each worker
 //!   └─ worker×N  one mio Poll each: its own listeners (SO_REUSEPORT), client
 //!                sessions, its own keep-alive pools to every server, timers
 //!  cache         shared by all workers: sharded LRU + in-flight table (coalescing)
@@ -28,7 +29,8 @@
 //! - [`codec`]: pure codecs: `%XX`, tcp_table, netstring, HTTP/1.1 client.
 //! - [`cache`]: the shared cache. [`backend`]: pools, fetches, failover, health.
 //! - [`worker`]: one event loop. [`net`]: listeners and streams.
-//! - [`daemon`]: start-up, signals, shutdown. [`client`]: the query client.
+//! - [`daemon`]: start-up, reload, signals, shutdown. [`metrics`]: counters, /metrics.
+//! - [`client`]: the query client.
 //! - [`demo_backend`]: the bundled sample HTTP backend. [`log`]: log lines.
 
 pub mod backend;
@@ -39,5 +41,6 @@ pub mod config;
 pub mod daemon;
 pub mod demo_backend;
 pub mod log;
+pub mod metrics;
 pub mod net;
 pub mod worker;

@@ -89,7 +89,7 @@ fn serve(cfg_path: &std::path::Path, check: bool) -> Result<ExitCode, String> {
         println!("{}: ok ({} map(s))", cfg_path.display(), cfg.maps.len());
         return Ok(ExitCode::SUCCESS);
     }
-    daemon::run(cfg)?;
+    daemon::run(cfg, cfg_path.to_path_buf())?;
     Ok(ExitCode::SUCCESS)
 }
 

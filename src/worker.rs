@@ -9,11 +9,12 @@
 //! worker never closes an idle client connection: Postfix pays a one-second
 //! stall for each close.
 
-use crate::backend::{Backend, Completion, MapServers, Outcome};
+use crate::backend::{self as backend_mod, Backend, Completion, MapServers, Outcome};
 use crate::cache::{self, Cache, Lookup, Ttls, Waiter};
 use crate::codec::{netstring, tcp_table};
-use crate::config::Config;
+use crate::config::{Config, Listen};
 use crate::log::RateLimit;
+use crate::metrics::MapCounters;
 use crate::net::{Listener, Stream};
 use crossbeam_channel::{Receiver, Sender};
 use hashbrown::HashMap;
@@ -67,6 +68,11 @@ pub enum Msg {
     },
     /// Stop accepting, finish what is in flight, then return.
     Shutdown,
+    /// A new configuration: swap the shared state, the listeners and the backend.
+    Reload {
+        shared: Arc<Shared>,
+        listeners: Vec<ListenerUpdate>,
+    },
 }
 
 /// How a listener's clients speak.
@@ -82,21 +88,69 @@ pub struct Counters {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub requests: AtomicU64,
-    pub found: AtomicU64,
-    pub not_found: AtomicU64,
-    pub temp_errors: AtomicU64,
     pub bad_requests: AtomicU64,
 }
 
-/// What every worker shares.
+/// Counters that outlive reloads.
+pub struct Stats {
+    pub counters: Counters,
+    /// By map id (ids are stable across reloads).
+    pub maps: Box<[MapCounters]>,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            counters: Counters::default(),
+            maps: (0..crate::config::MAX_MAPS)
+                .map(|_| MapCounters::default())
+                .collect(),
+        }
+    }
+}
+
+/// What every worker shares; replaced as a whole on reload.
 pub struct Shared {
     pub cfg: Arc<Config>,
     pub cache: Arc<Cache>,
-    pub maps: Vec<MapServers>,
-    pub map_by_name: HashMap<Vec<u8>, u16>,
+    pub stats: Arc<Stats>,
+    /// By map id; `None`: a map removed by a reload.
+    pub maps: Vec<Option<MapServers>>,
+    /// By map id (zero TTLs for removed maps: nothing is stored).
     pub ttls: Vec<Ttls>,
-    pub mailboxes: Vec<(Sender<Msg>, Arc<Waker>)>,
-    pub counters: Counters,
+    pub map_by_name: HashMap<Vec<u8>, u16>,
+    pub mailboxes: Arc<Vec<(Sender<Msg>, Arc<Waker>)>>,
+}
+
+impl Shared {
+    /// The config of map `id`, if it still exists.
+    pub fn map(&self, id: u16) -> Option<&Arc<crate::config::MapConfig>> {
+        self.maps
+            .get(id as usize)
+            .and_then(|m| m.as_ref())
+            .map(|m| &m.cfg)
+    }
+
+    fn map_name(&self, id: u16) -> &str {
+        self.map(id).map_or("(removed)", |m| m.name.as_str())
+    }
+
+    fn ttls(&self, id: u16) -> Ttls {
+        self.ttls.get(id as usize).copied().unwrap_or(Ttls {
+            ttl: Duration::ZERO,
+            negative_ttl: Duration::ZERO,
+            stale_ttl: Duration::ZERO,
+            refresh_ahead_percent: 0,
+        })
+    }
+}
+
+/// A listener for a worker after a reload: its address and protocol, and a
+/// new socket when the address is new (else the worker keeps its own).
+pub struct ListenerUpdate {
+    pub listen: Listen,
+    pub proto: Proto,
+    pub socket: Option<Listener>,
 }
 
 enum Slot {
@@ -134,9 +188,12 @@ pub struct Worker {
     poll: Poll,
     shared: Arc<Shared>,
     rx: Receiver<Msg>,
-    listeners: Vec<(Listener, Proto)>,
+    listeners: Vec<(Listener, Proto, Listen)>,
     sessions: Slab<Session>,
     backend: Backend,
+    /// Backends of earlier configurations, finishing their fetches.
+    old_backends: Vec<Backend>,
+    backend_gen: usize,
     next_gen: u64,
     stopping: bool,
     accept_paused_until: Option<Instant>,
@@ -152,7 +209,7 @@ impl Worker {
         poll: Poll,
         shared: Arc<Shared>,
         rx: Receiver<Msg>,
-        listeners: Vec<(Listener, Proto)>,
+        listeners: Vec<(Listener, Proto, Listen)>,
     ) -> io::Result<Worker> {
         let backend = Backend::new(
             BACKEND_TOKEN_BASE,
@@ -168,6 +225,8 @@ impl Worker {
             listeners,
             sessions: Slab::new(),
             backend,
+            old_backends: Vec::new(),
+            backend_gen: 0,
             next_gen: 1,
             stopping: false,
             accept_paused_until: None,
@@ -176,7 +235,7 @@ impl Worker {
             fold_buf: Vec::new(),
             ckey_buf: Vec::new(),
         };
-        for (i, (l, _)) in w.listeners.iter_mut().enumerate() {
+        for (i, (l, _, _)) in w.listeners.iter_mut().enumerate() {
             w.poll
                 .registry()
                 .register(l, Token(LISTENER_TOKEN_TOP - i), Interest::READABLE)?;
@@ -194,9 +253,10 @@ impl Worker {
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            let mut timeout = self
-                .backend
-                .next_deadline()
+            let mut timeout = std::iter::once(&self.backend)
+                .chain(self.old_backends.iter())
+                .filter_map(Backend::next_deadline)
+                .min()
                 .map(|t| t.saturating_duration_since(now));
             if let Some(t) = self.accept_paused_until {
                 let d = t.saturating_duration_since(now);
@@ -222,9 +282,13 @@ impl Worker {
                     && t.0 <= LISTENER_TOKEN_TOP
                 {
                     self.accept(LISTENER_TOKEN_TOP - t.0);
-                } else if self.backend.owns(t) {
+                } else if t.0 >= BACKEND_TOKEN_BASE {
                     let registry = self.poll.registry();
-                    self.backend.event(registry, ev, now);
+                    if self.backend.owns(t) {
+                        self.backend.event(registry, ev, now);
+                    } else if let Some(b) = self.old_backends.iter_mut().find(|b| b.owns(t)) {
+                        b.event(registry, ev, now);
+                    }
                 } else {
                     self.session_event(t.0, now);
                 }
@@ -240,7 +304,13 @@ impl Worker {
             }
             let registry = self.poll.registry();
             self.backend.expire(registry, now);
+            for b in &mut self.old_backends {
+                b.expire(registry, now);
+            }
             self.handle_completions(now);
+            // An earlier configuration's backend goes once its fetches are done
+            // (dropping it closes its pooled connections).
+            self.old_backends.retain(|b| b.in_flight() > 0);
             if self.stopping {
                 let deadline = *drain_deadline.get_or_insert_with(|| {
                     let longest = self
@@ -257,7 +327,9 @@ impl Worker {
                     .sessions
                     .iter()
                     .any(|(_, s)| !s.pending.is_empty() || s.wpos < s.wbuf.len());
-                if (self.backend.in_flight() == 0 && !owed) || now >= deadline {
+                if (self.backend.in_flight() == 0 && self.old_backends.is_empty() && !owed)
+                    || now >= deadline
+                {
                     return;
                 }
             }
@@ -275,11 +347,59 @@ impl Worker {
                 } => self.deliver(session as usize, gen, seq, &answer, now),
                 Msg::Shutdown => {
                     self.stopping = true;
-                    for (mut l, _) in self.listeners.drain(..) {
+                    for (mut l, _, _) in self.listeners.drain(..) {
                         let _ = self.poll.registry().deregister(&mut l);
                     }
                 }
+                Msg::Reload { shared, listeners } => self.reload(shared, listeners),
             }
+        }
+    }
+
+    /// Takes a new configuration: listeners kept, added and removed as the
+    /// update says; a new backend (the old one finishes its fetches); client
+    /// connections untouched.
+    fn reload(&mut self, shared: Arc<Shared>, updates: Vec<ListenerUpdate>) {
+        if self.stopping {
+            return;
+        }
+        let registry = self.poll.registry();
+        let mut old: Vec<(Listener, Proto, Listen)> = std::mem::take(&mut self.listeners);
+        for u in updates {
+            let listener = match u.socket {
+                Some(mut l) => {
+                    let _ = registry.register(&mut l, Token(0), Interest::READABLE);
+                    l
+                }
+                None => match old.iter().position(|(_, _, a)| *a == u.listen) {
+                    Some(i) => old.swap_remove(i).0,
+                    None => continue,
+                },
+            };
+            self.listeners.push((listener, u.proto, u.listen));
+        }
+        for (mut l, _, _) in old {
+            let _ = registry.deregister(&mut l);
+        }
+        for (i, (l, _, _)) in self.listeners.iter_mut().enumerate() {
+            let _ = registry.reregister(l, Token(LISTENER_TOKEN_TOP - i), Interest::READABLE);
+        }
+        self.backend_gen = (self.backend_gen + 1) % 256;
+        let base = BACKEND_TOKEN_BASE + self.backend_gen * backend_mod::TOKEN_SPAN;
+        let new = Backend::new(
+            base,
+            &shared.maps,
+            shared.cfg.daemon.workers,
+            shared.cache.epoch(),
+        );
+        let old_backend = std::mem::replace(&mut self.backend, new);
+        if old_backend.in_flight() > 0 {
+            self.old_backends.push(old_backend);
+        }
+        self.shared = shared;
+        // Connections accepted meanwhile on new listeners.
+        for i in 0..self.listeners.len() {
+            self.accept(i);
         }
     }
 
@@ -288,7 +408,7 @@ impl Worker {
             return;
         }
         for _ in 0..ACCEPT_BATCH {
-            let (listener, proto) = &self.listeners[li];
+            let (listener, proto, _) = &self.listeners[li];
             let proto = *proto;
             match listener.accept() {
                 Ok(stream) => self.add_session(stream, proto),
@@ -338,7 +458,7 @@ impl Worker {
             paused: false,
             eof: false,
         });
-        let c = &self.shared.counters;
+        let c = &self.shared.stats.counters;
         c.connections_open.fetch_add(1, Ordering::Relaxed);
         c.connections_total.fetch_add(1, Ordering::Relaxed);
     }
@@ -347,6 +467,7 @@ impl Worker {
         if let Some(mut s) = self.sessions.try_remove(sid) {
             let _ = self.poll.registry().deregister(&mut s.stream);
             self.shared
+                .stats
                 .counters
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
@@ -517,6 +638,7 @@ impl Worker {
     /// connection after the answer (the stream cannot be resynchronised).
     fn bad_request(&mut self, sid: usize, why: &str, fatal: bool) {
         self.shared
+            .stats
             .counters
             .bad_requests
             .fetch_add(1, Ordering::Relaxed);
@@ -564,17 +686,24 @@ impl Worker {
 
     fn map_name_of(&self, sid: usize) -> String {
         match self.sessions.get(sid).map(|s| s.proto) {
-            Some(Proto::TcpTable { map }) => self.shared.cfg.maps[map as usize].name.clone(),
+            Some(Proto::TcpTable { map }) => self.shared.map_name(map).to_string(),
             _ => String::new(),
         }
     }
 
     fn lookup(&mut self, sid: usize, map: u16, key: &[u8], now: Instant) {
         self.shared
+            .stats
             .counters
             .requests
             .fetch_add(1, Ordering::Relaxed);
-        let mcfg = &self.shared.cfg.maps[map as usize];
+        let Some(mcfg) = self.shared.map(map) else {
+            self.answer_now(
+                sid,
+                AnswerRef::Temp(b"map removed by a configuration reload"),
+            );
+            return;
+        };
         fold_key(key, mcfg.fold_case, &mut self.fold_buf);
         cache::make_key(map, &self.fold_buf, &mut self.ckey_buf);
         let cache = &self.shared.cache;
@@ -592,7 +721,7 @@ impl Worker {
         let immediate = s.pending.is_empty();
         let mut deferred: Option<Vec<u8>> = None;
         let proto = s.proto;
-        let counters = &self.shared.counters;
+        let counters = &self.shared.stats.maps[map as usize];
         let r = cache.lookup(&self.ckey_buf, cache.now_ms(), waiter, |v| {
             let a = match v {
                 Some(v) => {
@@ -637,21 +766,30 @@ impl Worker {
 
     /// Stores finished fetches in the cache and answers their waiters.
     fn handle_completions(&mut self, now: Instant) {
-        let done: Vec<Completion> = self.backend.completions().collect();
+        let mut done: Vec<Completion> = self.backend.completions().collect();
+        for b in &mut self.old_backends {
+            done.extend(b.completions());
+        }
         for c in done {
             let cache = &self.shared.cache;
             let now_ms = cache.now_ms();
-            let ttls = &self.shared.ttls[c.map as usize];
-            let map_name = &self.shared.cfg.maps[c.map as usize].name;
+            let ttls = &self.shared.ttls(c.map);
+            let map_name = self.shared.map_name(c.map);
+            let counters = &self.shared.stats.maps[c.map as usize];
+            counters.fetch_latency.observe(c.elapsed);
             let (waiters, answer) = match c.outcome {
-                Outcome::Found(v) => (
-                    cache.complete_ok(&c.cache_key, Some(&v), ttls, now_ms),
-                    Answer::Found(v.into()),
-                ),
-                Outcome::NotFound => (
-                    cache.complete_ok(&c.cache_key, None, ttls, now_ms),
-                    Answer::NotFound,
-                ),
+                Outcome::Found(v) => {
+                    let w = cache.complete_ok(&c.cache_key, Some(&v), ttls, now_ms);
+                    counters.found.fetch_add(w.len() as u64, Ordering::Relaxed);
+                    (w, Answer::Found(v.into()))
+                }
+                Outcome::NotFound => {
+                    let w = cache.complete_ok(&c.cache_key, None, ttls, now_ms);
+                    counters
+                        .not_found
+                        .fetch_add(w.len() as u64, Ordering::Relaxed);
+                    (w, Answer::NotFound)
+                }
                 Outcome::Temp(msg) => {
                     let (w, stale) = cache.complete_err(&c.cache_key, now_ms);
                     match stale {
@@ -659,12 +797,16 @@ impl Worker {
                             if let Some(n) = LOG_STALE.check() {
                                 crate::warn!("map {map_name}: every server failed ({msg}); answering from stale cache entries ({n} more not logged)");
                             }
+                            counters.stale.fetch_add(w.len() as u64, Ordering::Relaxed);
                             (w, v.map_or(Answer::NotFound, |v| Answer::Found(v.into())))
                         }
                         None => {
                             if let Some(n) = LOG_TEMP.check() {
                                 crate::warn!("map {map_name}: lookup failed, answered a temporary error: {msg} ({n} similar not logged)");
                             }
+                            counters
+                                .temporary
+                                .fetch_add(w.len() as u64, Ordering::Relaxed);
                             (w, Answer::Temp(msg.into()))
                         }
                     }
@@ -689,7 +831,6 @@ impl Worker {
     /// Puts an answer in its place on session `sid` and sends what is in order.
     fn deliver(&mut self, sid: usize, gen: u64, seq: u64, answer: &Answer, now: Instant) {
         let map_name = self.map_name_of(sid);
-        let counters = &self.shared.counters;
         let Some(s) = self.sessions.get_mut(sid).filter(|s| s.gen == gen) else {
             return;
         };
@@ -700,18 +841,9 @@ impl Worker {
             return;
         }
         let a = match answer {
-            Answer::Found(v) => {
-                counters.found.fetch_add(1, Ordering::Relaxed);
-                AnswerRef::Found(v)
-            }
-            Answer::NotFound => {
-                counters.not_found.fetch_add(1, Ordering::Relaxed);
-                AnswerRef::NotFound
-            }
-            Answer::Temp(m) => {
-                counters.temp_errors.fetch_add(1, Ordering::Relaxed);
-                AnswerRef::Temp(m.as_bytes())
-            }
+            Answer::Found(v) => AnswerRef::Found(v),
+            Answer::NotFound => AnswerRef::NotFound,
+            Answer::Temp(m) => AnswerRef::Temp(m.as_bytes()),
         };
         if i == 0 {
             encode_answer(s.proto, a, &mut s.wbuf, &map_name);

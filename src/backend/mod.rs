@@ -16,6 +16,7 @@ pub mod health;
 
 use crate::codec::http::{self, BodyDecoder, Head, HttpError};
 use crate::config::{MapConfig, ResultMode, ServerConfig};
+use crate::metrics::ServerCounters;
 use health::{Availability, Health};
 use mio::event::Event;
 use mio::net::TcpStream;
@@ -27,6 +28,8 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Tokens one backend may use, from its base (its connections are slab indexes).
+pub const TOKEN_SPAN: usize = 1 << 32;
 /// Bytes read from a server per `read` call.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -45,14 +48,16 @@ pub struct Completion {
     pub map: u16,
     pub cache_key: Box<[u8]>,
     pub outcome: Outcome,
+    /// From the fetch's start to its end.
+    pub elapsed: std::time::Duration,
 }
 
 /// One server as every worker sees it.
-#[derive(Debug)]
 pub struct SharedServer {
     pub cfg: ServerConfig,
     pub map_name: String,
     pub health: Health,
+    pub counters: ServerCounters,
 }
 
 /// A map as the backend needs it: its config and its servers' shared state.
@@ -96,6 +101,7 @@ enum Stage {
 
 struct Fetch {
     gen: u64,
+    started: Instant,
     map: u16,
     key: Box<[u8]>,
     cache_key: Box<[u8]>,
@@ -129,6 +135,8 @@ struct Conn {
     wpos: usize,
     body: Vec<u8>,
     fetch: Option<FetchRef>,
+    /// When the current request was handed to this connection.
+    started: Instant,
 }
 
 /// How an attempt on a connection failed.
@@ -168,7 +176,14 @@ pub struct Backend {
 impl Backend {
     /// `token_base`: this backend's connections use tokens from here up.
     /// `workers` divides each server's `max_connections` among the workers.
-    pub fn new(token_base: usize, maps: &[MapServers], workers: usize, epoch: Instant) -> Backend {
+    /// `maps` is indexed by map id; `None` is a removed map's slot (no
+    /// servers; the worker refuses its lookups before they get here).
+    pub fn new(
+        token_base: usize,
+        maps: &[Option<MapServers>],
+        workers: usize,
+        epoch: Instant,
+    ) -> Backend {
         let mut b = Backend {
             token_base,
             maps: Vec::new(),
@@ -183,7 +198,17 @@ impl Backend {
             read_buf: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
             stats: BackendStats::default(),
         };
+        let placeholder = maps.iter().flatten().next().map(|m| m.cfg.clone());
         for (i, m) in maps.iter().enumerate() {
+            let Some(m) = m else {
+                if let Some(cfg) = &placeholder {
+                    b.maps.push(MapRt {
+                        cfg: cfg.clone(),
+                        servers: Vec::new(),
+                    });
+                }
+                continue;
+            };
             let mut idxs = Vec::new();
             for s in &m.servers {
                 idxs.push(b.servers.len());
@@ -207,7 +232,7 @@ impl Backend {
 
     /// Whether `token` is one of this backend's connections.
     pub fn owns(&self, token: Token) -> bool {
-        token.0 >= self.token_base
+        token.0 >= self.token_base && token.0 - self.token_base < TOKEN_SPAN
     }
 
     /// Fetches in flight.
@@ -244,6 +269,7 @@ impl Backend {
         let deadline = now + cfg.lookup_timeout;
         let idx = self.fetches.insert(Fetch {
             gen,
+            started: now,
             map,
             key: key.into(),
             cache_key: cache_key.into(),
@@ -286,6 +312,7 @@ impl Backend {
             map: fetch.map,
             cache_key: fetch.cache_key,
             outcome,
+            elapsed: fetch.started.elapsed(),
         });
     }
 
@@ -453,6 +480,7 @@ impl Backend {
             wpos: 0,
             body: Vec::new(),
             fetch: Some(f),
+            started: now,
         });
         let _ = conn;
         let idx = self.token_idx(token);
@@ -504,6 +532,7 @@ impl Backend {
         c.rbuf.clear();
         c.body.clear();
         c.fetch = Some(f);
+        c.started = Instant::now();
         if http::write_get(&mut c.wbuf, &target, &cfg.host, &fetch.key, &map.headers).is_err() {
             c.fetch = None;
             self.finish(
@@ -545,6 +574,11 @@ impl Backend {
 
     fn server_failed(&mut self, server: usize, reason: &str) {
         self.stats.server_failures += 1;
+        self.servers[server]
+            .shared
+            .counters
+            .failure
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now_ms = self.now_ms();
         let shared = &self.servers[server].shared;
         let (rest, went_down) = shared.health.failure(now_ms);
@@ -786,6 +820,14 @@ impl Backend {
         let reusable = http::reuse(&head, c.rbuf.len()).is_ok();
         let f = c.fetch.take();
         c.body.clear();
+        let counters = &self.servers[server].shared.counters;
+        counters.latency.observe(c.started.elapsed());
+        let kind = if verdict.is_ok() {
+            &counters.ok
+        } else {
+            &counters.http_error
+        };
+        kind.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.server_answered(server);
         if reusable {
             self.make_idle(registry, idx, now);

@@ -34,6 +34,12 @@ pub struct Request {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The `POSTFIX-DICT-EMAIL` header (or `POSTFIX_DICT_EMAIL`), if any.
     pub key: Option<Vec<u8>>,
+    /// Which TCP connection carried it: 1 for the first one the server
+    /// accepted, 2 for the second, ...
+    pub connection: usize,
+    /// Its place on that connection: 1 for the first request, 2 for the
+    /// second (a reused keep-alive connection), ...
+    pub seq_on_connection: usize,
 }
 
 impl Request {
@@ -90,6 +96,14 @@ pub enum Reply {
     CloseMidReply,
     /// Wait, then do the inner reply.
     Delay(Duration, Box<Reply>),
+    /// Write these raw bytes and keep the connection open for the next
+    /// request (the bytes must frame themselves, e.g. a chunked body or an
+    /// HTTP/1.0 head with `Connection: keep-alive` and `Content-Length`).
+    Raw(Vec<u8>),
+    /// Do the inner reply, then close the connection silently: no
+    /// `Connection: close` header is added, as when a server's idle
+    /// keep-alive timer fires right after it answered.
+    SilentClose(Box<Reply>),
 }
 
 impl Reply {
@@ -124,6 +138,90 @@ impl Reply {
         Reply::Delay(d, Box::new(self))
     }
 
+    /// This reply, then a silent close (see [`Reply::SilentClose`]).
+    pub fn then_close_silently(self) -> Reply {
+        Reply::SilentClose(Box::new(self))
+    }
+
+    /// Raw bytes on a connection that stays open (see [`Reply::Raw`]).
+    pub fn raw(bytes: &[u8]) -> Reply {
+        Reply::Raw(bytes.to_vec())
+    }
+
+    /// Raw bytes, then close (the same as [`Reply::Garbage`], named for
+    /// valid replies such as an HTTP/1.0 response without keep-alive).
+    pub fn raw_then_close(bytes: &[u8]) -> Reply {
+        Reply::Garbage(bytes.to_vec())
+    }
+
+    /// Read the request, then close the connection without a byte of reply:
+    /// what a client sees when the server closed its idle keep-alive
+    /// connection just as the request was sent.
+    pub fn close_without_reply() -> Reply {
+        Reply::Garbage(Vec::new())
+    }
+
+    /// A `Reply::Http` with this framing instead (other variants unchanged).
+    pub fn with_framing(self, framing: Framing) -> Reply {
+        match self {
+            Reply::Http {
+                status,
+                headers,
+                body,
+                close,
+                ..
+            } => Reply::Http {
+                status,
+                headers,
+                body,
+                framing,
+                close,
+            },
+            other => other,
+        }
+    }
+
+    /// A `Reply::Http` that sends `Connection: close` and closes (other variants unchanged).
+    pub fn closing(self) -> Reply {
+        match self {
+            Reply::Http {
+                status,
+                headers,
+                body,
+                framing,
+                ..
+            } => Reply::Http {
+                status,
+                headers,
+                body,
+                framing,
+                close: true,
+            },
+            other => other,
+        }
+    }
+
+    /// A complete HTTP/1.0 response with `Content-Length` and these headers.
+    /// `keep_alive`: send `Connection: keep-alive` and keep the connection
+    /// open ([`Reply::Raw`]); otherwise close after it, as HTTP/1.0 does.
+    pub fn http10(status: u16, headers: &[(&str, &str)], body: &[u8], keep_alive: bool) -> Reply {
+        let mut out = format!("HTTP/1.0 {} {}\r\n", status, reason(status)).into_bytes();
+        for (name, value) in headers {
+            out.extend_from_slice(format!("{}: {}\r\n", name, value).as_bytes());
+        }
+        out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+        if keep_alive {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body);
+        if keep_alive {
+            Reply::Raw(out)
+        } else {
+            Reply::Garbage(out)
+        }
+    }
+
     fn header_reply(status: u16, name: &str, value: &[u8]) -> Reply {
         Reply::Http {
             status,
@@ -144,6 +242,10 @@ struct Shared {
     requests: AtomicUsize,
     connections: AtomicUsize,
     keys: Mutex<Vec<Vec<u8>>>,
+    /// Every request, in arrival order.
+    log: Mutex<Vec<Request>>,
+    /// Close a keep-alive connection silently after this long without a request.
+    idle_close: Mutex<Option<Duration>>,
     /// Clones of every accepted stream, so `drop` can shut them all down.
     streams: Mutex<Vec<TcpStream>>,
 }
@@ -177,6 +279,8 @@ impl TestServer {
             requests: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             keys: Mutex::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
+            idle_close: Mutex::new(None),
             streams: Mutex::new(Vec::new()),
         });
         let accept_shared = Arc::clone(&shared);
@@ -232,6 +336,23 @@ impl TestServer {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
+    /// Every request so far (with or without a key), in arrival order.
+    pub fn request_log(&self) -> Vec<Request> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    /// The request targets (path and query) so far, in arrival order.
+    pub fn paths(&self) -> Vec<String> {
+        self.request_log().into_iter().map(|r| r.path).collect()
+    }
+
+    /// From now on, a connection that waits this long for its next request
+    /// is closed silently (no `Connection: close` was ever sent), like a
+    /// server's keep-alive timeout. `None` (the default): never.
+    pub fn close_idle_after(&self, idle: Option<Duration>) {
+        *self.shared.idle_close.lock().unwrap() = idle;
+    }
+
     /// Polls (every 10 ms) until at least `n` requests arrived; false on timeout.
     pub fn wait_for_requests(&self, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -270,7 +391,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Ok(s) => s,
             Err(_) => continue,
         };
-        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let serial = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
         {
             let mut streams = shared.streams.lock().unwrap();
             // Checked under the lock so drop cannot miss this stream.
@@ -283,7 +404,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         let conn_shared = Arc::clone(&shared);
         thread::spawn(move || {
-            let _ = serve_connection(stream, &conn_shared);
+            let _ = serve_connection(stream, &conn_shared, serial);
         });
     }
 }
@@ -339,6 +460,8 @@ fn parse_request(buf: &[u8]) -> Result<Parsed, String> {
             path: req.path.unwrap_or("").to_string(),
             headers,
             key,
+            connection: 0,
+            seq_on_connection: 0,
         },
         head_len,
         body_len,
@@ -346,12 +469,34 @@ fn parse_request(buf: &[u8]) -> Result<Parsed, String> {
     })
 }
 
-fn serve_connection(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
+fn serve_connection(mut stream: TcpStream, shared: &Shared, serial: usize) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
+    let mut seq = 0;
     loop {
+        // Waiting for the next request: close silently if idle too long.
+        if buf.is_empty() {
+            let idle = *shared.idle_close.lock().unwrap();
+            if let Some(idle) = idle {
+                stream.set_read_timeout(Some(idle))?;
+                match read_more(&mut stream, &mut buf) {
+                    Ok(true) => {}
+                    Ok(false) => return close(stream),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return close(stream)
+                    }
+                    Err(e) => return Err(e),
+                }
+                stream.set_read_timeout(None)?;
+            }
+        }
         // Read one request head (and its body) from the buffer and the socket.
-        let (request, client_wants_close) = loop {
+        let (mut request, client_wants_close) = loop {
             match parse_request(&buf) {
                 Ok(Parsed::Complete {
                     request,
@@ -380,10 +525,15 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 }
             }
         };
-        shared.requests.fetch_add(1, Ordering::SeqCst);
+        seq += 1;
+        request.connection = serial;
+        request.seq_on_connection = seq;
+        shared.log.lock().unwrap().push(request.clone());
         if let Some(key) = &request.key {
             shared.keys.lock().unwrap().push(key.clone());
         }
+        // Counted last, so a test that saw the count also sees the logs.
+        shared.requests.fetch_add(1, Ordering::SeqCst);
         let reply = (shared.handler)(&request);
         if !perform(&mut stream, reply, client_wants_close, shared)? {
             return close(stream);
@@ -488,6 +638,14 @@ fn perform(
                 thread::sleep(left.min(Duration::from_millis(20)));
             }
             perform(stream, *inner, client_wants_close, shared)
+        }
+        Reply::Raw(bytes) => {
+            stream.write_all(&bytes)?;
+            Ok(!client_wants_close)
+        }
+        Reply::SilentClose(inner) => {
+            perform(stream, *inner, client_wants_close, shared)?;
+            Ok(false)
         }
     }
 }
@@ -925,4 +1083,311 @@ impl LineClient {
 /// Reads a file relative to the crate root (for checking shipped configs).
 pub fn crate_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+// ---------------------------------------------------------------------------
+// (d) A real nginx speaking dict_http
+// ---------------------------------------------------------------------------
+
+/// The `POSTFIX-DICT-RETMSG` the nginx of [`Nginx`] sends with its 503s.
+pub const NGINX_RETMSG: &str = "service in maintenance";
+
+/// The nginx binary, looked up on PATH and then in /usr/sbin.
+pub fn nginx_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("nginx"))
+        .find(|p| p.is_file())
+}
+
+/// One line of the private nginx's access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NginxLogLine {
+    /// nginx's serial number of the TCP connection (`$connection`).
+    pub connection: u64,
+    /// The request's place on that connection, from 1 (`$connection_requests`).
+    pub connection_requests: u64,
+    pub status: u16,
+    /// `$request_uri`: the path and query as sent.
+    pub uri: String,
+    /// The `POSTFIX-DICT-EMAIL` header as nginx logged it (`-` if none;
+    /// bytes outside printable ASCII appear as `\xHH`).
+    pub key: String,
+}
+
+/// A private nginx (its own prefix directory, pid file, logs and temp dirs;
+/// one worker; on a free 127.0.0.1 port) serving dict_http from a fixed map:
+///
+/// - any path but those below: `200` with `POSTFIX-DICT-RESULTS: value`
+///   for a known key, no such header (not found) otherwise;
+/// - `/body/...`: `200` with the value as the body, `404` for an unknown key
+///   (for `result = "body"`);
+/// - `/unavailable...`: `503` with `POSTFIX-DICT-RETMSG:` [`NGINX_RETMSG`].
+///
+/// The key is the `POSTFIX-DICT-EMAIL` request header; nginx `map` keys
+/// match case-insensitively. Every request is one line in the access log
+/// (unbuffered), so [`Nginx::requests`] counts exactly. Dropping it stops
+/// nginx (TERM, then KILL) and removes its directory.
+pub struct Nginx {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+/// Quotes `s` as an nginx configuration string ("..." with `\` escapes).
+fn nginx_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' | '\r' => panic!("nginx config strings cannot hold line breaks: {s:?}"),
+            _ => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Whether this nginx takes `-e FILE` (the startup error log; 1.19.5+).
+fn nginx_has_e_flag(nginx: &Path) -> bool {
+    Command::new(nginx)
+        .arg("-h")
+        .output()
+        .map(|o| {
+            let text = [o.stdout, o.stderr].concat();
+            String::from_utf8_lossy(&text).contains("-e filename")
+        })
+        .unwrap_or(false)
+}
+
+impl Nginx {
+    /// Starts nginx serving `pairs` (key → value). Returns None after
+    /// printing "SKIPPED: nginx not installed" when there is no nginx;
+    /// panics instead when the environment variable `CI` is set (a skip in
+    /// CI would be a silent pass). Panics if nginx does not come up.
+    pub fn start(pairs: &[(&str, &str)]) -> Option<Nginx> {
+        let Some(nginx) = nginx_path() else {
+            if std::env::var_os("CI").is_some() {
+                panic!("nginx not installed, but CI is set (install nginx-light)");
+            }
+            eprintln!("SKIPPED: nginx not installed (install nginx-light)");
+            return None;
+        };
+        // A free port can be taken by someone else before nginx binds it:
+        // try a few.
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Nginx::try_start(&nginx, pairs) {
+                Ok(n) => return Some(n),
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("nginx did not start:\n{last_error}");
+    }
+
+    fn config(dir: &Path, port: u16, pairs: &[(&str, &str)]) -> String {
+        let d = dir.display();
+        let mut map = String::new();
+        for (key, value) in pairs {
+            assert!(!key.is_empty(), "nginx map keys cannot be empty");
+            // The leading `\` makes any key literal in an nginx map (even
+            // `default`, `hostnames`, `include` or one starting with `~`);
+            // a `$` in a value would start a variable: write it as ${dollar}.
+            let value = value.replace('$', "${dollar}");
+            map.push_str(&format!(
+                "        {} {};\n",
+                nginx_quote(&format!("\\{key}")),
+                nginx_quote(&value)
+            ));
+        }
+        let retmsg = nginx_quote(NGINX_RETMSG);
+        format!(
+            r#"# Written by the httpmapd test harness.
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{
+    worker_connections 256;
+}}
+http {{
+    client_body_temp_path {d}/client_body_temp;
+    proxy_temp_path {d}/proxy_temp;
+    fastcgi_temp_path {d}/fastcgi_temp;
+    uwsgi_temp_path {d}/uwsgi_temp;
+    scgi_temp_path {d}/scgi_temp;
+    default_type text/plain;
+    log_format dict '$connection $connection_requests $status "$request_uri" "$http_postfix_dict_email"';
+    access_log {d}/access.log dict;
+    keepalive_timeout 60s;
+    keepalive_requests 10000;
+    geo $dollar {{
+        default "$";
+    }}
+    map $http_postfix_dict_email $dict_result {{
+        default "";
+{map}    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            add_header POSTFIX-DICT-RESULTS $dict_result always;
+            return 200 "";
+        }}
+        location /body/ {{
+            if ($dict_result = "") {{
+                return 404;
+            }}
+            return 200 "$dict_result";
+        }}
+        location /unavailable {{
+            add_header POSTFIX-DICT-RETMSG {retmsg} always;
+            return 503;
+        }}
+    }}
+}}
+"#
+        )
+    }
+
+    fn try_start(nginx: &Path, pairs: &[(&str, &str)]) -> Result<Nginx, String> {
+        let dir = unique_temp_dir("httpmapd-nginx");
+        let port = free_port();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, Nginx::config(&dir, port, pairs)).expect("write nginx.conf");
+        let mut cmd = Command::new(nginx);
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"]);
+        if nginx_has_e_flag(nginx) {
+            cmd.arg("-e").arg(dir.join("error.log"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("stdout.log")).expect("create stdout.log"))
+            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("create stderr.log"))
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", nginx.display()))?;
+        let mut n = Nginx { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        loop {
+            if let Some(status) = n.child.try_wait().expect("try_wait nginx") {
+                return Err(format!(
+                    "nginx exited ({status}); stderr:\n{}\nerror.log:\n{}",
+                    std::fs::read_to_string(n.dir.join("stderr.log")).unwrap_or_default(),
+                    n.error_log()
+                ));
+            }
+            // Listening and the worker started (it logs "start worker process").
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && n.error_log().contains("start worker process")
+            {
+                return Ok(n);
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "nginx not ready on {addr} after 10 s; error.log:\n{}",
+                    n.error_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// "http://127.0.0.1:PORT{path}"
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// The access log, parsed (one entry per request, in order).
+    pub fn log(&self) -> Vec<NginxLogLine> {
+        let text = std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                let parse = || -> Option<NginxLogLine> {
+                    let mut it = line.splitn(4, ' ');
+                    let connection = it.next()?.parse().ok()?;
+                    let connection_requests = it.next()?.parse().ok()?;
+                    let status = it.next()?.parse().ok()?;
+                    let rest = it.next()?;
+                    let (uri, key) = rest.strip_prefix('"')?.split_once("\" \"")?;
+                    Some(NginxLogLine {
+                        connection,
+                        connection_requests,
+                        status,
+                        uri: uri.to_string(),
+                        key: key.strip_suffix('"')?.to_string(),
+                    })
+                };
+                parse().unwrap_or_else(|| panic!("unexpected nginx access log line {line:?}"))
+            })
+            .collect()
+    }
+
+    /// How many requests nginx served. nginx writes a request's log line
+    /// right after its response, so this waits until the count has not
+    /// changed for 50 ms (at most 2 s) before answering.
+    pub fn requests(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut last = self.log().len();
+        loop {
+            thread::sleep(Duration::from_millis(50));
+            let now = self.log().len();
+            if now == last || Instant::now() >= deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// Distinct TCP connections seen in the access log.
+    pub fn connections(&self) -> usize {
+        let mut ids: Vec<u64> = self.log().iter().map(|l| l.connection).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
+    /// nginx's error log so far.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "---- nginx error.log ({}) ----\n{}---- end ----",
+                self.dir.display(),
+                self.error_log()
+            );
+        }
+        // TERM: the master stops its worker and exits. A KILLed master would
+        // leave the worker running, holding the port.
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let _ = std::fs::remove_dir_all(&self.dir);
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

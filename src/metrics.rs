@@ -1,0 +1,188 @@
+//! Counters and histograms, and the `stats_listen` HTTP endpoint that shows
+//! them: `GET /metrics` (Prometheus text exposition) and `GET /health`.
+//!
+//! Everything here is atomics written by the workers without locks; this
+//! module only adds them up and renders them. The endpoint runs on its own
+//! thread with a blocking listener (a scrape every few seconds needs no event
+//! loop) and bounds what it reads from a request.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+/// Largest request head the endpoint reads.
+const MAX_REQUEST_BYTES: usize = 8192;
+/// Bound on reading a request and writing the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A fixed-bucket latency histogram.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_SECONDS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS_SECONDS.iter().position(|&b| s <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Appends the `_bucket`, `_sum` and `_count` lines of `name` with `labels` (`k="v",...` or empty).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, b) in LATENCY_BUCKETS_SECONDS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+/// Lookups of one map by outcome.
+#[derive(Default)]
+pub struct MapCounters {
+    pub found: AtomicU64,
+    pub not_found: AtomicU64,
+    pub temporary: AtomicU64,
+    pub stale: AtomicU64,
+    /// Time from a fetch's start to its end (misses only).
+    pub fetch_latency: Histogram,
+}
+
+/// One server's requests by outcome.
+#[derive(Default)]
+pub struct ServerCounters {
+    /// A reply that gave a result (found or not found).
+    pub ok: AtomicU64,
+    /// A reply with an error status (5xx...).
+    pub http_error: AtomicU64,
+    /// Refused, reset, timed out, unparseable.
+    pub failure: AtomicU64,
+    pub latency: Histogram,
+}
+
+/// Escapes a Prometheus label value.
+pub fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Writes `# HELP` and `# TYPE` for a metric.
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Serves `/metrics` and `/health` on `listener` forever; `render` builds
+/// the metrics page, `health` gives (healthy, text).
+pub fn serve(
+    listener: std::net::TcpListener,
+    render: impl Fn() -> String + Send + 'static,
+    health: impl Fn() -> (bool, String) + Send + 'static,
+) {
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { continue };
+        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        let path = loop {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(_)) => {
+                    break Some((
+                        req.method.unwrap_or("").to_string(),
+                        req.path.unwrap_or("").to_string(),
+                    ))
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_BYTES => {}
+                _ => break None,
+            }
+        };
+        let (status, ctype, body) = match path.as_ref().map(|(m, p)| (m.as_str(), p.as_str())) {
+            Some(("GET", "/metrics")) => (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                render(),
+            ),
+            Some(("GET", "/health")) => {
+                let (ok, text) = health();
+                (
+                    if ok {
+                        "200 OK"
+                    } else {
+                        "503 Service Unavailable"
+                    },
+                    "text/plain; charset=utf-8",
+                    text,
+                )
+            }
+            Some(_) => (
+                "404 Not Found",
+                "text/plain",
+                "try /metrics or /health\n".to_string(),
+            ),
+            None => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(body.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_renders_cumulative_buckets() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x", "map=\"v\"");
+        assert!(
+            out.contains("x_bucket{map=\"v\",le=\"0.0001\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_bucket{map=\"v\",le=\"0.005\"} 2\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_bucket{map=\"v\",le=\"5\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{map=\"v\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{map=\"v\"} 3\n"), "{out}");
+    }
+}
