@@ -66,7 +66,79 @@ pub struct Daemon {
     /// Owner and group given to Unix listening sockets (resolved at load).
     pub unix_socket_owner: Option<u32>,
     pub unix_socket_group: Option<u32>,
+    /// Client connections held at most (daemon-wide); past it, accepting pauses.
+    pub max_clients: usize,
+    /// Client addresses allowed on TCP listeners (empty = any); a map's own
+    /// `allow_from` overrides it for its `tcp_listen`.
+    pub allow_from: Vec<Cidr>,
 }
+
+/// An address range, `10.0.0.0/8` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or address/prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{s:?}: prefix length must be 0..={max}")),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => return false,
+            },
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.prefix))
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.prefix))
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether `ip` may connect given `allow` (empty: anyone).
+pub fn allowed(allow: &[Cidr], ip: std::net::IpAddr) -> bool {
+    allow.is_empty() || allow.iter().any(|c| c.contains(ip))
+}
+
+/// Default bound on client connections.
+pub const DEFAULT_MAX_CLIENTS: usize = 20_000;
 
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +202,8 @@ pub struct MapConfig {
     pub headers: Vec<(String, String)>,
     /// Joins several results into one value (Postfix lists use ", ").
     pub separator: String,
+    /// Client addresses allowed on `tcp_listen` (None: `[daemon] allow_from`).
+    pub allow_from: Option<Vec<Cidr>>,
 }
 
 /// One HTTP server of a map, its address resolved.
@@ -199,6 +273,8 @@ struct RawDaemon {
     unix_socket_mode: Option<Spanned<String>>,
     unix_socket_owner: Option<Spanned<String>>,
     unix_socket_group: Option<Spanned<String>>,
+    max_clients: Option<Spanned<i64>>,
+    allow_from: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -238,6 +314,7 @@ struct RawMap {
     stale_ttl: Option<Spanned<toml::Value>>,
     headers: Option<Spanned<BTreeMap<String, String>>>,
     separator: Option<String>,
+    allow_from: Option<Spanned<Vec<String>>>,
 }
 
 /// Parses a duration: "250ms", "3s", "5m", "1h", "2d", or a bare integer (seconds).
@@ -395,6 +472,17 @@ impl Ctx<'_> {
             }
         }
     }
+    fn cidrs(&mut self, v: Spanned<Vec<String>>) -> Vec<Cidr> {
+        let at = v.span().start;
+        let mut out = Vec::new();
+        for s in v.into_inner() {
+            match Cidr::parse(&s) {
+                Ok(c) => out.push(c),
+                Err(e) => self.err(at, format!("allow_from: {e}")),
+            }
+        }
+        out
+    }
     fn count(
         &mut self,
         key: &str,
@@ -455,6 +543,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         unix_socket_mode: None,
         unix_socket_owner: None,
         unix_socket_group: None,
+        max_clients: None,
+        allow_from: None,
     });
     let mut workers = cx.count("workers", d.workers, 0, 1024, 0);
     if workers == 0 {
@@ -509,6 +599,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         },
     };
 
+    let max_clients = cx.count(
+        "max_clients",
+        d.max_clients,
+        1,
+        10_000_000,
+        DEFAULT_MAX_CLIENTS,
+    );
+    let allow_from = d.allow_from.map(|v| cx.cidrs(v)).unwrap_or_default();
     let unix_socket_mode = match d.unix_socket_mode {
         None => 0o666,
         Some(v) => match u32::from_str_radix(v.get_ref().trim_start_matches("0o"), 8) {
@@ -721,6 +819,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             stale_ttl: cx.duration("stale_ttl", m.stale_ttl, cache.stale_ttl),
             headers,
             separator: m.separator.unwrap_or_else(|| ", ".to_string()),
+            allow_from: m.allow_from.map(|v| cx.cidrs(v)),
             name,
         };
         maps.push(map);
@@ -766,6 +865,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             unix_socket_mode,
             unix_socket_owner,
             unix_socket_group,
+            max_clients,
+            allow_from,
         },
         cache,
         maps,
@@ -832,6 +933,28 @@ fold_case = false
                 got.starts_with(want),
                 "for {text:?}\n got {got}\nwant {want}"
             );
+        }
+    }
+
+    #[test]
+    fn cidrs() {
+        use std::net::IpAddr;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (c, a, want) in [
+            ("127.0.0.0/8", "127.1.2.3", true),
+            ("127.0.0.0/8", "128.0.0.1", false),
+            ("10.1.2.3", "10.1.2.3", true),
+            ("10.1.2.3", "10.1.2.4", false),
+            ("0.0.0.0/0", "192.0.2.1", true),
+            ("::1", "::1", true),
+            ("2001:db8::/32", "2001:db8:1::5", true),
+            ("2001:db8::/32", "2001:db9::5", false),
+            ("127.0.0.0/8", "::ffff:127.0.0.1", true),
+        ] {
+            assert_eq!(Cidr::parse(c).unwrap().contains(ip(a)), want, "{c} {a}");
+        }
+        for bad in ["", "10.0.0.0/33", "x/8", "::/129"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
     }
 

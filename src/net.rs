@@ -108,14 +108,15 @@ impl Bound {
 }
 
 impl Listener {
-    pub fn accept(&self) -> io::Result<Stream> {
+    /// Accepts one connection: the stream and, for TCP, the peer's address.
+    pub fn accept(&self) -> io::Result<(Stream, Option<std::net::IpAddr>)> {
         match self {
             Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
+                let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
-                Ok(Stream::Tcp(s))
+                Ok((Stream::Tcp(s), Some(peer.ip())))
             }
-            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), None)),
         }
     }
 }

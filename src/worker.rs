@@ -49,6 +49,8 @@ static LOG_TEMP: RateLimit = RateLimit::new(Duration::from_secs(10));
 static LOG_STALE: RateLimit = RateLimit::new(Duration::from_secs(60));
 static LOG_BAD_REQUEST: RateLimit = RateLimit::new(Duration::from_secs(10));
 static LOG_ACCEPT: RateLimit = RateLimit::new(Duration::from_secs(60));
+static LOG_MAX_CLIENTS: RateLimit = RateLimit::new(Duration::from_secs(60));
+static LOG_DENIED: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 /// An answer on its way to a client.
 #[derive(Debug, Clone)]
@@ -407,11 +409,44 @@ impl Worker {
         if self.accept_paused_until.is_some() || li >= self.listeners.len() {
             return;
         }
+        let max_clients = self.shared.cfg.daemon.max_clients as u64;
         for _ in 0..ACCEPT_BATCH {
+            let open = self
+                .shared
+                .stats
+                .counters
+                .connections_open
+                .load(Ordering::Relaxed);
+            if open >= max_clients {
+                // Keep serving who we have; new clients wait in the kernel's backlog.
+                if let Some(n) = LOG_MAX_CLIENTS.check() {
+                    crate::warn!("max_clients ({max_clients}) reached: not accepting for now ({n} similar not logged)");
+                }
+                self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                return;
+            }
             let (listener, proto, _) = &self.listeners[li];
             let proto = *proto;
             match listener.accept() {
-                Ok(stream) => self.add_session(stream, proto),
+                Ok((stream, peer)) => {
+                    if let Some(ip) = peer {
+                        let allow = match proto {
+                            Proto::TcpTable { map } => self
+                                .shared
+                                .map(map)
+                                .and_then(|m| m.allow_from.as_deref())
+                                .unwrap_or(&self.shared.cfg.daemon.allow_from),
+                            Proto::Socketmap => &self.shared.cfg.daemon.allow_from,
+                        };
+                        if !crate::config::allowed(allow, ip) {
+                            if let Some(n) = LOG_DENIED.check() {
+                                crate::warn!("refused a connection from {ip}: not in allow_from ({n} similar not logged)");
+                            }
+                            continue; // dropping the stream closes it
+                        }
+                    }
+                    self.add_session(stream, proto)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {

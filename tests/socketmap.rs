@@ -521,3 +521,41 @@ fn raw_idle_connection_is_not_closed() {
         "OK REJECT go away"
     );
 }
+
+#[test]
+fn raw_netstring_split_across_writes() {
+    let s = Setup::standard();
+    let mut c = LineClient::connect(s.sm_port);
+    let req = netstring(b"virtual alice@example.com");
+    for part in req.chunks(4) {
+        c.send(part);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(show(&c.read_netstring()), "OK alice@mail.example.com");
+}
+
+#[test]
+#[ignore = "BUG: when queries and the client's FIN arrive together, the daemon answers but never sees EOF, so it never closes (session leaked in CLOSE-WAIT)"]
+fn raw_half_closed_client_still_gets_its_answers() {
+    let s = Setup::standard();
+    let mut c = LineClient::connect(s.sm_port);
+    let mut req = netstring(b"virtual alice@example.com");
+    req.extend_from_slice(&netstring(b"access spammer@example.net"));
+    c.send(&req);
+    c.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(show(&c.read_netstring()), "OK alice@mail.example.com");
+    assert_eq!(show(&c.read_netstring()), "OK REJECT go away");
+    assert!(c.is_closed_by_peer());
+}
+
+#[test]
+fn raw_client_eof_after_its_answers_closes_the_session() {
+    let s = Setup::standard();
+    let mut c = LineClient::connect(s.sm_port);
+    assert_eq!(
+        show(&c.socketmap_query("virtual", b"alice@example.com")),
+        "OK alice@mail.example.com"
+    );
+    c.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(c.is_closed_by_peer());
+}
