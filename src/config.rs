@@ -68,6 +68,10 @@ pub struct Daemon {
     pub unix_socket_group: Option<u32>,
     /// Client connections held at most (daemon-wide); past it, accepting pauses.
     pub max_clients: usize,
+    /// socketmap: longest query payload accepted (Postfix's client sends at most 10000).
+    pub max_query_size: usize,
+    /// socketmap: longest reply payload sent (Postfix's client takes at most 100000).
+    pub max_reply_size: usize,
     /// Client addresses allowed on TCP listeners (empty = any); a map's own
     /// `allow_from` overrides it for its `tcp_listen`.
     pub allow_from: Vec<Cidr>,
@@ -274,6 +278,8 @@ struct RawDaemon {
     unix_socket_owner: Option<Spanned<String>>,
     unix_socket_group: Option<Spanned<String>>,
     max_clients: Option<Spanned<i64>>,
+    max_query_size: Option<Spanned<i64>>,
+    max_reply_size: Option<Spanned<i64>>,
     allow_from: Option<Spanned<Vec<String>>>,
 }
 
@@ -544,6 +550,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         unix_socket_owner: None,
         unix_socket_group: None,
         max_clients: None,
+        max_query_size: None,
+        max_reply_size: None,
         allow_from: None,
     });
     let mut workers = cx.count("workers", d.workers, 0, 1024, 0);
@@ -607,6 +615,20 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         DEFAULT_MAX_CLIENTS,
     );
     let allow_from = d.allow_from.map(|v| cx.cidrs(v)).unwrap_or_default();
+    let max_query_size = cx.count(
+        "max_query_size",
+        d.max_query_size,
+        16,
+        1 << 20,
+        crate::codec::netstring::DEFAULT_MAX_QUERY_BYTES,
+    );
+    let max_reply_size = cx.count(
+        "max_reply_size",
+        d.max_reply_size,
+        16,
+        1 << 24,
+        crate::codec::netstring::DEFAULT_MAX_REPLY_BYTES,
+    );
     let unix_socket_mode = match d.unix_socket_mode {
         None => 0o666,
         Some(v) => match u32::from_str_radix(v.get_ref().trim_start_matches("0o"), 8) {
@@ -866,6 +888,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             unix_socket_owner,
             unix_socket_group,
             max_clients,
+            max_query_size,
+            max_reply_size,
             allow_from,
         },
         cache,

@@ -89,7 +89,15 @@ fn listens_of(cfg: &Config, ids: &[u16]) -> Vec<(Listen, Proto)> {
         .daemon
         .socketmap_listen
         .iter()
-        .map(|l| (l.clone(), Proto::Socketmap))
+        .map(|l| {
+            (
+                l.clone(),
+                Proto::Socketmap {
+                    max_query: cfg.daemon.max_query_size as u32,
+                    max_reply: cfg.daemon.max_reply_size as u32,
+                },
+            )
+        })
         .collect();
     for (m, &id) in cfg.maps.iter().zip(ids) {
         if let Some(l) = &m.tcp_listen {
@@ -325,7 +333,7 @@ fn describe(listens: &[(Listen, Proto)], shared: &Shared) -> String {
     listens
         .iter()
         .map(|(l, p)| match p {
-            Proto::Socketmap => format!("socketmap {l}"),
+            Proto::Socketmap { .. } => format!("socketmap {l}"),
             Proto::TcpTable { map } => {
                 format!(
                     "tcp {l} (map {})",

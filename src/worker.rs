@@ -80,8 +80,14 @@ pub enum Msg {
 /// How a listener's clients speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
-    TcpTable { map: u16 },
-    Socketmap,
+    TcpTable {
+        map: u16,
+    },
+    /// Limits in bytes: a query's netstring payload, a reply's payload.
+    Socketmap {
+        max_query: u32,
+        max_reply: u32,
+    },
 }
 
 /// Counters shared by every worker (the metrics page reads them).
@@ -436,7 +442,7 @@ impl Worker {
                                 .map(map)
                                 .and_then(|m| m.allow_from.as_deref())
                                 .unwrap_or(&self.shared.cfg.daemon.allow_from),
-                            Proto::Socketmap => &self.shared.cfg.daemon.allow_from,
+                            Proto::Socketmap { .. } => &self.shared.cfg.daemon.allow_from,
                         };
                         if !crate::config::allowed(allow, ip) {
                             if let Some(n) = LOG_DENIED.check() {
@@ -512,7 +518,7 @@ impl Worker {
     fn read_limit(&self, proto: Proto) -> usize {
         match proto {
             Proto::TcpTable { .. } => self.max_line(),
-            Proto::Socketmap => netstring::DEFAULT_MAX_QUERY_BYTES + NETSTRING_OVERHEAD_BYTES,
+            Proto::Socketmap { max_query, .. } => max_query as usize + NETSTRING_OVERHEAD_BYTES,
         }
     }
 
@@ -627,9 +633,17 @@ impl Worker {
                         }
                     }
                 }
-                Proto::Socketmap => {
-                    match netstring::parse(&rbuf[pos..], netstring::DEFAULT_MAX_QUERY_BYTES) {
+                Proto::Socketmap { max_query, .. } => {
+                    match netstring::parse(&rbuf[pos..], max_query as usize) {
                         Ok(None) => break,
+                        Err(e @ netstring::NetstringError::TooLong { .. }) => {
+                            // Answer (the client can tell why), then close: the
+                            // rest of the query is never read.
+                            self.bad_request(sid, &format!("query too long: {e}"), false);
+                            self.bad_request_close(sid);
+                            pos = rbuf.len();
+                            break;
+                        }
                         Err(e) => {
                             self.bad_request(sid, &format!("malformed netstring: {e}"), true);
                             pos = rbuf.len();
@@ -692,13 +706,21 @@ impl Worker {
         };
         match s.proto {
             Proto::TcpTable { .. } => self.answer_now(sid, AnswerRef::Temp(why.as_bytes())),
-            Proto::Socketmap if !fatal => self.answer_now(sid, AnswerRef::Perm(why.as_bytes())),
-            Proto::Socketmap => {}
+            Proto::Socketmap { .. } if !fatal => {
+                self.answer_now(sid, AnswerRef::Perm(why.as_bytes()))
+            }
+            Proto::Socketmap { .. } => {}
         }
         if fatal {
             if let Some(s) = self.sessions.get_mut(sid) {
                 s.state = SessionState::Closing;
             }
+        }
+    }
+
+    fn bad_request_close(&mut self, sid: usize) {
+        if let Some(s) = self.sessions.get_mut(sid) {
+            s.state = SessionState::Closing;
         }
     }
 
@@ -974,8 +996,8 @@ fn encode_answer(proto: Proto, a: AnswerRef<'_>, out: &mut Vec<u8>, map_name: &s
             }
             AnswerRef::Temp(m) | AnswerRef::Perm(m) => tcp_table::encode_temp_error(m, out),
         },
-        Proto::Socketmap => {
-            let max = netstring::DEFAULT_MAX_REPLY_BYTES;
+        Proto::Socketmap { max_reply, .. } => {
+            let max = max_reply as usize;
             match a {
                 AnswerRef::Found(v) if !v.is_empty() => {
                     if let Err(e) = netstring::encode_ok(v, max, out) {
