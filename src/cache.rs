@@ -231,7 +231,7 @@ impl Cache {
             Some(e) if now_ms < e.stale_until_ms => Some(e.value.clone()),
             _ => None,
         };
-        if stale.is_some() {
+        if stale.is_some() && !waiters.is_empty() {
             self.stats.stale_answers.fetch_add(1, Ordering::Relaxed);
         }
         (waiters, stale)

@@ -849,6 +849,12 @@ impl Worker {
                 }
                 Outcome::Temp(msg) => {
                     let (w, stale) = cache.complete_err(&c.cache_key, now_ms);
+                    if w.is_empty() {
+                        // A background refresh failed: the entry keeps serving
+                        // until it expires; nobody waits for an answer.
+                        crate::debug!("map {map_name}: background refresh failed: {msg}");
+                        continue;
+                    }
                     match stale {
                         Some(v) => {
                             if let Some(n) = LOG_STALE.check() {

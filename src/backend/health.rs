@@ -71,13 +71,9 @@ impl Health {
     }
 
     /// A request succeeded. Returns the number of failures it ends (> 0: the
-    /// server just came back).
+    /// server just came back). The probe slot is its holder's to free.
     pub fn success(&self) -> u32 {
-        let was = self.failures.swap(0, Ordering::AcqRel);
-        if was > 0 {
-            self.probing.store(false, Ordering::Release);
-        }
-        was
+        self.failures.swap(0, Ordering::AcqRel)
     }
 
     /// A request failed at the transport level. Returns the rest imposed and
@@ -92,7 +88,6 @@ impl Health {
         let rest_ms = self.retry_interval_ms.saturating_mul(factor);
         self.rest_until_ms
             .store(now_ms.saturating_add(rest_ms), Ordering::Release);
-        self.probing.store(false, Ordering::Release);
         (Duration::from_millis(rest_ms), n == 1)
     }
 }
@@ -111,10 +106,13 @@ mod tests {
         assert!(h.try_probe());
         assert!(!h.try_probe());
         assert_eq!(h.failure(100), (Duration::from_millis(200), false));
+        assert!(!h.try_probe(), "only the holder frees the probe slot");
+        h.end_probe();
         assert_eq!(h.failure(300), (Duration::from_millis(400), false));
         assert_eq!(h.failure(700), (Duration::from_millis(400), false)); // capped at 4x
         assert!(h.try_probe());
         assert_eq!(h.success(), 4);
+        h.end_probe();
         assert_eq!(h.availability(0), Availability::Up);
         assert_eq!(h.success(), 0);
     }

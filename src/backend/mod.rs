@@ -147,6 +147,8 @@ enum Failure {
     Server(String),
     /// The server answered, but not with a result (e.g. 503): fail over, no rest.
     Answer(String),
+    /// The whole lookup's deadline passed first: not the server's fault.
+    Deadline,
 }
 
 /// Statistics of this worker's backend (summed by the metrics page).
@@ -338,14 +340,16 @@ impl Backend {
                 Availability::Resting => resting.push(s),
             }
         }
-        if !up.is_empty() {
-            return Some((up[fastrand::usize(..up.len())], false));
-        }
+        // A server whose rest is over is probed first (one lookup at a
+        // time), even while others are up: otherwise it would never return.
         fastrand::shuffle(&mut probe);
         for s in probe {
             if self.servers[s].shared.health.try_probe() {
                 return Some((s, true));
             }
+        }
+        if !up.is_empty() {
+            return Some((up[fastrand::usize(..up.len())], false));
         }
         if !any_up {
             fastrand::shuffle(&mut resting);
@@ -862,12 +866,15 @@ impl Backend {
             Failure::Server(why) => {
                 self.server_failed(server, &why);
                 if let Some(f) = f {
-                    if let Some(fetch) = self.fetch_mut(f) {
-                        if fetch.probing == Some(server) {
-                            fetch.probing = None; // failure() released the slot
-                        }
-                    }
+                    self.release_probe(f, server);
                     self.retry_elsewhere(f, format!("{url}: {why}"));
+                }
+            }
+            Failure::Deadline => {
+                // The lookup ran out of time; the server did not fail its own
+                // http_timeout, so it does not rest.
+                if let Some(f) = f {
+                    self.release_probe(f, server);
                 }
             }
             Failure::Answer(why) => {
@@ -880,11 +887,13 @@ impl Backend {
         }
     }
 
-    /// The server answered fetch `f`'s probe: its slot was released by `success()`.
+    /// Fetch `f`'s attempt on `server` ended: if it was the server's probe,
+    /// free the probe slot (only the probe's holder ever frees it).
     fn release_probe(&mut self, f: FetchRef, server: usize) {
         if let Some(fetch) = self.fetch_mut(f) {
             if fetch.probing == Some(server) {
                 fetch.probing = None;
+                self.servers[server].shared.health.end_probe();
             }
         }
     }
@@ -946,11 +955,13 @@ impl Backend {
             let Some(fetch) = self.fetch_mut(f) else {
                 continue;
             };
-            let conn = match fetch.stage {
+            let (conn, server_late) = match fetch.stage {
                 Stage::Active {
                     conn,
                     attempt_deadline,
-                } if now >= attempt_deadline || now >= fetch.deadline => conn,
+                } if now >= attempt_deadline || now >= fetch.deadline => {
+                    (conn, now >= attempt_deadline)
+                }
                 _ if now >= fetch.deadline => {
                     let msg = timeout_text(fetch);
                     self.finish(f, Outcome::Temp(msg));
@@ -959,6 +970,12 @@ impl Backend {
                 _ => continue,
             };
             if self.conns.get(conn).and_then(|c| c.fetch) != Some(f) {
+                continue;
+            }
+            if !server_late {
+                let msg = timeout_text(self.fetch_mut(f).expect("checked above"));
+                self.fail(registry, conn, Failure::Deadline, now);
+                self.finish(f, Outcome::Temp(msg));
                 continue;
             }
             let why = match self.conns[conn].state {

@@ -1,6 +1,7 @@
 //! Shared harness for the integration tests: a scriptable HTTP/1.1 backend
-//! (`TestServer`), the real `httpmapd` binary under test (`Daemon`), and
-//! clients for the Postfix side (`postmap_q`, `LineClient`).
+//! (`TestServer`), the real `httpmapd` binary under test (`Daemon`),
+//! clients for the Postfix side (`postmap_q`, `LineClient`), and a private
+//! real nginx serving dict_http (`Nginx`).
 //!
 //! Everything talks over real loopback sockets; nothing here knows the
 //! daemon's internals. Each `tests/*.rs` does `mod common;`; not every test
