@@ -11,7 +11,7 @@ mod common;
 use common::{free_port, Daemon, LineClient, Reply, TestServer};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, JoinHandle};
@@ -89,30 +89,11 @@ stale_ttl = "{}"
     )
 }
 
-/// Starts httpmapd for map `m` over `servers`; returns it and its tcp_table
-/// port. `free_port` is racy when tests run in parallel (another test may
-/// bind the port before the daemon does): on "Address already in use" it
-/// tries again with another port.
+/// Starts httpmapd for map `m` over `servers`; returns it and its tcp_table port.
 fn start(servers: &[String], s: &Setup) -> (Daemon, u16) {
-    let mut attempt = 0;
-    loop {
-        let port = free_port();
-        let cfg = config(port, servers, s);
-        match std::panic::catch_unwind(|| Daemon::start(&cfg, port)) {
-            Ok(d) => return (d, port),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| e.downcast_ref::<&str>().copied())
-                    .unwrap_or("");
-                attempt += 1;
-                if attempt >= 3 || !msg.contains("Address already in use") {
-                    std::panic::resume_unwind(e);
-                }
-            }
-        }
-    }
+    let port = free_port();
+    let d = Daemon::start(&config(port, servers, s), port);
+    (d, port)
 }
 
 /// The URL of a server on `port` (as it appears in the daemon's log lines).
@@ -120,43 +101,9 @@ fn url_of(port: u16) -> String {
     format!("http://127.0.0.1:{port}/m")
 }
 
-/// A loopback port bound but not listening: connections to it are refused,
-/// and no other test can take it while this lives.
-struct DeadPort {
-    _fd: OwnedFd,
-    port: u16,
-}
-
-impl DeadPort {
-    fn new() -> DeadPort {
-        // SAFETY: plain socket calls on a descriptor we own; the sockaddr
-        // structs are fully initialised and their sizes passed.
-        unsafe {
-            let raw = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
-            let fd = OwnedFd::from_raw_fd(raw);
-            let mut sa: libc::sockaddr_in = std::mem::zeroed();
-            sa.sin_family = libc::AF_INET as libc::sa_family_t;
-            sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-            sa.sin_port = 0;
-            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            let rc = libc::bind(raw, &sa as *const _ as *const libc::sockaddr, len);
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-            let mut out: libc::sockaddr_in = std::mem::zeroed();
-            let mut out_len = len;
-            let rc =
-                libc::getsockname(raw, &mut out as *mut _ as *mut libc::sockaddr, &mut out_len);
-            assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
-            DeadPort {
-                _fd: fd,
-                port: u16::from_be(out.sin_port),
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        url_of(self.port)
-    }
+/// A port nobody listens on: connections are refused.
+fn dead_url() -> String {
+    url_of(free_port())
 }
 
 fn good_server() -> TestServer {
@@ -400,8 +347,7 @@ fn healthy_servers_are_picked_at_random() {
 
 #[test]
 fn refused_server_rests_and_is_logged_down_once() {
-    let dead_port = DeadPort::new();
-    let dead = dead_port.url();
+    let dead = dead_url();
     let good = good_server();
     let (d, port) = start(&[dead.clone(), good.url("/m")], &Setup::default());
     let mut c = LineClient::connect(port);
@@ -533,7 +479,7 @@ fn connect_timeout_fails_over_and_rests() {
     drop(d);
 
     // Alone: a temporary error once connect_timeout is over.
-    let (_d, port) = start(std::slice::from_ref(&hole_url), &Setup::default());
+    let (_d, port) = start(&[hole_url.clone()], &Setup::default());
     let mut c = LineClient::connect(port);
     let (r, lat) = timed_get(&mut c, "k");
     assert_temp(&r, "unreachable server alone");
@@ -674,9 +620,46 @@ fn lookup_timeout_bounds_the_whole_lookup() {
 /// A server cut off by the lookup's own deadline has not failed its
 /// http_timeout: it must not be rested or logged down.
 #[test]
+fn lookup_deadline_does_not_count_against_the_last_server() {
+    let hang = TestServer::start(|_| Reply::NeverAnswer);
+    let slowish = TestServer::start(|_| Reply::found(b"v").delayed(Duration::from_millis(400)));
+    let setup = Setup {
+        lookup_timeout: "700ms",
+        ..Setup::default()
+    };
+    let (d, port) = start(&[hang.url("/m"), slowish.url("/m")], &setup);
+    let mut c = LineClient::connect(port);
+    // Until a lookup tries the hanging server first: 500 ms there, then the
+    // 400 ms server is cut off at 700 ms.
+    let mut n = 0;
+    while hang.requests() == 0 {
+        assert!(n < 40, "the hanging server was never picked");
+        let r = get(&mut c, &format!("k{n}"));
+        if hang.requests() == 0 {
+            assert_eq!(r, "200 v\n");
+        } else {
+            assert_temp(&r, "hanging server then cut off by lookup_timeout");
+        }
+        n += 1;
+    }
+    let log = d.stderr();
+    assert_eq!(
+        count_lines(&log, &["is down", &slowish.url("/m")]),
+        0,
+        "the 400 ms server answered within http_timeout whenever it had the time; log:\n{log}"
+    );
+    // And it still serves the next lookup (the hanging one rests).
+    assert_eq!(get(&mut c, "after"), "200 v\n");
+}
+
+// ---------------------------------------------------------------------------
+// Every server failing: rests, probes, recovery
+// ---------------------------------------------------------------------------
+
+#[test]
 fn all_servers_dead_answers_400_without_waiting() {
-    let (pa, pb) = (DeadPort::new(), DeadPort::new());
-    let (a, b) = (pa.url(), pb.url());
+    let a = dead_url();
+    let b = dead_url();
     let (d, port) = start(&[a.clone(), b.clone()], &Setup::default());
     let mut c = LineClient::connect(port);
     let (r, lat) = timed_get(&mut c, "k0");
@@ -742,6 +725,26 @@ fn only_one_probe_in_flight_when_every_server_rests() {
 /// down, failing later, must not free the probe slot of the probe in flight:
 /// a further lookup must get its temporary error at once, not probe again.
 #[test]
+fn a_late_failure_does_not_free_the_probe_slot() {
+    let hang = TestServer::start(|_| Reply::NeverAnswer);
+    let (_d, port) = start(&[hang.url("/m")], &Setup::default());
+    let t0 = Instant::now();
+    let at = |ms: u64, key: &'static str| {
+        thread::spawn(move || {
+            let mut c = LineClient::connect(port);
+            sleep_until(t0 + Duration::from_millis(ms));
+            timed_get(&mut c, key)
+        })
+    };
+    // a: on the server from 0 ms, fails at 500 ms (the server rests from then).
+    // b: on the server from 200 ms (still up then), fails at 700 ms.
+    // c: at 600 ms every server rests: c probes, until 1100 ms.
+    // d: at 850 ms c's probe is in flight: d gets a temporary error at once.
+    let a = at(0, "a");
+    let b = at(200, "b");
+    let c = at(600, "c");
+    let d = at(850, "d");
+    let results: Vec<(&str, (String, Duration))> = [("a", a), ("b", b), ("c", c), ("d", d)]
         .into_iter()
         .map(|(k, h)| (k, h.join().unwrap()))
         .collect();
@@ -809,6 +812,47 @@ fn recovery_after_restart_on_the_same_port() {
 
 /// After its rest a server is probed by one lookup even while another server
 /// of the map is healthy, and comes back into use.
+#[test]
+fn rested_server_is_probed_after_its_rest_while_others_are_up() {
+    let good = good_server();
+    let b_port = free_port();
+    let b_url = url_of(b_port);
+    let (d, port) = start(&[b_url.clone(), good.url("/m")], &Setup::default());
+    let mut c = LineClient::connect(port);
+    // Until a lookup has met the dead server (it is picked at random).
+    let mut n = 0;
+    while count_lines(&d.stderr(), &["is down", &b_url]) == 0 {
+        assert!(n < 60, "the dead server was never picked in 60 lookups");
+        assert_eq!(get(&mut c, &format!("a{n}")), "200 v\n");
+        n += 1;
+    }
+    let down_at = Instant::now();
+    let b = TestServer::start_on(&format!("127.0.0.1:{b_port}"), |_| Reply::found(b"v"))
+        .expect("bind the revived server");
+    sleep_until(down_at + RETRY_INTERVAL + Duration::from_millis(200));
+    for i in 0..40 {
+        assert_eq!(get(&mut c, &format!("b{i}")), "200 v\n");
+        if b.requests() > 0 && i >= 10 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    let log = d.stderr();
+    assert!(
+        b.requests() >= 1,
+        "the revived server was never probed after its {RETRY_INTERVAL:?} rest; log:\n{log}"
+    );
+    assert_eq!(
+        count_lines(&log, &["is up again", &b_url]),
+        1,
+        "log:\n{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The cache under failure: stale answers, refresh ahead, coalescing
+// ---------------------------------------------------------------------------
+
 #[test]
 fn stale_entries_answer_when_every_server_fails() {
     let server = TestServer::with_map(&[("known", "v")]);
