@@ -10,9 +10,9 @@
 //! state (it keeps every client connection). On SIGTERM or SIGINT: workers stop
 //! accepting, finish their lookups, flush, and the process exits 0.
 
-use crate::backend::{health::Health, MapServers, SharedServer};
+use crate::backend::{MapServers, SharedServer};
 use crate::cache::{Cache, Ttls};
-use crate::config::{Config, Listen, MapConfig, MAX_MAPS, MAX_RETRY_INTERVAL_FACTOR};
+use crate::config::{Config, Listen, MapConfig, MAX_MAPS};
 use crate::metrics::{self, header, label};
 use crate::net::{Bound, Listener};
 use crate::worker::{ListenerUpdate, Msg, Proto, Shared, Stats, Worker};
@@ -154,16 +154,14 @@ fn build_shared(
             .iter()
             .map(|s| {
                 let reuse = old
-                    .filter(|o| o.cfg.retry_interval == m.retry_interval)
+                    .filter(|o| {
+                        o.cfg.retry_interval == m.retry_interval
+                            && o.cfg.max_connections == m.max_connections
+                    })
                     .and_then(|o| o.servers.iter().find(|x| x.cfg == *s));
                 match reuse {
                     Some(x) => x.clone(),
-                    None => Arc::new(SharedServer {
-                        cfg: s.clone(),
-                        map_name: m.name.clone(),
-                        health: Health::new(m.retry_interval, MAX_RETRY_INTERVAL_FACTOR),
-                        counters: Default::default(),
-                    }),
+                    None => Arc::new(SharedServer::new(s.clone(), m)),
                 }
             })
             .collect();

@@ -189,6 +189,8 @@ struct Session {
     paused: bool,
     /// The client closed its side.
     eof: bool,
+    /// An event said the client closed its side: read until EOF.
+    drain_to_eof: bool,
 }
 
 pub struct Worker {
@@ -219,12 +221,7 @@ impl Worker {
         rx: Receiver<Msg>,
         listeners: Vec<(Listener, Proto, Listen)>,
     ) -> io::Result<Worker> {
-        let backend = Backend::new(
-            BACKEND_TOKEN_BASE,
-            &shared.maps,
-            shared.cfg.daemon.workers,
-            shared.cache.epoch(),
-        );
+        let backend = Backend::new(BACKEND_TOKEN_BASE, &shared.maps, shared.cache.epoch());
         let mut w = Worker {
             id,
             poll,
@@ -298,7 +295,7 @@ impl Worker {
                         b.event(registry, ev, now);
                     }
                 } else {
-                    self.session_event(t.0, now);
+                    self.session_event(t.0, ev.is_read_closed() || ev.is_error(), now);
                 }
                 self.handle_completions(now);
             }
@@ -394,12 +391,7 @@ impl Worker {
         }
         self.backend_gen = (self.backend_gen + 1) % 256;
         let base = BACKEND_TOKEN_BASE + self.backend_gen * backend_mod::TOKEN_SPAN;
-        let new = Backend::new(
-            base,
-            &shared.maps,
-            shared.cfg.daemon.workers,
-            shared.cache.epoch(),
-        );
+        let new = Backend::new(base, &shared.maps, shared.cache.epoch());
         let old_backend = std::mem::replace(&mut self.backend, new);
         if old_backend.in_flight() > 0 {
             self.old_backends.push(old_backend);
@@ -498,6 +490,7 @@ impl Worker {
             next_seq: 0,
             paused: false,
             eof: false,
+            drain_to_eof: false,
         });
         let c = &self.shared.stats.counters;
         c.connections_open.fetch_add(1, Ordering::Relaxed);
@@ -522,10 +515,14 @@ impl Worker {
         }
     }
 
-    fn session_event(&mut self, sid: usize, now: Instant) {
-        if !self.sessions.contains(sid) {
+    fn session_event(&mut self, sid: usize, read_closed: bool, now: Instant) {
+        let Some(s) = self.sessions.get_mut(sid) else {
             return;
-        }
+        };
+        // The client's FIN is queued behind its data: read to the end, or
+        // the short-read shortcut below would never see the EOF (no new
+        // edge comes for it).
+        s.drain_to_eof |= read_closed;
         if !self.flush(sid) {
             return;
         }
@@ -560,7 +557,7 @@ impl Worker {
                 Ok(n) => {
                     s.rbuf.extend_from_slice(&self.read_buf[..n]);
                     self.serve(sid, now);
-                    if n < space {
+                    if n < space && !self.sessions.get(sid).is_some_and(|s| s.drain_to_eof) {
                         break; // a short read drained the socket
                     }
                 }
@@ -997,9 +994,7 @@ fn encode_answer(proto: Proto, a: AnswerRef<'_>, out: &mut Vec<u8>, map_name: &s
                     );
                 }
             }
-            AnswerRef::Found(_) | AnswerRef::NotFound => {
-                tcp_table::encode_not_found(b"not found", out)
-            }
+            AnswerRef::Found(_) | AnswerRef::NotFound => tcp_table::encode_not_found(b"", out),
             AnswerRef::Temp(m) | AnswerRef::Perm(m) => tcp_table::encode_temp_error(m, out),
         },
         Proto::Socketmap { max_reply, .. } => {

@@ -25,8 +25,13 @@ use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How often a lookup queued for a server with no connection of this
+/// worker's checks whether another worker released one.
+const QUEUE_RECHECK: Duration = Duration::from_millis(5);
 
 /// Tokens one backend may use, from its base (its connections are slab indexes).
 pub const TOKEN_SPAN: usize = 1 << 32;
@@ -58,6 +63,38 @@ pub struct SharedServer {
     pub map_name: String,
     pub health: Health,
     pub counters: ServerCounters,
+    /// Connections open to this server, all workers together.
+    pub open: AtomicUsize,
+    /// `max_connections`: the bound on `open`.
+    pub max_open: usize,
+}
+
+impl SharedServer {
+    pub fn new(cfg: ServerConfig, map: &MapConfig) -> SharedServer {
+        SharedServer {
+            cfg,
+            map_name: map.name.clone(),
+            health: Health::new(map.retry_interval, crate::config::MAX_RETRY_INTERVAL_FACTOR),
+            counters: ServerCounters::default(),
+            open: AtomicUsize::new(0),
+            max_open: map.max_connections,
+        }
+    }
+
+    /// Reserves a connection slot; false when `max_connections` are open.
+    fn try_reserve(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_open).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
 }
 
 /// A map as the backend needs it: its config and its servers' shared state.
@@ -76,8 +113,8 @@ struct ServerRt {
     shared: Arc<SharedServer>,
     map: u16,
     idle: Vec<usize>,
+    /// This worker's connections to the server (the limit is daemon-wide: `shared.open`).
     open: usize,
-    max_open: usize,
     queue: VecDeque<FetchRef>,
     max_queue: usize,
 }
@@ -177,15 +214,9 @@ pub struct Backend {
 
 impl Backend {
     /// `token_base`: this backend's connections use tokens from here up.
-    /// `workers` divides each server's `max_connections` among the workers.
     /// `maps` is indexed by map id; `None` is a removed map's slot (no
     /// servers; the worker refuses its lookups before they get here).
-    pub fn new(
-        token_base: usize,
-        maps: &[Option<MapServers>],
-        workers: usize,
-        epoch: Instant,
-    ) -> Backend {
+    pub fn new(token_base: usize, maps: &[Option<MapServers>], epoch: Instant) -> Backend {
         let mut b = Backend {
             token_base,
             maps: Vec::new(),
@@ -219,7 +250,6 @@ impl Backend {
                     map: i as u16,
                     idle: Vec::new(),
                     open: 0,
-                    max_open: m.cfg.max_connections.div_ceil(workers.max(1)).max(1),
                     queue: VecDeque::new(),
                     max_queue: m.cfg.max_queue,
                 });
@@ -425,22 +455,36 @@ impl Backend {
                 return;
             }
         }
-        let srv = &mut self.servers[server];
-        if srv.open < srv.max_open || fresh {
+        let shared = &self.servers[server].shared;
+        if fresh {
+            // The retry of a pooled connection the server had closed: its
+            // slot was just released, take it back.
+            shared.open.fetch_add(1, Ordering::AcqRel);
             self.connect(registry, f, server, now);
             return;
         }
+        if shared.try_reserve() {
+            self.connect(registry, f, server, now);
+            return;
+        }
+        let srv = &mut self.servers[server];
         if srv.queue.len() < srv.max_queue {
             srv.queue.push_back(f);
+            let recheck = srv.open == 0;
             if let Some(fetch) = self.fetch_mut(f) {
                 fetch.stage = Stage::Queued { server };
+                if recheck {
+                    // No connection of ours will free up: look again soon.
+                    let gen = fetch.gen;
+                    self.timers.push(Reverse((now + QUEUE_RECHECK, f.idx, gen)));
+                }
             }
             return;
         }
         let msg = format!(
             "{}: all {} connections busy and {} lookups waiting",
             self.servers[server].shared.cfg.url,
-            self.servers[server].max_open,
+            self.servers[server].shared.max_open,
             self.servers[server].max_queue
         );
         if let Some(fetch) = self.fetch_mut(f) {
@@ -456,6 +500,7 @@ impl Backend {
         let mut stream = match TcpStream::connect(addr) {
             Ok(s) => s,
             Err(e) => {
+                self.servers[server].shared.release();
                 self.server_failed(server, &format!("connect: {e}"));
                 self.retry_elsewhere(
                     f,
@@ -471,6 +516,7 @@ impl Backend {
             registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
         {
             crate::error!("cannot register a server connection: {e}");
+            self.servers[server].shared.release();
             self.retry_elsewhere(f, format!("internal error: {e}"));
             return;
         }
@@ -920,6 +966,7 @@ impl Backend {
         let _ = registry.deregister(&mut c.stream);
         let srv = &mut self.servers[c.server];
         srv.open = srv.open.saturating_sub(1);
+        srv.shared.release();
         if let Some(p) = srv.idle.iter().position(|&i| i == idx) {
             srv.idle.swap_remove(p);
         }
@@ -965,6 +1012,16 @@ impl Backend {
                 _ if now >= fetch.deadline => {
                     let msg = timeout_text(fetch);
                     self.finish(f, Outcome::Temp(msg));
+                    continue;
+                }
+                Stage::Queued { server } => {
+                    let gen = fetch.gen;
+                    if self.servers[server].shared.try_reserve() {
+                        self.servers[server].queue.retain(|q| *q != f);
+                        self.connect(registry, f, server, now);
+                    } else if self.servers[server].open == 0 {
+                        self.timers.push(Reverse((now + QUEUE_RECHECK, f.idx, gen)));
+                    }
                     continue;
                 }
                 _ => continue,

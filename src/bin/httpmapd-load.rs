@@ -632,6 +632,8 @@ struct Loop<'a> {
     last: Option<Instant>,
     miss_serial: u64,
     issuing: bool,
+    /// Last answer or connect (count mode stops after `timeout` without either).
+    progress: Instant,
 }
 
 impl<'a> Loop<'a> {
@@ -805,6 +807,7 @@ impl<'a> Loop<'a> {
                 Ok(None) => break,
                 Ok(Some((n, o))) => {
                     pos += n;
+                    self.progress = now;
                     let Some(sent) = c.inflight.pop_front() else {
                         self.counts.protocol_errors += 1;
                         self.close(i);
@@ -944,6 +947,7 @@ fn run_thread(plan: &Plan, nconns: usize, seed: u64) -> ThreadResult {
         last: None,
         miss_serial: 0,
         issuing: false,
+        progress: Instant::now(),
     };
     let mut events = Events::with_capacity(1024);
     // Connect everything first (bounded: 30 s at most).
@@ -965,6 +969,7 @@ fn run_thread(plan: &Plan, nconns: usize, seed: u64) -> ThreadResult {
                 let drained = l.conns.iter().all(|c| c.inflight.is_empty());
                 (now >= l.record_from && b.load(Ordering::Relaxed) <= 0 && drained)
                     || (!l.issuing && drained)
+                    || now.duration_since(l.progress.max(l.record_from)) > o.timeout
             });
         }
         None => {

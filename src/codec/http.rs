@@ -130,12 +130,14 @@ pub fn write_get(
 }
 
 /// Percent-encodes a key for use inside a URL path or query (`{key}`
-/// substitution): unreserved bytes (ALPHA DIGIT `-` `.` `_` `~`) and `@` and
-/// `+` are kept, everything else becomes `%XX` with upper-case hex.
+/// substitution): unreserved bytes (ALPHA DIGIT `-` `.` `_` `~`) and `@` are
+/// kept, everything else becomes `%XX` with upper-case hex. `+` is encoded
+/// (`%2B`): query-string parsers read a raw `+` as a space, and `user+ext@`
+/// keys are common in mail.
 pub fn percent_encode_into(key: &[u8], out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in key {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@' | b'+') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@') {
             out.push(b);
         } else {
             out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
@@ -1355,7 +1357,7 @@ mod tests {
     fn percent_encode_table() {
         let cases: &[(&[u8], &str)] = &[
             (b"", ""),
-            (b"user+tag@example.com", "user+tag@example.com"),
+            (b"user+tag@example.com", "user%2Btag@example.com"),
             (b"AZaz09-._~", "AZaz09-._~"),
             (b"a b/c?d&e=f%", "a%20b%2Fc%3Fd%26e%3Df%25"),
             ("\u{e9}".as_bytes(), "%C3%A9"),

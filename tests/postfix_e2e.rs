@@ -1,0 +1,1109 @@
+//! End-to-end test with a real Postfix (issue 6, item 5).
+//!
+//! A private Postfix instance (its own config, queue and data directories in
+//! a temp dir; /etc/postfix and the system instance are left alone) asks
+//! httpmapd for its virtual aliases (`virtual_alias_maps = tcp:...`), its
+//! recipient access checks (`check_recipient_access tcp:...`) and, in qmgr
+//! only, its transports (`transport_maps = tcp:...` on a second
+//! trivial-rewrite service), and delivers every message to a tiny SMTP sink
+//! written here. httpmapd answers from one scriptable HTTP server (the
+//! "directory"). The test talks SMTP to Postfix itself and checks:
+//!
+//! 1. an alias is accepted and arrives at the sink rewritten;
+//! 2. an unknown address in the virtual alias domain gets a 5xx, and so does
+//!    an address the access map REJECTs; an address the access map HOLDs is
+//!    accepted and kept on hold;
+//! 3. with the directory down: every RCPT (or end of DATA) gets a 4xx, never
+//!    a 5xx; the held message, released, is deferred in the queue ("address
+//!    resolver failure"), neither delivered nor bounced;
+//! 4. with the directory back on the same port: `postqueue -f` delivers the
+//!    deferred message, and the messages refused with a 4xx in step 3 are
+//!    sent again (as an SMTP client does after a 4xx) and delivered,
+//!    rewritten. Nothing is ever bounced.
+//!
+//! What Debian's Postfix 3.7 needs for a private instance (run as root): a
+//! config directory with main.cf and master.cf, a root-owned queue directory
+//! created beforehand (postfix-script does `cd $queue_directory` before it
+//! creates the queue's subdirectories), and `MAIL_CONFIG` (or `-c`) on every
+//! command. `alternate_config_directories` in the default main.cf is only
+//! checked for set-gid commands run by non-root users, so nothing is written
+//! outside the temp dir, and the test works with or without
+//! /etc/postfix/main.cf. `maillog_file` needs the `postlog` service and its
+//! directory listed in `maillog_file_prefixes`.
+
+mod common;
+
+use common::{free_port, unique_temp_dir, Daemon, LineClient, Reply, Request, TestServer};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// The envelope sender of every test message.
+const SENDER: &str = "sender@client.test";
+
+/// How long a message may take to reach the sink.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------
+// The directory: the HTTP server behind httpmapd
+// ---------------------------------------------------------------------------
+
+/// virtual_alias_maps: alias → real address.
+const VIRTUAL: &[(&str, &str)] = &[
+    ("alias@example.com", "real@dest.test"),
+    ("alias2@example.com", "real2@dest.test"),
+    ("alias3@example.com", "real3@dest.test"),
+    ("held@example.com", "real-held@dest.test"),
+];
+
+/// The dict_http handler for the three maps (told apart by URL path):
+/// `/virtual` from [`VIRTUAL`]; `/access` REJECTs blocked@example.com and
+/// HOLDs held@example.com; `/transport` sends `*@dest.test` to the sink.
+fn directory(sink_port: u16) -> impl Fn(&Request) -> Reply + Send + Sync + Clone + 'static {
+    move |req: &Request| {
+        let key = req.key_str();
+        let value = if req.path.starts_with("/virtual") {
+            VIRTUAL
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        } else if req.path.starts_with("/access") {
+            match key.as_str() {
+                "blocked@example.com" => Some("REJECT blocked by the directory".to_string()),
+                "held@example.com" => Some("HOLD held by the directory".to_string()),
+                _ => None,
+            }
+        } else if req.path.starts_with("/transport") {
+            key.ends_with("@dest.test")
+                .then(|| format!("smtp:[127.0.0.1]:{sink_port}"))
+        } else {
+            None
+        };
+        match value {
+            Some(v) => Reply::found(v.as_bytes()),
+            None => Reply::not_found(),
+        }
+    }
+}
+
+/// httpmapd's configuration: three tcp_table maps on one HTTP server, the
+/// cache off (every lookup reaches the server, so an outage shows at once and
+/// no stale answer hides it), short timeouts and a short rest for a failed
+/// server.
+fn httpmapd_config(http_port: u16, ports: &MapPorts) -> String {
+    let mut out = String::from("[daemon]\nworkers = 2\nlog_level = \"debug\"\n");
+    for (name, port) in [
+        ("virtual", ports.virtual_),
+        ("access", ports.access),
+        ("transport", ports.transport),
+    ] {
+        out.push_str(&format!(
+            r#"
+[maps.{name}]
+tcp_listen = "127.0.0.1:{port}"
+servers = ["http://127.0.0.1:{http_port}/{name}"]
+connect_timeout = "300ms"
+http_timeout = "1s"
+lookup_timeout = "2s"
+max_attempts = 2
+retry_interval = "500ms"
+ttl = "0s"
+negative_ttl = "0s"
+stale_ttl = "0s"
+"#
+        ));
+    }
+    out
+}
+
+struct MapPorts {
+    virtual_: u16,
+    access: u16,
+    transport: u16,
+}
+
+// ---------------------------------------------------------------------------
+// The SMTP sink Postfix delivers to
+// ---------------------------------------------------------------------------
+
+/// One message the sink received.
+#[derive(Clone, Debug)]
+struct SinkMessage {
+    from: String,
+    rcpts: Vec<String>,
+    data: String,
+}
+
+/// A minimal SMTP server on 127.0.0.1 (220/250/354/221, no extensions) that
+/// records every message. Dropping it stops it and closes its connections.
+struct Sink {
+    port: u16,
+    messages: Arc<Mutex<Vec<SinkMessage>>>,
+    stop: Arc<AtomicBool>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the SMTP sink");
+        let port = listener.local_addr().unwrap().port();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let streams = Arc::new(Mutex::new(Vec::<TcpStream>::new()));
+        let (m, s, st) = (messages.clone(), stop.clone(), streams.clone());
+        let accept = thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                if let Ok(clone) = stream.try_clone() {
+                    st.lock().unwrap().push(clone);
+                }
+                let m = m.clone();
+                thread::spawn(move || {
+                    let _ = sink_session(stream, &m);
+                });
+            }
+        });
+        Sink {
+            port,
+            messages,
+            stop,
+            streams,
+            accept: Some(accept),
+        }
+    }
+
+    fn messages(&self) -> Vec<SinkMessage> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// The first message whose data contains `token`, waiting up to `timeout`.
+    fn wait_for(&self, token: &str, timeout: Duration) -> Option<SinkMessage> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.find(token) {
+                return Some(m);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn find(&self, token: &str) -> Option<SinkMessage> {
+        self.messages().into_iter().find(|m| m.data.contains(token))
+    }
+
+    /// Messages that look like bounces: the null sender, or sent to our sender.
+    fn bounces(&self) -> Vec<SinkMessage> {
+        self.messages()
+            .into_iter()
+            .filter(|m| m.from.is_empty() || m.rcpts.iter().any(|r| r == SENDER))
+            .collect()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ =
+            TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The address inside `<...>` (or the first word) of a MAIL/RCPT argument.
+fn angle_addr(arg: &str) -> String {
+    let arg = arg.trim();
+    match (arg.find('<'), arg.find('>')) {
+        (Some(a), Some(b)) if a < b => arg[a + 1..b].to_string(),
+        _ => arg.split_whitespace().next().unwrap_or("").to_string(),
+    }
+}
+
+fn sink_session(stream: TcpStream, messages: &Mutex<Vec<SinkMessage>>) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut w = stream.try_clone()?;
+    let mut r = BufReader::new(stream);
+    let read_line = |r: &mut BufReader<TcpStream>| -> io::Result<Option<String>> {
+        let mut buf = Vec::new();
+        if r.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(None);
+        }
+        Ok(Some(
+            String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ))
+    };
+    w.write_all(b"220 sink.test ESMTP test sink\r\n")?;
+    let mut from: Option<String> = None;
+    let mut rcpts: Vec<String> = Vec::new();
+    while let Some(line) = read_line(&mut r)? {
+        let upper = line.to_ascii_uppercase();
+        let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+            b"250 sink.test\r\n"
+        } else if upper.starts_with("MAIL FROM:") {
+            from = Some(angle_addr(&line[10..]));
+            rcpts.clear();
+            b"250 2.1.0 Ok\r\n"
+        } else if upper.starts_with("RCPT TO:") {
+            rcpts.push(angle_addr(&line[8..]));
+            b"250 2.1.5 Ok\r\n"
+        } else if upper == "DATA" {
+            w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")?;
+            let mut data = String::new();
+            loop {
+                let Some(l) = read_line(&mut r)? else {
+                    return Ok(());
+                };
+                if l == "." {
+                    break;
+                }
+                data.push_str(l.strip_prefix('.').unwrap_or(&l));
+                data.push('\n');
+            }
+            messages.lock().unwrap().push(SinkMessage {
+                from: from.take().unwrap_or_default(),
+                rcpts: std::mem::take(&mut rcpts),
+                data,
+            });
+            b"250 2.0.0 Ok: stored\r\n"
+        } else if upper == "RSET" {
+            from = None;
+            rcpts.clear();
+            b"250 2.0.0 Ok\r\n"
+        } else if upper == "NOOP" {
+            b"250 2.0.0 Ok\r\n"
+        } else if upper == "QUIT" {
+            w.write_all(b"221 2.0.0 Bye\r\n")?;
+            return Ok(());
+        } else {
+            b"502 5.5.2 Command not recognized\r\n"
+        };
+        w.write_all(reply)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// An SMTP client for talking to Postfix's smtpd
+// ---------------------------------------------------------------------------
+
+struct SmtpClient {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl SmtpClient {
+    fn connect(port: u16) -> SmtpClient {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("connect to smtpd on 127.0.0.1:{port}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let w = stream.try_clone().unwrap();
+        let mut c = SmtpClient {
+            r: BufReader::new(stream),
+            w,
+        };
+        let (code, text) = c.reply();
+        assert_eq!(code, 220, "smtpd greeting: {text}");
+        c
+    }
+
+    /// One (possibly multi-line) reply: its code and its text.
+    fn reply(&mut self) -> (u16, String) {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self
+                .r
+                .read_line(&mut line)
+                .unwrap_or_else(|e| panic!("reading an SMTP reply: {e} (have {text:?})"));
+            assert!(n > 0, "smtpd closed the connection (have {text:?})");
+            let line = line.trim_end().to_string();
+            text.push_str(&line);
+            let code: u16 = line
+                .get(..3)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("malformed SMTP reply line {line:?}"));
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return (code, text);
+            }
+            text.push('\n');
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> (u16, String) {
+        self.w
+            .write_all(format!("{line}\r\n").as_bytes())
+            .expect("send SMTP command");
+        self.reply()
+    }
+
+    fn quit(mut self) {
+        let _ = self.w.write_all(b"QUIT\r\n");
+        let _ = self.w.shutdown(Shutdown::Write);
+    }
+}
+
+/// What smtpd did with one message.
+#[derive(Debug)]
+enum Outcome {
+    /// RCPT TO got this reply (not 250): the message was not sent.
+    RcptRefused(u16, String),
+    /// RCPT TO was accepted, the end of DATA got this reply (not 250).
+    DataRefused(u16, String),
+    /// Accepted; the queue id from "250 2.0.0 Ok: queued as ID".
+    Queued(String),
+}
+
+impl Outcome {
+    fn code(&self) -> u16 {
+        match self {
+            Outcome::RcptRefused(c, _) | Outcome::DataRefused(c, _) => *c,
+            Outcome::Queued(_) => 250,
+        }
+    }
+}
+
+/// Sends one message from [`SENDER`] to `rcpt` through smtpd on `port`; the
+/// message carries `token` in its Subject and body.
+fn send_mail(port: u16, rcpt: &str, token: &str) -> Outcome {
+    let mut c = SmtpClient::connect(port);
+    let (code, text) = c.cmd("EHLO client.test");
+    assert_eq!(code, 250, "EHLO: {text}");
+    let (code, text) = c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+    assert_eq!(code, 250, "MAIL FROM: {text}");
+    let (code, text) = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+    if code != 250 {
+        c.quit();
+        return Outcome::RcptRefused(code, text);
+    }
+    let (code, text) = c.cmd("DATA");
+    assert_eq!(code, 354, "DATA: {text}");
+    let message = format!(
+        "From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: e2e {token}\r\n\
+         Message-ID: <{token}@client.test>\r\n\r\nThis is message {token}.\r\n."
+    );
+    let (code, text) = c.cmd(&message);
+    c.quit();
+    if code != 250 {
+        return Outcome::DataRefused(code, text);
+    }
+    let id = text
+        .rsplit("queued as ")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    assert!(!id.is_empty(), "no queue id in {text:?}");
+    Outcome::Queued(id)
+}
+
+// ---------------------------------------------------------------------------
+// The private Postfix instance
+// ---------------------------------------------------------------------------
+
+/// A Postfix program: /usr/sbin first, then PATH.
+fn postfix_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::iter::once(PathBuf::from("/usr/sbin"))
+        .chain(std::env::split_paths(&path))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Writes `text` to `path`, dated an hour back: Postfix waits for a config
+/// file modified in the last second or so to settle before it reads it.
+fn write_old_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600)))
+        .unwrap_or_else(|e| panic!("date {}: {e}", path.display()));
+}
+
+/// Ports of the instance's smtpd listeners.
+#[derive(Clone, Copy)]
+struct SmtpPorts {
+    /// Access checks (httpmapd), reject_unauth_destination, and the implicit
+    /// reject_unlisted_recipient (a virtual alias lookup at RCPT time).
+    main: u16,
+    /// No access check: only the virtual alias lookup at RCPT time.
+    plain: u16,
+    /// No lookup at RCPT time at all (smtpd_reject_unlisted_recipient = no):
+    /// the virtual alias lookup happens in cleanup, during DATA.
+    late: u16,
+}
+
+fn main_cf(dir: &Path, maps: &MapPorts, sink_port: u16) -> String {
+    let d = dir.display();
+    format!(
+        r#"# Written by tests/postfix_e2e.rs: a private instance, nothing shared.
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = e2e.test
+mydomain = e2e.test
+myorigin = e2e.test
+mydestination =
+mynetworks = 127.0.0.0/8
+relay_domains =
+local_recipient_maps =
+alias_maps =
+alias_database =
+biff = no
+append_dot_mydomain = no
+smtputf8_enable = no
+notify_classes =
+smtpd_banner = $myhostname ESMTP
+virtual_alias_domains = example.com
+virtual_alias_maps = tcp:127.0.0.1:{virtual}
+smtpd_recipient_restrictions = check_recipient_access tcp:127.0.0.1:{access}, reject_unauth_destination
+relayhost = [127.0.0.1]:{sink_port}
+default_transport = smtp
+smtp_host_lookup = native
+smtp_dns_support_level = disabled
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+smtp_connection_cache_on_demand = no
+smtp_connect_timeout = 5s
+smtp_helo_timeout = 10s
+smtp_mail_timeout = 10s
+smtp_rcpt_timeout = 10s
+smtp_data_init_timeout = 10s
+smtp_data_xfer_timeout = 10s
+smtp_data_done_timeout = 10s
+smtp_quit_timeout = 5s
+smtpd_timeout = 30s
+smtpd_error_sleep_time = 0
+smtpd_soft_error_limit = 100
+smtpd_hard_error_limit = 100
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+"#,
+        virtual = maps.virtual_,
+        access = maps.access,
+    )
+}
+
+fn master_cf(smtp: SmtpPorts, maps: &MapPorts) -> String {
+    format!(
+        r#"# Written by tests/postfix_e2e.rs. chroot (5th column) is n everywhere.
+# service type  private unpriv  chroot  wakeup  maxproc command + args
+127.0.0.1:{main} inet n - n - - smtpd
+127.0.0.1:{plain} inet n - n - - smtpd
+  -o smtpd_recipient_restrictions=reject_unauth_destination
+127.0.0.1:{late} inet n - n - - smtpd
+  -o smtpd_recipient_restrictions=reject_unauth_destination
+  -o smtpd_reject_unlisted_recipient=no
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+  -o rewrite_service_name=rewrite-qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+rewrite-qmgr unix -     -       n       -       -       trivial-rewrite
+  -o transport_maps=tcp:127.0.0.1:{transport}
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"#,
+        main = smtp.main,
+        plain = smtp.plain,
+        late = smtp.late,
+        transport = maps.transport,
+    )
+}
+
+/// A running private Postfix instance. Dropping it stops it (`postfix stop`,
+/// then SIGKILL by pid for any process of this instance still alive) and
+/// removes its directory; when the test is panicking it prints the mail log
+/// and the queue first.
+struct Postfix {
+    dir: PathBuf,
+    conf: PathBuf,
+    smtp: SmtpPorts,
+}
+
+/// Output of one Postfix command.
+struct CmdOutput {
+    ok: bool,
+    text: String,
+}
+
+impl Postfix {
+    /// Starts an instance in a fresh temp dir. Tries three times with fresh
+    /// smtpd ports (a "free" port can be taken before master binds it).
+    fn start(maps: &MapPorts, sink_port: u16) -> Postfix {
+        let mut failures = String::new();
+        for _ in 0..3 {
+            let dir = unique_temp_dir("httpmapd-postfix");
+            let conf = dir.join("conf");
+            std::fs::create_dir_all(&conf).expect("create conf dir");
+            // postfix-script does `cd $queue_directory` before creating the
+            // queue's subdirectories itself (owned by postfix): the queue
+            // directory must exist, owned by root and not group/other writable.
+            std::fs::create_dir_all(dir.join("queue")).expect("create queue dir");
+            let smtp = SmtpPorts {
+                main: free_port(),
+                plain: free_port(),
+                late: free_port(),
+            };
+            write_old_file(&conf.join("main.cf"), &main_cf(&dir, maps, sink_port));
+            write_old_file(&conf.join("master.cf"), &master_cf(smtp, maps));
+            let pf = Postfix { dir, conf, smtp };
+            let out = pf.run("postfix", &["start"]);
+            if out.ok && pf.wait_smtpd() {
+                return pf;
+            }
+            failures.push_str(&format!(
+                "---- postfix start: ok={} ----\n{}\n---- maillog ----\n{}\n",
+                out.ok,
+                out.text,
+                pf.maillog()
+            ));
+            drop(pf);
+        }
+        panic!("the private Postfix did not start:\n{failures}");
+    }
+
+    /// Whether every smtpd listener greets with 220 (within 10 s).
+    fn wait_smtpd(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for port in [self.smtp.main, self.smtp.plain, self.smtp.late] {
+            loop {
+                let ok = TcpStream::connect(("127.0.0.1", port))
+                    .and_then(|s| {
+                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        let mut line = String::new();
+                        BufReader::new(&s).read_line(&mut line)?;
+                        let _ = (&s).write_all(b"QUIT\r\n");
+                        Ok(line.starts_with("220 "))
+                    })
+                    .unwrap_or(false);
+                if ok {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        true
+    }
+
+    /// Runs a Postfix program with `MAIL_CONFIG` set to this instance (and
+    /// `-c` for `postfix` itself), stdout and stderr to files (so a daemon
+    /// that keeps them open cannot block us); kills it after 30 s.
+    fn run(&self, program: &str, args: &[&str]) -> CmdOutput {
+        let exe = postfix_program(program)
+            .unwrap_or_else(|| panic!("{program} not found (the postfix package has it)"));
+        let out_path = self.dir.join(format!("{program}.out"));
+        let out = std::fs::File::create(&out_path).expect("create command output file");
+        let mut cmd = Command::new(&exe);
+        if program == "postfix" {
+            cmd.arg("-c").arg(&self.conf);
+        }
+        let path = format!(
+            "/usr/sbin:/usr/bin:/sbin:/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut child = cmd
+            .args(args)
+            .env("MAIL_CONFIG", &self.conf)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", exe.display()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let mut text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if status.is_none() {
+            text.push_str("\n(killed after 30 s)");
+        }
+        CmdOutput {
+            ok: status.is_some_and(|s| s.success()),
+            text,
+        }
+    }
+
+    /// `postqueue -p`.
+    fn queue(&self) -> String {
+        let out = self.run("postqueue", &["-p"]);
+        assert!(out.ok, "postqueue -p failed:\n{}", out.text);
+        out.text
+    }
+
+    /// `postqueue -f`: deliver everything in the queue now.
+    fn flush(&self) {
+        let out = self.run("postqueue", &["-f"]);
+        assert!(out.ok, "postqueue -f failed:\n{}", out.text);
+    }
+
+    fn maillog(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for a mail log line containing every one of `parts`.
+    fn wait_log(&self, parts: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .maillog()
+                .lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return Some(line.to_string());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `timeout` until `postqueue -p` output satisfies `pred`.
+    fn wait_queue(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let q = self.queue();
+            if pred(&q) || Instant::now() >= deadline {
+                return q;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The master's pid, from the queue's pid file.
+    fn master_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("queue/pid/master.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Pids of live (not zombie) processes of this instance: those whose
+    /// environment has our MAIL_CONFIG (master passes it to every daemon).
+    fn instance_pids(&self) -> Vec<i32> {
+        let mut needle = b"MAIL_CONFIG=".to_vec();
+        needle.extend_from_slice(self.conf.as_os_str().as_encoded_bytes());
+        let me = std::process::id() as i32;
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != me)
+            .filter(|&pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                !state.starts_with('Z') && !state.is_empty()
+            })
+            .filter(|&pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .map(|env| env.split(|&b| b == 0).any(|var| var == needle.as_slice()))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "---- Postfix maillog ({}) ----\n{}---- end ----",
+                self.dir.display(),
+                self.maillog()
+            );
+            if self.master_pid().is_some() {
+                let q = self.run("postqueue", &["-p"]);
+                eprintln!("---- postqueue -p ----\n{}\n---- end ----", q.text);
+            }
+        }
+        if self.master_pid().is_some() {
+            let out = self.run("postfix", &["stop"]);
+            if !out.ok {
+                eprintln!("postfix stop: {}", out.text);
+            }
+        }
+        // Whatever is left of this instance (normally nothing): kill by pid.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.instance_pids();
+            if pids.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for pid in pids {
+                    eprintln!("killing leftover Postfix process {pid}");
+                    // SAFETY: kill(2) has no memory effects.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+                thread::sleep(Duration::from_millis(200));
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the steps
+// ---------------------------------------------------------------------------
+
+/// Asserts that the message with `token` reached the sink, from [`SENDER`]
+/// to exactly `rcpt`, within [`DELIVERY_TIMEOUT`].
+fn assert_delivered(sink: &Sink, token: &str, rcpt: &str) -> SinkMessage {
+    let Some(m) = sink.wait_for(token, DELIVERY_TIMEOUT) else {
+        panic!(
+            "message {token} did not reach the sink within {DELIVERY_TIMEOUT:?}; the sink has {:#?}",
+            sink.messages()
+        );
+    };
+    assert_eq!(m.from, SENDER, "MAIL FROM of {token}");
+    assert_eq!(m.rcpts, vec![rcpt.to_string()], "RCPT TO of {token}");
+    m
+}
+
+/// No bounce so far: none at the sink, none in the mail log.
+fn assert_no_bounce(sink: &Sink, pf: &Postfix) {
+    let bounces = sink.bounces();
+    assert!(bounces.is_empty(), "bounces reached the sink: {bounces:#?}");
+    let log = pf.maillog();
+    let bounced: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("status=bounced") || l.contains("non-delivery notification"))
+        .collect();
+    assert!(
+        bounced.is_empty(),
+        "the mail log shows bounces: {bounced:#?}"
+    );
+}
+
+/// Waits until httpmapd answers `get KEY` on `port` with `200 EXPECTED`
+/// (after an outage the server rests up to 8 × retry_interval).
+fn wait_found(port: u16, key: &str, expected: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    let want = format!("200 {expected}\n");
+    loop {
+        let mut c = LineClient::connect(port);
+        let reply = c.query(format!("get {key}\n").as_bytes());
+        if reply == want.as_bytes() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "httpmapd still answers {:?} for {key} after {timeout:?}",
+            String::from_utf8_lossy(&reply)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------
+
+#[test]
+fn postfix_delivers_through_httpmapd_and_defers_while_the_directory_is_down() {
+    if postfix_program("postfix").is_none() || postfix_program("postqueue").is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("postfix not installed, but CI is set (apt-get install -y postfix)");
+        }
+        eprintln!("SKIPPED: postfix not installed");
+        return;
+    }
+    // SAFETY: geteuid(2) has no memory effects.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var_os("CI").is_some() {
+            panic!("the Postfix end-to-end test must run as root (postfix start), but CI is set");
+        }
+        eprintln!("SKIPPED: the Postfix end-to-end test needs root (postfix start)");
+        return;
+    }
+    let t0 = Instant::now();
+
+    // Setup: sink, directory, httpmapd, Postfix (dropped in reverse order:
+    // Postfix stops first).
+    let sink = Sink::start();
+    let handler = directory(sink.port);
+    let server = TestServer::start(handler.clone());
+    let http_addr = server.addr().to_string();
+    let maps = MapPorts {
+        virtual_: free_port(),
+        access: free_port(),
+        transport: free_port(),
+    };
+    let daemon = Daemon::start(&httpmapd_config(server.port(), &maps), maps.transport);
+    for port in [maps.virtual_, maps.access] {
+        drop(LineClient::connect(port));
+    }
+    let pf = Postfix::start(&maps, sink.port);
+    let smtp = pf.smtp;
+    eprintln!(
+        "setup ({:?}): postfix in {} (smtpd on {}, {}, {}), httpmapd tcp maps on {}, {}, {}, \
+         directory on {http_addr}, sink on {}",
+        t0.elapsed(),
+        pf.dir.display(),
+        smtp.main,
+        smtp.plain,
+        smtp.late,
+        maps.virtual_,
+        maps.access,
+        maps.transport,
+        sink.port
+    );
+
+    // 1. An alias is accepted and delivered rewritten.
+    let outcome = send_mail(smtp.main, "alias@example.com", "step1-alias");
+    eprintln!("step 1: RCPT TO:<alias@example.com> -> {outcome:?}");
+    assert!(matches!(outcome, Outcome::Queued(_)), "step 1: {outcome:?}");
+    let m = assert_delivered(&sink, "step1-alias", "real@dest.test");
+    eprintln!(
+        "step 1: the sink got MAIL FROM:<{}> RCPT TO:{:?} ({:?})",
+        m.from,
+        m.rcpts,
+        t0.elapsed()
+    );
+
+    // 2. Unknown and blocked addresses get a 5xx; a held one is accepted and held.
+    let outcome = send_mail(smtp.main, "nobody@example.com", "step2-nobody");
+    eprintln!("step 2: RCPT TO:<nobody@example.com> -> {outcome:?}");
+    match &outcome {
+        Outcome::RcptRefused(550, text) => assert!(
+            text.contains("5.1.1") && text.contains("User unknown in virtual alias table"),
+            "step 2: {text}"
+        ),
+        other => panic!("step 2: nobody@example.com should get 550 5.1.1, got {other:?}"),
+    }
+    let outcome = send_mail(smtp.main, "blocked@example.com", "step2-blocked");
+    eprintln!("step 2: RCPT TO:<blocked@example.com> -> {outcome:?}");
+    match &outcome {
+        Outcome::RcptRefused(code, text) if *code >= 500 => {
+            assert!(text.contains("blocked by the directory"), "step 2: {text}")
+        }
+        other => panic!("step 2: blocked@example.com should get a 5xx, got {other:?}"),
+    }
+    let outcome = send_mail(smtp.main, "held@example.com", "step2-held");
+    eprintln!("step 2: RCPT TO:<held@example.com> -> {outcome:?}");
+    let Outcome::Queued(held_id) = outcome else {
+        panic!("step 2: held@example.com should be accepted, got {outcome:?}");
+    };
+    let q = pf.wait_queue(
+        |q| q.contains(&format!("{held_id}!")),
+        Duration::from_secs(10),
+    );
+    eprintln!("step 2: postqueue -p:\n{q}");
+    assert!(
+        q.contains(&format!("{held_id}!")) && q.contains("real-held@dest.test"),
+        "step 2: {held_id} should be on hold, rewritten to real-held@dest.test:\n{q}"
+    );
+
+    // 3. The directory goes down (its only HTTP server).
+    let requests_before = server.requests();
+    drop(server);
+    eprintln!(
+        "step 3: directory down after {requests_before} requests ({:?})",
+        t0.elapsed()
+    );
+    // At RCPT time, with the access check then the virtual alias lookup
+    // (main), with the virtual alias lookup only (plain), and with the
+    // virtual alias lookup in cleanup (late, a 4xx at the end of DATA).
+    let mut refused: Vec<(u16, &str, &str, &str)> = Vec::new();
+    for (port, listener, rcpt, token, real) in [
+        (
+            smtp.main,
+            "main",
+            "alias2@example.com",
+            "step3-main",
+            "real2@dest.test",
+        ),
+        (
+            smtp.plain,
+            "plain",
+            "alias2@example.com",
+            "step3-plain",
+            "real2@dest.test",
+        ),
+        (
+            smtp.late,
+            "late",
+            "alias3@example.com",
+            "step3-late",
+            "real3@dest.test",
+        ),
+    ] {
+        let outcome = send_mail(port, rcpt, token);
+        eprintln!("step 3: {listener} smtpd, RCPT TO:<{rcpt}> -> {outcome:?}");
+        assert!(
+            outcome.code() < 500,
+            "step 3: a directory outage must never give a 5xx: {outcome:?}"
+        );
+        match outcome {
+            Outcome::RcptRefused(code, _) | Outcome::DataRefused(code, _) => {
+                assert!((400..500).contains(&code), "step 3: {outcome:?}");
+                refused.push((port, rcpt, token, real));
+            }
+            // Accepted: then it must wait in the queue (checked below) and
+            // be delivered in step 4.
+            Outcome::Queued(ref id) => panic!(
+                "step 3: accepted as {id} although its virtual alias lookup failed \
+                 (Postfix would deliver it unrewritten): {outcome:?}"
+            ),
+        }
+    }
+    // The held message, released while the directory is down: qmgr's
+    // transport lookup fails, so it is deferred (not bounced, not delivered).
+    let out = pf.run("postsuper", &["-H", &held_id]);
+    assert!(out.ok, "postsuper -H {held_id}: {}", out.text);
+    pf.flush();
+    let line = pf
+        .wait_log(
+            &[
+                &format!("{held_id}: to=<real-held@dest.test>"),
+                "status=deferred",
+            ],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("step 3: {held_id} was not deferred"));
+    eprintln!("step 3: released {held_id}: {line}");
+    let q = pf.queue();
+    eprintln!("step 3: postqueue -p:\n{q}");
+    assert!(
+        q.contains(&held_id)
+            && !q.contains(&format!("{held_id}!"))
+            && q.contains("real-held@dest.test"),
+        "step 3: {held_id} should wait in the queue:\n{q}"
+    );
+    assert!(
+        sink.find("step2-held").is_none(),
+        "step 3: the held message was delivered while the directory was down"
+    );
+    assert!(
+        sink.find("step3-").is_none(),
+        "step 3: a message refused with a 4xx reached the sink"
+    );
+    assert_no_bounce(&sink, &pf);
+    eprintln!(
+        "step 3: nothing delivered, nothing bounced ({:?})",
+        t0.elapsed()
+    );
+
+    // 4. The directory comes back on the same port.
+    let server = TestServer::start_on(&http_addr, handler)
+        .unwrap_or_else(|e| panic!("restart the directory on {http_addr}: {e}"));
+    let waited = wait_found(
+        maps.transport,
+        "real-held@dest.test",
+        &format!("smtp:[127.0.0.1]:{}", sink.port),
+        Duration::from_secs(15),
+    );
+    wait_found(
+        maps.virtual_,
+        "alias2@example.com",
+        "real2@dest.test",
+        Duration::from_secs(15),
+    );
+    eprintln!("step 4: directory back; httpmapd answers again after {waited:?}");
+    pf.flush();
+    let m = assert_delivered(&sink, "step2-held", "real-held@dest.test");
+    eprintln!(
+        "step 4: postqueue -f: the deferred {held_id} reached the sink: MAIL FROM:<{}> RCPT TO:{:?} ({:?})",
+        m.from,
+        m.rcpts,
+        t0.elapsed()
+    );
+    // The messages refused with a 4xx at step 3 are sent again, as the
+    // client would after a 4xx, and now go through.
+    for (port, rcpt, token, real) in refused {
+        let token = format!("{token}-again");
+        let outcome = send_mail(port, rcpt, &token);
+        assert!(
+            matches!(outcome, Outcome::Queued(_)),
+            "step 4: {rcpt}: {outcome:?}"
+        );
+        let m = assert_delivered(&sink, &token, real);
+        eprintln!(
+            "step 4: re-sent to <{rcpt}> on port {port}: {outcome:?}, the sink got RCPT TO:{:?}",
+            m.rcpts
+        );
+    }
+    let q = pf.wait_queue(
+        |q| q.contains("Mail queue is empty"),
+        Duration::from_secs(10),
+    );
+    assert!(
+        q.contains("Mail queue is empty"),
+        "step 4: queue not empty:\n{q}"
+    );
+    assert_no_bounce(&sink, &pf);
+    let delivered = sink.messages().len();
+    assert_eq!(delivered, 5, "step 4: the sink got {:#?}", sink.messages());
+    eprintln!(
+        "done: {delivered} messages delivered, queue empty, no bounce; directory saw {} \
+         requests since it came back; {:?} in all",
+        server.requests(),
+        t0.elapsed()
+    );
+    drop(pf);
+    drop(daemon);
+}
