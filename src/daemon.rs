@@ -226,6 +226,15 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
     let map_ids = assign_ids(&cfg, &mut ids)?;
     let listens = listens_of(&cfg, &map_ids);
     let per_worker = bind_all(&listens, &cfg, workers)?;
+    for m in &cfg.maps {
+        if m.max_connections < workers {
+            crate::warn!(
+                "map {}: max_connections = {} is below workers = {workers}: each worker keeps one connection per server, {workers} in all",
+                m.name,
+                m.max_connections
+            );
+        }
+    }
     let stats_listener = match cfg.daemon.stats_listen {
         Some(a) => Some(
             std::net::TcpListener::bind(a)

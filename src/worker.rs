@@ -221,7 +221,12 @@ impl Worker {
         rx: Receiver<Msg>,
         listeners: Vec<(Listener, Proto, Listen)>,
     ) -> io::Result<Worker> {
-        let backend = Backend::new(BACKEND_TOKEN_BASE, &shared.maps, shared.cache.epoch());
+        let backend = Backend::new(
+            BACKEND_TOKEN_BASE,
+            &shared.maps,
+            (id as usize, shared.cfg.daemon.workers),
+            shared.cache.epoch(),
+        );
         let mut w = Worker {
             id,
             poll,
@@ -391,7 +396,12 @@ impl Worker {
         }
         self.backend_gen = (self.backend_gen + 1) % 256;
         let base = BACKEND_TOKEN_BASE + self.backend_gen * backend_mod::TOKEN_SPAN;
-        let new = Backend::new(base, &shared.maps, shared.cache.epoch());
+        let new = Backend::new(
+            base,
+            &shared.maps,
+            (self.id as usize, shared.cfg.daemon.workers),
+            shared.cache.epoch(),
+        );
         let old_backend = std::mem::replace(&mut self.backend, new);
         if old_backend.in_flight() > 0 {
             self.old_backends.push(old_backend);

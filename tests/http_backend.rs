@@ -838,10 +838,12 @@ fn max_connections_is_for_the_whole_daemon() {
         Reply::found(format!("v-{}", req.key_str()).as_bytes()).delayed(Duration::from_millis(300))
     });
     let port = free_port();
-    let d = daemon(
-        &config(port, &[server.url("/virtual")], "max_connections = 3"),
-        port,
-    );
+    // Each worker keeps its share of max_connections (2 + 1 here), so the
+    // worker with one connection may queue up to all 20 lookups behind it
+    // (20 x 300 ms): the lookup deadline leaves room for that.
+    let cfg = config(port, &[server.url("/virtual")], "max_connections = 3")
+        .replace("lookup_timeout = \"4s\"", "lookup_timeout = \"9s\"");
+    let d = daemon(&cfg, port);
     // 20 client connections: both workers get several of them.
     let keys: Vec<String> = (0..20).map(|i| format!("k{i}@x.test")).collect();
     let replies = concurrent_gets(port, keys.clone());

@@ -27,11 +27,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// How often a lookup queued for a server with no connection of this
-/// worker's checks whether another worker released one.
-const QUEUE_RECHECK: Duration = Duration::from_millis(5);
+use std::time::Instant;
 
 /// Tokens one backend may use, from its base (its connections are slab indexes).
 pub const TOKEN_SPAN: usize = 1 << 32;
@@ -63,10 +59,8 @@ pub struct SharedServer {
     pub map_name: String,
     pub health: Health,
     pub counters: ServerCounters,
-    /// Connections open to this server, all workers together.
+    /// Connections open to this server, all workers together (a gauge).
     pub open: AtomicUsize,
-    /// `max_connections`: the bound on `open`.
-    pub max_open: usize,
 }
 
 impl SharedServer {
@@ -77,24 +71,16 @@ impl SharedServer {
             health: Health::new(map.retry_interval, crate::config::MAX_RETRY_INTERVAL_FACTOR),
             counters: ServerCounters::default(),
             open: AtomicUsize::new(0),
-            max_open: map.max_connections,
         }
     }
+}
 
-    /// Reserves a connection slot; false when `max_connections` are open.
-    fn try_reserve(&self) -> bool {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_open).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    fn release(&self) {
-        let _ = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-    }
+/// Worker `worker`'s share of a daemon-wide `max_connections` among
+/// `workers`: the shares add up to `max` (never above it while `max >=
+/// workers`), and every worker may open at least one connection.
+pub fn connection_share(max: usize, workers: usize, worker: usize) -> usize {
+    let workers = workers.max(1);
+    (max / workers + usize::from(worker < max % workers)).max(1)
 }
 
 /// A map as the backend needs it: its config and its servers' shared state.
@@ -113,8 +99,10 @@ struct ServerRt {
     shared: Arc<SharedServer>,
     map: u16,
     idle: Vec<usize>,
-    /// This worker's connections to the server (the limit is daemon-wide: `shared.open`).
+    /// This worker's connections to the server, at most `max_open`.
     open: usize,
+    /// This worker's share of `max_connections`.
+    max_open: usize,
     queue: VecDeque<FetchRef>,
     max_queue: usize,
 }
@@ -214,9 +202,16 @@ pub struct Backend {
 
 impl Backend {
     /// `token_base`: this backend's connections use tokens from here up.
+    /// Worker `worker` of `workers` opens its [`connection_share`] of each
+    /// server's `max_connections`.
     /// `maps` is indexed by map id; `None` is a removed map's slot (no
     /// servers; the worker refuses its lookups before they get here).
-    pub fn new(token_base: usize, maps: &[Option<MapServers>], epoch: Instant) -> Backend {
+    pub fn new(
+        token_base: usize,
+        maps: &[Option<MapServers>],
+        (worker, workers): (usize, usize),
+        epoch: Instant,
+    ) -> Backend {
         let mut b = Backend {
             token_base,
             maps: Vec::new(),
@@ -250,6 +245,7 @@ impl Backend {
                     map: i as u16,
                     idle: Vec::new(),
                     open: 0,
+                    max_open: connection_share(m.cfg.max_connections, workers, worker),
                     queue: VecDeque::new(),
                     max_queue: m.cfg.max_queue,
                 });
@@ -455,36 +451,24 @@ impl Backend {
                 return;
             }
         }
-        let shared = &self.servers[server].shared;
-        if fresh {
-            // The retry of a pooled connection the server had closed: its
-            // slot was just released, take it back.
-            shared.open.fetch_add(1, Ordering::AcqRel);
-            self.connect(registry, f, server, now);
-            return;
-        }
-        if shared.try_reserve() {
-            self.connect(registry, f, server, now);
-            return;
-        }
         let srv = &mut self.servers[server];
+        // `fresh`: the retry of a pooled connection the server had closed;
+        // its slot was just freed.
+        if srv.open < srv.max_open || fresh {
+            self.connect(registry, f, server, now);
+            return;
+        }
         if srv.queue.len() < srv.max_queue {
             srv.queue.push_back(f);
-            let recheck = srv.open == 0;
             if let Some(fetch) = self.fetch_mut(f) {
                 fetch.stage = Stage::Queued { server };
-                if recheck {
-                    // No connection of ours will free up: look again soon.
-                    let gen = fetch.gen;
-                    self.timers.push(Reverse((now + QUEUE_RECHECK, f.idx, gen)));
-                }
             }
             return;
         }
         let msg = format!(
-            "{}: all {} connections busy and {} lookups waiting",
+            "{}: all {} connections of this worker busy and {} lookups waiting",
             self.servers[server].shared.cfg.url,
-            self.servers[server].shared.max_open,
+            self.servers[server].max_open,
             self.servers[server].max_queue
         );
         if let Some(fetch) = self.fetch_mut(f) {
@@ -500,7 +484,6 @@ impl Backend {
         let mut stream = match TcpStream::connect(addr) {
             Ok(s) => s,
             Err(e) => {
-                self.servers[server].shared.release();
                 self.server_failed(server, &format!("connect: {e}"));
                 self.retry_elsewhere(
                     f,
@@ -516,7 +499,6 @@ impl Backend {
             registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
         {
             crate::error!("cannot register a server connection: {e}");
-            self.servers[server].shared.release();
             self.retry_elsewhere(f, format!("internal error: {e}"));
             return;
         }
@@ -535,6 +517,10 @@ impl Backend {
         let _ = conn;
         let idx = self.token_idx(token);
         self.servers[server].open += 1;
+        self.servers[server]
+            .shared
+            .open
+            .fetch_add(1, Ordering::Relaxed);
         let connect_timeout = self.maps[self.servers[server].map as usize]
             .cfg
             .connect_timeout;
@@ -966,7 +952,7 @@ impl Backend {
         let _ = registry.deregister(&mut c.stream);
         let srv = &mut self.servers[c.server];
         srv.open = srv.open.saturating_sub(1);
-        srv.shared.release();
+        srv.shared.open.fetch_sub(1, Ordering::Relaxed);
         if let Some(p) = srv.idle.iter().position(|&i| i == idx) {
             srv.idle.swap_remove(p);
         }
@@ -1014,16 +1000,7 @@ impl Backend {
                     self.finish(f, Outcome::Temp(msg));
                     continue;
                 }
-                Stage::Queued { server } => {
-                    let gen = fetch.gen;
-                    if self.servers[server].shared.try_reserve() {
-                        self.servers[server].queue.retain(|q| *q != f);
-                        self.connect(registry, f, server, now);
-                    } else if self.servers[server].open == 0 {
-                        self.timers.push(Reverse((now + QUEUE_RECHECK, f.idx, gen)));
-                    }
-                    continue;
-                }
+
                 _ => continue,
             };
             if self.conns.get(conn).and_then(|c| c.fetch) != Some(f) {

@@ -772,10 +772,15 @@ impl<'a> Loop<'a> {
             };
             match s.read(&mut self.rbuf) {
                 Ok(0) => {
-                    if !self.conns[i].inflight.is_empty() || self.plan.opts.idle {
+                    let clean = self.conns[i].inflight.is_empty() && !self.plan.opts.idle;
+                    if !clean {
                         self.counts.closed += 1;
                     }
                     self.close(i);
+                    if clean {
+                        // e.g. an HTTP server's keep-alive limit: reconnect at once.
+                        self.conns[i].retry_at = Instant::now();
+                    }
                     return;
                 }
                 Ok(n) => {

@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# Side-by-side figures for benches/README.md, from ONE run on this machine.
+#
+# Starts everything on 127.0.0.1 (ports 19000-19299), runs httpmapd-load
+# against it, stops everything (also on error or Ctrl-C). Bounded: every
+# command runs under `timeout`; the whole script takes about 4 minutes.
+#
+#   benches/compare.sh                 # DUR=5s per load run
+#   DUR=10s CONNS="10 100" benches/compare.sh
+#
+# Output: a Markdown report on stdout and in $OUT/report.md; raw JSON lines of
+# every run in $OUT/results.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DUR=${DUR:-5s}
+CONNS=${CONNS:-"10 100 1000"}
+OUT=${OUT:-target/bench-compare}
+KEYS=${KEYS:-10000}
+BIG=${BIG:-1000000}
+IDLE=${IDLE:-10000}
+LOAD=./target/release/httpmapd-load
+DAEMON=./target/release/httpmapd
+MEMCACHED=${MEMCACHED:-/usr/bin/memcached}
+NGINX=${NGINX:-/usr/sbin/nginx}
+T=$OUT/tmp
+
+rm -rf "$OUT"
+mkdir -p "$T/ngx_tmp"
+: >"$OUT/results.jsonl"
+ulimit -n "$(ulimit -Hn)"
+if [ "$(ulimit -n)" -lt $((IDLE + 1000)) ]; then
+    echo "ulimit -n is $(ulimit -n): the idle-connection test needs $((IDLE + 1000))" >&2
+fi
+
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT INT TERM
+
+# start NAME CMD... : starts CMD in the background, sets $PID
+start() {
+    local name=$1
+    shift
+    "$@" >"$T/$name.log" 2>&1 &
+    PID=$!
+    PIDS+=("$PID")
+}
+stop() {
+    kill "$1" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$1" 2>/dev/null || true
+}
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listening on 127.0.0.1:$1" >&2
+    return 1
+}
+# CPU ticks (utime+stime, all threads) of a process
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+HZ=$(getconf CLK_TCK)
+
+# run LABEL PID|- LOADARGS... : one load run; appends a JSON line with the label
+# and, when PID is given, that process's CPU time per answered request.
+run() {
+    local label=$1 pid=$2
+    shift 2
+    local t0=0 t1=0
+    [ "$pid" != - ] && t0=$(ticks "$pid")
+    local j
+    j=$(timeout 120 "$LOAD" "$@" --json | tail -n1)
+    [ "$pid" != - ] && t1=$(ticks "$pid")
+    python3 - "$label" "$j" "$t0" "$t1" "$HZ" "$pid" >>"$OUT/results.jsonl" <<'EOF'
+import json, sys
+label, j, t0, t1, hz, pid = sys.argv[1:]
+r = json.loads(j)
+r["label"] = label
+if pid != "-" and r["requests"]:
+    r["cpu_us_per_req"] = (int(t1) - int(t0)) / int(hz) * 1e6 / r["requests"]
+print(json.dumps(r))
+EOF
+    tail -n1 "$OUT/results.jsonl" | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read()); l = r["latency_us"]
+print("  %-34s %9.0f req/s  p50 %.1f  p99 %.1f  p99.9 %.1f us  cpu/req %.2f us  errors %d" % (
+    r["label"], r["throughput_rps"], l["p50"], l["p99"], l["p999"],
+    r.get("cpu_us_per_req", 0), sum(r["errors"].values())))' >&2
+}
+
+echo "building (release)..." >&2
+cargo build --release --bins -q
+
+"$LOAD" --write-map "$T/map" --keyspace "$KEYS" 2>/dev/null
+
+daemon_conf() { # FILE WORKERS MAX_ENTRIES TTL BACKEND_PORT
+    cat >"$1" <<EOF
+[daemon]
+workers = $2
+socketmap_listen = "127.0.0.1:19020"
+stats_listen = "127.0.0.1:19090"
+log_level = "warn"
+[cache]
+max_entries = $3
+ttl = "$4"
+negative_ttl = "$4"
+[maps.virtual]
+tcp_listen = "127.0.0.1:19021"
+servers = ["http://127.0.0.1:$5/virtual"]
+max_connections = 64
+EOF
+}
+
+cat >"$T/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $PWD/$T/nginx.pid;
+error_log $PWD/$T/nginx.err warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_body_temp_path $PWD/$T/ngx_tmp;
+    proxy_temp_path $PWD/$T/ngx_tmp;
+    fastcgi_temp_path $PWD/$T/ngx_tmp;
+    uwsgi_temp_path $PWD/$T/ngx_tmp;
+    scgi_temp_path $PWD/$T/ngx_tmp;
+    server {
+        listen 127.0.0.1:19081;
+        # dict_http: every key is found, its value derived from the key.
+        location / {
+            add_header POSTFIX-DICT-RESULTS "fwd-\$http_postfix_dict_email";
+            return 200 "";
+        }
+    }
+}
+EOF
+
+echo "== cache hits: httpmapd vs memcached, $KEYS keys, depth 1, $DUR per run ==" >&2
+start backend "$DAEMON" backend --listen 127.0.0.1:19080 --map "$T/map"
+wait_port 19080
+for w in 1 2; do
+    daemon_conf "$T/hit$w.toml" "$w" 100000 1h 19080
+    start httpmapd-hit$w "$DAEMON" -c "$T/hit$w.toml"
+    D=$PID
+    wait_port 19021
+    # Fill the cache: every key once.
+    timeout 60 "$LOAD" tcp:127.0.0.1:19021 -c 10 -n "$KEYS" --sequential --keyspace "$KEYS" >/dev/null
+    for c in $CONNS; do
+        run "httpmapd w=$w tcp c=$c" "$D" tcp:127.0.0.1:19021 -c "$c" -d "$DUR" --keyspace "$KEYS"
+    done
+    run "httpmapd w=$w socketmap c=100" "$D" socketmap:inet:127.0.0.1:19020:virtual -c 100 -d "$DUR" --keyspace "$KEYS"
+    run "httpmapd w=$w tcp c=100 depth=16" "$D" tcp:127.0.0.1:19021 -c 100 --depth 16 -d "$DUR" --keyspace "$KEYS"
+    stop "$D"
+done
+for t in 1 2; do
+    start memcached-t$t "$MEMCACHED" -u nobody -l 127.0.0.1 -p 19211 -U 0 -t "$t" -m 1024 -c 20000
+    M=$PID
+    wait_port 19211
+    timeout 60 "$LOAD" memcached:127.0.0.1:19211 --populate-only -c 8 --keyspace "$KEYS" >/dev/null
+    for c in $CONNS; do
+        run "memcached -t $t c=$c" "$M" memcached:127.0.0.1:19211 -c "$c" -d "$DUR" --keyspace "$KEYS"
+    done
+    run "memcached -t $t c=100 depth=16" "$M" memcached:127.0.0.1:19211 -c 100 --depth 16 -d "$DUR" --keyspace "$KEYS"
+    stop "$M"
+done
+
+echo "== misses: httpmapd (cache off) -> nginx vs direct keep-alive HTTP to nginx ==" >&2
+start nginx "$NGINX" -p "$PWD/$T" -c "$PWD/$T/nginx.conf" -e "$PWD/$T/nginx.err"
+N=$PID
+wait_port 19081
+daemon_conf "$T/miss.toml" 1 100000 0s 19081
+start httpmapd-miss "$DAEMON" -c "$T/miss.toml"
+D=$PID
+wait_port 19021
+for c in 1 10; do
+    run "direct http c=$c" "$N" http:127.0.0.1:19081/virtual -c "$c" -d "$DUR" --warmup 1s --keyspace "$KEYS"
+    run "httpmapd cache-off tcp c=$c" "$D" tcp:127.0.0.1:19021 -c "$c" -d "$DUR" --warmup 1s --keyspace "$KEYS"
+done
+stop "$D"
+
+echo "== RSS: $BIG cached entries; $IDLE idle client connections ==" >&2
+daemon_conf "$T/big.toml" 2 $((BIG + BIG / 10)) 1h 19081
+start httpmapd-big "$DAEMON" -c "$T/big.toml"
+D=$PID
+wait_port 19021
+sleep 0.5
+rss0=$(rss_kib "$D")
+timeout 180 "$LOAD" tcp:127.0.0.1:19021 -c 64 --depth 4 -n "$BIG" --sequential --keyspace "$BIG" --timeout 20s --json >"$T/fill.json"
+sleep 0.5
+rss1=$(rss_kib "$D")
+entries=$(curl -s http://127.0.0.1:19090/metrics | awk '/^httpmapd_cache_entries[ {]/ {s += $NF} END {print s + 0}')
+# Key and value bytes per entry, as stored (2-byte map id + key; value).
+kv=$(python3 -c "
+n=$BIG
+print(sum(2 + len(f'user{i}@example.com') + len(f'fwd-user{i}@example.com') for i in range(n)) / n)")
+python3 - "$rss0" "$rss1" "$entries" "$kv" "$BIG" >>"$OUT/results.jsonl" <<'EOF'
+import json, sys
+rss0, rss1, entries, kv, big = map(float, sys.argv[1:])
+n = entries if entries > 0 else big
+print(json.dumps({"label": "rss 1M entries", "rss_before_kib": rss0, "rss_after_kib": rss1,
+    "entries": entries, "bytes_per_entry": (rss1 - rss0) * 1024 / n, "key_value_bytes": kv,
+    "overhead_per_entry": (rss1 - rss0) * 1024 / n - kv}))
+EOF
+stop "$D"
+stop "$N"
+
+for who in httpmapd memcached; do
+    if [ $who = httpmapd ]; then
+        daemon_conf "$T/idle.toml" 2 100000 1h 19080
+        start httpmapd-idle "$DAEMON" -c "$T/idle.toml"
+        P=$PID
+        port=19021
+        target=tcp:127.0.0.1:19021
+    else
+        start memcached-idle "$MEMCACHED" -u nobody -l 127.0.0.1 -p 19211 -U 0 -t 2 -m 1024 -c $((IDLE + 1000))
+        P=$PID
+        port=19211
+        target=memcached:127.0.0.1:19211
+    fi
+    wait_port $port
+    sleep 0.5
+    r0=$(rss_kib "$P")
+    timeout 90 "$LOAD" "$target" --idle -c "$IDLE" -d 8s --json >"$T/idle-$who.json" &
+    L=$!
+    PIDS+=("$L")
+    # Wait until every connection is open (or 30 s), then read RSS.
+    for _ in $(seq 300); do
+        n=$(ls "/proc/$P/fd" | wc -l)
+        [ "$n" -ge "$IDLE" ] && break
+        sleep 0.1
+    done
+    sleep 1
+    r1=$(rss_kib "$P")
+    fds=$(ls "/proc/$P/fd" | wc -l)
+    wait "$L" || true
+    python3 - "$who" "$r0" "$r1" "$fds" "$IDLE" >>"$OUT/results.jsonl" <<'EOF'
+import json, sys
+who, r0, r1, fds, idle = sys.argv[1], *map(float, sys.argv[2:])
+print(json.dumps({"label": f"rss idle {who}", "rss_before_kib": r0, "rss_after_kib": r1,
+    "fds": fds, "per_conn_bytes": (r1 - r0) * 1024 / idle}))
+EOF
+    stop "$P"
+done
+
+python3 - "$OUT/results.jsonl" "$DUR" <<'EOF' | tee "$OUT/report.md"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {r["label"]: r for r in rows}
+dur = sys.argv[2]
+def lat(r, k): return r["latency_us"][k]
+print(f"### Cache hits (depth 1 unless noted, {dur} per run, 1 load-generator thread)\n")
+print("| run | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | server CPU µs/req | errors |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    if "throughput_rps" not in r or r["label"].startswith(("direct", "httpmapd cache-off")):
+        continue
+    print(f"| {r['label']} | {r['throughput_rps']:.0f} | {lat(r,'p50'):.1f} | {lat(r,'p90'):.1f} | {lat(r,'p99'):.1f} | {lat(r,'p999'):.1f} | {lat(r,'max'):.0f} | {r.get('cpu_us_per_req', 0):.2f} | {sum(r['errors'].values())} |")
+print("\n### Side by side: httpmapd / memcached at the same thread count\n")
+print("| threads | conns | httpmapd req/s | memcached req/s | ratio | httpmapd p99 | memcached p99 |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for t in (1, 2):
+    for c in (10, 100, 1000):
+        a, b = by.get(f"httpmapd w={t} tcp c={c}"), by.get(f"memcached -t {t} c={c}")
+        if a and b:
+            print(f"| {t} | {c} | {a['throughput_rps']:.0f} | {b['throughput_rps']:.0f} | {a['throughput_rps']/b['throughput_rps']:.2f} | {lat(a,'p99'):.1f} | {lat(b,'p99'):.1f} |")
+print("\n### Misses: httpmapd with the cache off → nginx, vs the same lookups straight to nginx\n")
+print("| conns | direct p50 µs | via httpmapd p50 µs | added p50 µs | direct p99 | via p99 | direct req/s | via req/s |")
+print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+for c in (1, 10):
+    a, b = by.get(f"direct http c={c}"), by.get(f"httpmapd cache-off tcp c={c}")
+    if a and b:
+        print(f"| {c} | {lat(a,'p50'):.1f} | {lat(b,'p50'):.1f} | {lat(b,'p50')-lat(a,'p50'):.1f} | {lat(a,'p99'):.1f} | {lat(b,'p99'):.1f} | {a['throughput_rps']:.0f} | {b['throughput_rps']:.0f} |")
+print("\n### Memory\n")
+r = by.get("rss 1M entries")
+if r:
+    print(f"- {r['entries']:.0f} cached entries: RSS {r['rss_before_kib']/1024:.1f} → {r['rss_after_kib']/1024:.1f} MiB, "
+          f"{r['bytes_per_entry']:.0f} B/entry of which key+value {r['key_value_bytes']:.0f} B: overhead {r['overhead_per_entry']:.0f} B/entry")
+for who in ("httpmapd", "memcached"):
+    r = by.get(f"rss idle {who}")
+    if r:
+        print(f"- {who}, {r['fds']:.0f} fds open with idle clients: RSS {r['rss_before_kib']/1024:.1f} → {r['rss_after_kib']/1024:.1f} MiB ({r['per_conn_bytes']:.0f} B/connection)")
+EOF
