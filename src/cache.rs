@@ -4,7 +4,9 @@
 //! A key is the map id (2 bytes, big-endian) followed by the folded lookup key,
 //! so a map reached over `tcp:` and over `socketmap:` shares its entries. Each
 //! shard is one `Mutex` over an [`lru::LruCache`] and a hashbrown map of
-//! in-flight keys with the clients waiting on them. This module owns no
+//! in-flight keys with the clients waiting on them. An entry is one
+//! allocation (key and value side by side, see [`Stored`]) plus the LRU node
+//! with three compact timestamps: about 100 bytes beyond key and value. This module owns no
 //! sockets and no clocks: callers pass `now` in milliseconds since
 //! [`Cache::epoch`], so every rule here is testable without sleeping.
 //!
@@ -17,12 +19,19 @@
 use hashbrown::{DefaultHashBuilder, HashMap};
 use lru::LruCache;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Shards: enough that workers rarely wait on one another's lock.
-const SHARDS: usize = 64;
+/// Least shards: enough that workers rarely wait on one another's lock.
+const MIN_SHARDS: usize = 32;
+/// Most shards tried when fitting the hash tables to `max_entries`.
+const MAX_SHARDS: usize = 128;
+/// Room each shard has beyond its even share, so an uneven spread of keys
+/// still fills the cache to `max_entries` (the global bound is exact).
+const SHARD_SLACK_PERCENT: usize = 10;
+/// Bytes before the key in a [`Stored`] allocation: key length (u32 LE), found flag.
+const STORED_HEADER: usize = 5;
 
 /// Who waits for an in-flight lookup: a request on one client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,20 +44,78 @@ pub struct Waiter {
     pub seq: u64,
 }
 
-/// One cached result.
-struct Entry {
-    /// `None`: the server said not found.
-    value: Option<Box<[u8]>>,
-    /// Milliseconds since the epoch until which the entry answers normally.
+/// A cached key with its value in one allocation:
+/// `[key_len: u32 LE][found: u8][key][value]`. It hashes and compares as
+/// its key alone, so the LRU map can be searched with a `&[u8]` key.
+struct Stored(Box<[u8]>);
+
+impl Stored {
+    fn new(key: &[u8], value: Option<&[u8]>) -> Stored {
+        let v = value.unwrap_or_default();
+        let mut b = Vec::with_capacity(STORED_HEADER + key.len() + v.len());
+        b.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        b.push(u8::from(value.is_some()));
+        b.extend_from_slice(key);
+        b.extend_from_slice(v);
+        Stored(b.into_boxed_slice())
+    }
+    fn key_len(&self) -> usize {
+        u32::from_le_bytes([self.0[0], self.0[1], self.0[2], self.0[3]]) as usize
+    }
+    fn key(&self) -> &[u8] {
+        &self.0[STORED_HEADER..STORED_HEADER + self.key_len()]
+    }
+    /// `None`: a cached not-found.
+    fn value(&self) -> Option<&[u8]> {
+        (self.0[4] == 1).then(|| &self.0[STORED_HEADER + self.key_len()..])
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Stored {
+    fn borrow(&self) -> &[u8] {
+        self.key()
+    }
+}
+
+impl std::hash::Hash for Stored {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.key().hash(h) // exactly as the borrowed `[u8]` hashes
+    }
+}
+
+impl PartialEq for Stored {
+    fn eq(&self, other: &Stored) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Stored {}
+
+/// An entry's times, in milliseconds since the cache's epoch.
+struct Times {
+    /// Until here the entry answers normally.
     fresh_until_ms: u64,
-    /// From here on a hit also asks for a background refresh.
-    refresh_from_ms: u64,
-    /// Until here the entry may answer when every server fails.
-    stale_until_ms: u64,
+    /// From `fresh_until_ms - refresh_ms` on, a hit also asks for a background refresh.
+    refresh_ms: u32,
+    /// Until `fresh_until_ms + stale_ms` the entry may answer when every server fails.
+    stale_ms: u32,
+}
+
+impl Times {
+    fn refresh_from_ms(&self) -> u64 {
+        if self.refresh_ms == 0 {
+            u64::MAX
+        } else {
+            self.fresh_until_ms - u64::from(self.refresh_ms)
+        }
+    }
+    fn stale_until_ms(&self) -> u64 {
+        self.fresh_until_ms + u64::from(self.stale_ms)
+    }
 }
 
 struct Shard {
-    lru: LruCache<Box<[u8]>, Entry, DefaultHashBuilder>,
+    lru: LruCache<Stored, Times, DefaultHashBuilder>,
     inflight: HashMap<Box<[u8]>, Vec<Waiter>>,
 }
 
@@ -87,6 +154,10 @@ pub struct CacheStats {
 
 pub struct Cache {
     shards: Box<[Mutex<Shard>]>,
+    /// The bound on entries, all shards together.
+    max_entries: AtomicUsize,
+    /// Entries held, all shards together.
+    total: AtomicUsize,
     /// Entries held per map id (the first two bytes of a key).
     map_entries: Box<[AtomicU64]>,
     hasher: DefaultHashBuilder,
@@ -94,23 +165,46 @@ pub struct Cache {
     pub stats: CacheStats,
 }
 
+/// Buckets hashbrown gives a table sized for `cap` entries.
+fn table_buckets(cap: usize) -> usize {
+    if cap < 8 {
+        return if cap < 4 { 4 } else { 8 };
+    }
+    (cap * 8 / 7).next_power_of_two()
+}
+
+/// The shard count (within bounds) whose hash tables waste the least room
+/// for `max_entries`: tables grow in powers of two, so 64 shards of a million
+/// entries would leave about half of every table empty.
+fn shard_count(max_entries: usize) -> usize {
+    let per = |n: usize| {
+        (max_entries.div_ceil(n) * (100 + SHARD_SLACK_PERCENT))
+            .div_ceil(100)
+            .max(1)
+    };
+    (MIN_SHARDS..=MAX_SHARDS)
+        .min_by_key(|&n| (n * table_buckets(per(n)), n))
+        .unwrap_or(MIN_SHARDS)
+}
+
 impl Cache {
-    /// A cache holding at most about `max_entries` results (split evenly over
-    /// the shards; at least one per shard when `max_entries > 0`).
+    /// A cache holding at most `max_entries` results.
     pub fn new(max_entries: usize) -> Cache {
-        let per_shard = max_entries.div_ceil(SHARDS).max(1);
-        let cap = std::num::NonZeroUsize::new(per_shard).unwrap_or(std::num::NonZeroUsize::MIN);
-        let shards = (0..SHARDS)
+        let max_entries = max_entries.max(1);
+        let n = shard_count(max_entries);
+        let cap = Self::shard_cap(max_entries, n);
+        let shards = (0..n)
             .map(|_| {
-                let lru = LruCache::with_hasher(cap, DefaultHashBuilder::default());
                 Mutex::new(Shard {
-                    lru,
+                    lru: LruCache::with_hasher(cap, DefaultHashBuilder::default()),
                     inflight: HashMap::new(),
                 })
             })
             .collect();
         Cache {
             shards,
+            max_entries: AtomicUsize::new(max_entries),
+            total: AtomicUsize::new(0),
             map_entries: (0..crate::config::MAX_MAPS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -118,6 +212,11 @@ impl Cache {
             epoch: Instant::now(),
             stats: CacheStats::default(),
         }
+    }
+
+    fn shard_cap(max_entries: usize, shards: usize) -> std::num::NonZeroUsize {
+        let per = (max_entries.div_ceil(shards) * (100 + SHARD_SLACK_PERCENT)).div_ceil(100);
+        std::num::NonZeroUsize::new(per.max(1)).unwrap_or(std::num::NonZeroUsize::MIN)
     }
 
     /// The instant that `now_ms` values count from.
@@ -132,7 +231,7 @@ impl Cache {
 
     fn shard(&self, key: &[u8]) -> &Mutex<Shard> {
         let h = self.hasher.hash_one(key);
-        &self.shards[(h as usize) % SHARDS]
+        &self.shards[(h as usize) % self.shards.len()]
     }
 
     /// Looks `key` up. On a fresh entry calls `on_hit` with the value (`None`
@@ -147,11 +246,11 @@ impl Cache {
     ) -> Lookup {
         let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *shard;
-        if let Some(e) = shard.lru.get(key) {
-            if now_ms < e.fresh_until_ms {
-                on_hit(e.value.as_deref());
+        if let Some((stored, t)) = shard.lru.get_key_value(key) {
+            if now_ms < t.fresh_until_ms {
+                on_hit(stored.value());
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                let refresh = now_ms >= e.refresh_from_ms && !shard.inflight.contains_key(key);
+                let refresh = now_ms >= t.refresh_from_ms() && !shard.inflight.contains_key(key);
                 if refresh {
                     shard.inflight.insert(key.into(), Vec::new());
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
@@ -169,6 +268,18 @@ impl Cache {
         Lookup::Fetch
     }
 
+    /// Removes `key`'s entry from `shard`, keeping the counts right.
+    fn remove(&self, shard: &mut Shard, key: &[u8]) {
+        if shard.lru.pop(key).is_some() {
+            self.forget(key);
+        }
+    }
+
+    fn forget(&self, key: &[u8]) {
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        self.count(key, false);
+    }
+
     /// A fetch ended with an answer (`None` = not found): stores it per
     /// `ttls` and returns the waiters to answer.
     pub fn complete_ok(
@@ -183,36 +294,39 @@ impl Cache {
         } else {
             ttls.negative_ttl
         };
-        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let shard = &mut *guard;
         let waiters = shard.inflight.remove(key).unwrap_or_default();
+        self.remove(shard, key);
         if ttl.is_zero() {
-            if shard.lru.pop(key).is_some() {
-                self.count(key, false);
-            }
-        } else {
-            let ttl_ms = ttl.as_millis() as u64;
-            let ahead_ms = ttl_ms * u64::from(ttls.refresh_ahead_percent) / 100;
-            let fresh_until_ms = now_ms + ttl_ms;
-            let entry = Entry {
-                value: value.map(Box::from),
-                fresh_until_ms,
-                refresh_from_ms: if ahead_ms == 0 {
-                    u64::MAX
-                } else {
-                    fresh_until_ms - ahead_ms
-                },
-                stale_until_ms: fresh_until_ms + ttls.stale_ttl.as_millis() as u64,
-            };
-            match shard.lru.push(key.into(), entry) {
-                None => self.count(key, true),
-                Some((old_key, _)) if *old_key != *key => {
+            return waiters;
+        }
+        // The global bound: past it, this shard gives up its least recently used.
+        if self.total.load(Ordering::Relaxed) >= self.max_entries.load(Ordering::Relaxed) {
+            match shard.lru.pop_lru() {
+                Some((old, _)) => {
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    self.count(key, true);
-                    self.count(&old_key, false);
+                    self.forget(old.key());
                 }
-                Some(_) => {} // replaced in place
+                // This shard is empty: another gives up one (try_lock: never
+                // wait on a second lock while holding one).
+                None => self.evict_elsewhere(),
             }
         }
+        let ttl_ms = ttl.as_millis() as u64;
+        let clamp = |ms: u128| ms.min(u128::from(u32::MAX)) as u32;
+        let times = Times {
+            fresh_until_ms: now_ms + ttl_ms,
+            refresh_ms: clamp(u128::from(ttl_ms) * u128::from(ttls.refresh_ahead_percent) / 100),
+            stale_ms: clamp(ttls.stale_ttl.as_millis()),
+        };
+        if let Some((old, _)) = shard.lru.push(Stored::new(key, value), times) {
+            // Not this key (removed above): the shard was full.
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            self.forget(old.key());
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.count(key, true);
         waiters
     }
 
@@ -227,14 +341,26 @@ impl Cache {
     ) -> (Vec<Waiter>, Option<Option<Box<[u8]>>>) {
         let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
         let waiters = shard.inflight.remove(key).unwrap_or_default();
-        let stale = match shard.lru.peek(key) {
-            Some(e) if now_ms < e.stale_until_ms => Some(e.value.clone()),
+        let stale = match shard.lru.get_key_value(key) {
+            Some((stored, t)) if now_ms < t.stale_until_ms() => Some(stored.value().map(Box::from)),
             _ => None,
         };
         if stale.is_some() && !waiters.is_empty() {
             self.stats.stale_answers.fetch_add(1, Ordering::Relaxed);
         }
         (waiters, stale)
+    }
+
+    fn evict_elsewhere(&self) {
+        for other in self.shards.iter() {
+            if let Ok(mut o) = other.try_lock() {
+                if let Some((old, _)) = o.lru.pop_lru() {
+                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    self.forget(old.key());
+                    return;
+                }
+            }
+        }
     }
 
     fn count(&self, key: &[u8], up: bool) {
@@ -251,23 +377,39 @@ impl Cache {
         }
     }
 
-    /// Changes the capacity to about `max_entries` (evicting the least
-    /// recently used entries if it shrinks).
+    /// Changes the bound to `max_entries`, evicting the least recently used
+    /// entries if it shrinks. (The shard count stays as it was at start.)
     pub fn resize(&self, max_entries: usize) {
-        let per_shard = max_entries.div_ceil(SHARDS).max(1);
-        let cap = std::num::NonZeroUsize::new(per_shard).unwrap_or(std::num::NonZeroUsize::MIN);
+        let max_entries = max_entries.max(1);
+        self.max_entries.store(max_entries, Ordering::Relaxed);
+        let cap = Self::shard_cap(max_entries, self.shards.len());
         for s in self.shards.iter() {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            while s.lru.len() > per_shard {
+            while s.lru.len() > cap.get() {
                 match s.lru.pop_lru() {
                     Some((k, _)) => {
                         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                        self.count(&k, false);
+                        self.forget(k.key());
                     }
                     None => break,
                 }
             }
             s.lru.resize(cap);
+        }
+        for s in self.shards.iter() {
+            if self.total.load(Ordering::Relaxed) <= max_entries {
+                break;
+            }
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            while self.total.load(Ordering::Relaxed) > max_entries {
+                match s.lru.pop_lru() {
+                    Some((k, _)) => {
+                        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                        self.forget(k.key());
+                    }
+                    None => break,
+                }
+            }
         }
     }
 
@@ -280,10 +422,7 @@ impl Cache {
 
     /// Entries held now (fresh, expired or stale), over all shards.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).lru.len())
-            .sum()
+        self.total.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -298,13 +437,11 @@ impl Cache {
             let doomed: Vec<Box<[u8]>> = s
                 .lru
                 .iter()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(k, _)| k.clone())
+                .filter(|(k, _)| k.key().starts_with(prefix))
+                .map(|(k, _)| Box::from(k.key()))
                 .collect();
             for k in doomed {
-                if s.lru.pop(&k).is_some() {
-                    self.count(&k, false);
-                }
+                self.remove(&mut s, &k);
             }
         }
     }
@@ -396,11 +533,11 @@ mod tests {
         get(&c, b"k", 0, 1);
         c.complete_ok(b"k", Some(b"v"), &off, 0);
         assert_eq!(get(&c, b"k", 1, 2).0, Lookup::Fetch);
-        let small = Cache::new(SHARDS); // one entry per shard
+        let small = Cache::new(100);
         for i in 0..1000u32 {
             small.complete_ok(&i.to_be_bytes(), Some(b"v"), &TTLS, 0);
         }
-        assert_eq!(small.len(), SHARDS);
+        assert_eq!(small.len(), 100);
         // keys are 4 bytes: the map id is their first two
         let by_map: u64 = (0..1000u32)
             .map(|i| (i >> 16) as u16)
@@ -408,10 +545,37 @@ mod tests {
             .iter()
             .map(|&m| small.map_len(m))
             .sum();
-        assert_eq!(by_map, SHARDS as u64);
-        assert_eq!(
-            small.stats.evictions.load(Ordering::Relaxed),
-            1000 - SHARDS as u64
+        assert_eq!(by_map, 100);
+        assert_eq!(small.stats.evictions.load(Ordering::Relaxed), 900);
+        // replacing a key neither grows the cache nor counts an eviction
+        small.complete_ok(&999u32.to_be_bytes(), Some(b"w"), &TTLS, 0);
+        assert_eq!(small.len(), 100);
+        assert_eq!(small.stats.evictions.load(Ordering::Relaxed), 900);
+        small.resize(10);
+        assert_eq!(small.len(), 10);
+        small.purge_prefix(&[0, 0]);
+        assert_eq!(small.len(), 0);
+        assert_eq!(small.map_len(0), 0);
+    }
+
+    #[test]
+    fn stored_layout_and_shard_fit() {
+        let s = Stored::new(b"key", Some(b"value"));
+        assert_eq!((s.key(), s.value()), (&b"key"[..], Some(&b"value"[..])));
+        let n = Stored::new(b"k", None);
+        assert_eq!((n.key(), n.value()), (&b"k"[..], None));
+        let e = Stored::new(b"k", Some(b""));
+        assert_eq!(e.value(), Some(&b""[..]));
+        for max in [1, 1000, 100_000, 1_000_000] {
+            let n = shard_count(max);
+            assert!((MIN_SHARDS..=MAX_SHARDS).contains(&n));
+        }
+        // a million entries: tables at least 60% full
+        let n = shard_count(1_000_000);
+        let cap = Cache::shard_cap(1_000_000, n).get();
+        assert!(
+            n * table_buckets(cap) * 6 / 10 <= 1_100_000,
+            "{n} shards of {cap}"
         );
     }
 }

@@ -666,8 +666,7 @@ impl Worker {
                                 Ok((name, key)) => match self.shared.map_by_name.get(name).copied()
                                 {
                                     Some(map) => {
-                                        let key = key.to_vec();
-                                        self.lookup(sid, map, &key, now);
+                                        self.lookup(sid, map, key, now);
                                     }
                                     None => {
                                         let msg = format!(
@@ -733,25 +732,19 @@ impl Worker {
 
     /// Answers the next request of `sid` at once (in order behind any owed answers).
     fn answer_now(&mut self, sid: usize, a: AnswerRef<'_>) {
-        let map_name = self.map_name_of(sid);
+        let shared = &self.shared;
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
         };
+        let map_name = map_name_of(shared, s.proto);
         s.next_seq += 1;
         if s.pending.is_empty() {
             s.first_seq = s.next_seq;
-            encode_answer(s.proto, a, &mut s.wbuf, &map_name);
+            encode_answer(s.proto, a, &mut s.wbuf, map_name);
         } else {
             let mut v = Vec::new();
-            encode_answer(s.proto, a, &mut v, &map_name);
+            encode_answer(s.proto, a, &mut v, map_name);
             s.pending.push_back(Slot::Ready(v));
-        }
-    }
-
-    fn map_name_of(&self, sid: usize) -> String {
-        match self.sessions.get(sid).map(|s| s.proto) {
-            Some(Proto::TcpTable { map }) => self.shared.map_name(map).to_string(),
-            _ => String::new(),
         }
     }
 
@@ -900,10 +893,11 @@ impl Worker {
 
     /// Puts an answer in its place on session `sid` and sends what is in order.
     fn deliver(&mut self, sid: usize, gen: u64, seq: u64, answer: &Answer, now: Instant) {
-        let map_name = self.map_name_of(sid);
+        let shared = &self.shared;
         let Some(s) = self.sessions.get_mut(sid).filter(|s| s.gen == gen) else {
             return;
         };
+        let map_name = map_name_of(shared, s.proto);
         let Some(i) = seq.checked_sub(s.first_seq).map(|i| i as usize) else {
             return;
         };
@@ -916,12 +910,12 @@ impl Worker {
             Answer::Temp(m) => AnswerRef::Temp(m.as_bytes()),
         };
         if i == 0 {
-            encode_answer(s.proto, a, &mut s.wbuf, &map_name);
+            encode_answer(s.proto, a, &mut s.wbuf, map_name);
             s.pending.pop_front();
             s.first_seq += 1;
         } else {
             let mut v = Vec::new();
-            encode_answer(s.proto, a, &mut v, &map_name);
+            encode_answer(s.proto, a, &mut v, map_name);
             s.pending[i] = Slot::Ready(v);
         }
         while let Some(Slot::Ready(_)) = s.pending.front() {
@@ -976,6 +970,14 @@ impl Worker {
             }
         }
         true
+    }
+}
+
+/// The map name for log lines about a session of protocol `proto`.
+fn map_name_of(shared: &Shared, proto: Proto) -> &str {
+    match proto {
+        Proto::TcpTable { map } => shared.map_name(map),
+        Proto::Socketmap { .. } => "",
     }
 }
 

@@ -17,9 +17,19 @@ pub fn needs_quoting(b: u8) -> bool {
 /// Appends `input` %XX-encoded (upper-case hex) to `out`.
 pub fn encode(input: &[u8], out: &mut Vec<u8>) {
     out.reserve(encoded_len(input));
-    for &b in input {
-        push_encoded(b, out);
+    encode_reserved(input, out);
+}
+
+/// [`encode`] without the reservation (the caller reserved
+/// [`encoded_len`]): runs of bytes that need no quoting are copied whole.
+pub(crate) fn encode_reserved(input: &[u8], out: &mut Vec<u8>) {
+    let mut rest = input;
+    while let Some(i) = rest.iter().position(|&b| needs_quoting(b)) {
+        out.extend_from_slice(&rest[..i]);
+        push_encoded(rest[i], out);
+        rest = &rest[i + 1..];
     }
+    out.extend_from_slice(rest);
 }
 
 /// Appends the encoded form of one byte (`%XX` or the byte itself).
@@ -46,7 +56,7 @@ pub(crate) fn byte_encoded_len(b: u8) -> usize {
 
 /// Length `encode` would produce, without writing.
 pub fn encoded_len(input: &[u8]) -> usize {
-    input.iter().map(|&b| byte_encoded_len(b)).sum()
+    input.len() + 2 * input.iter().filter(|&&b| needs_quoting(b)).count()
 }
 
 /// A '%' not followed by two hex digits.
@@ -82,7 +92,13 @@ fn hex_value(b: u8) -> Option<u8> {
 /// callers that care truncate `out` back to its previous length.
 pub fn decode(input: &[u8], out: &mut Vec<u8>) -> Result<(), MalformedEscape> {
     out.reserve(input.len());
-    let mut i = 0;
+    // Fast path: most keys hold no escape at all.
+    let Some(first) = input.iter().position(|&b| b == b'%') else {
+        out.extend_from_slice(input);
+        return Ok(());
+    };
+    out.extend_from_slice(&input[..first]);
+    let mut i = first;
     while i < input.len() {
         let b = input[i];
         if b == b'%' {

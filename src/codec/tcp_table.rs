@@ -158,7 +158,7 @@ pub fn encode_found(value: &[u8], out: &mut Vec<u8>) -> Result<(), ValueTooLong>
     }
     out.reserve(STATUS_PREFIX_BYTES + encoded_len + 1);
     out.extend_from_slice(b"200 ");
-    hex::encode(value, out);
+    hex::encode_reserved(value, out);
     out.push(b'\n');
     Ok(())
 }
