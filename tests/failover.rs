@@ -479,7 +479,7 @@ fn connect_timeout_fails_over_and_rests() {
     drop(d);
 
     // Alone: a temporary error once connect_timeout is over.
-    let (_d, port) = start(&[hole_url.clone()], &Setup::default());
+    let (_d, port) = start(std::slice::from_ref(&hole_url), &Setup::default());
     let mut c = LineClient::connect(port);
     let (r, lat) = timed_get(&mut c, "k");
     assert_temp(&r, "unreachable server alone");

@@ -791,7 +791,7 @@ fn raw_600_pipelined_requests_in_one_write() {
             .trim_end_matches("@example.com")
             .parse()
             .unwrap_or(1);
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             Reply::found(format!("v{n}").as_bytes())
         } else {
             Reply::not_found()
