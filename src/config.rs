@@ -744,10 +744,20 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             Some(v) => match v.get_ref().as_str() {
                 "header" => ResultMode::Header,
                 "body" => ResultMode::Body,
+                other if other.starts_with("json:") => {
+                    let ptr = &other["json:".len()..];
+                    if !(ptr.is_empty() || ptr.starts_with('/')) {
+                        cx.err(
+                            v.span().start,
+                            format!("result: {other:?}: a JSON pointer is empty or starts with '/' (e.g. \"json:/result\")"),
+                        );
+                    }
+                    ResultMode::Json(ptr.to_string())
+                }
                 other => {
                     cx.err(
                         v.span().start,
-                        format!("result: unknown mode {other:?} (use \"header\" or \"body\")"),
+                        format!("result: unknown mode {other:?} (use \"header\", \"body\" or \"json:/pointer\")"),
                     );
                     ResultMode::Header
                 }
@@ -980,6 +990,22 @@ fold_case = false
         for bad in ["", "10.0.0.0/33", "x/8", "::/129"] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn result_modes() {
+        let base = "[maps.v]\ntcp_listen = \"127.0.0.1:1\"\nservers = [\"http://127.0.0.1:1/\"]\n";
+        for (line, want) in [
+            ("result = \"header\"", ResultMode::Header),
+            ("result = \"body\"", ResultMode::Body),
+            ("result = \"json:/a/0\"", ResultMode::Json("/a/0".into())),
+            ("result = \"json:\"", ResultMode::Json(String::new())),
+        ] {
+            let c = parse("t.toml", &format!("{base}{line}\n")).unwrap();
+            assert_eq!(c.maps[0].result, want, "{line}");
+        }
+        let e = parse("t.toml", &format!("{base}result = \"json:a\"\n")).unwrap_err();
+        assert!(e.0[0].to_string().starts_with("t.toml:4: result:"), "{e}");
     }
 
     #[test]

@@ -917,3 +917,84 @@ fn garbage_and_oversized_heads_are_temporary_errors() {
     }
     drop(d);
 }
+
+/// `result = "json:/pointer"` against a real HTTP server: strings, numbers,
+/// arrays joined with the separator, null/""/missing/404 as not found, and a
+/// body that is not JSON as a temporary error.
+#[test]
+fn json_mode_results() {
+    let server = TestServer::start(|req: &Request| match req.key_str().as_str() {
+        "alice@x.test" => Reply::body(200, br#"{"result": "alice@mail.x.test", "n": 1}"#),
+        "team@x.test" => Reply::body(200, br#"{"result": ["a@x.test", "b@x.test", ""]}"#),
+        "uid@x.test" => Reply::body(200, br#"{"result": 1042}"#),
+        "null@x.test" => Reply::body(200, br#"{"result": null}"#),
+        "blank@x.test" => Reply::body(200, br#"{"result": ""}"#),
+        "missing@x.test" => Reply::body(200, br#"{"other": "x"}"#),
+        "gone@x.test" => Reply::body(404, br#"{"error": "no such user"}"#),
+        "broken@x.test" => Reply::body(200, b"{not json"),
+        "object@x.test" => Reply::body(200, br#"{"result": {"a": 1}}"#),
+        _ => Reply::body(503, b"{}"),
+    });
+    let port = free_port();
+    let d = daemon(
+        &config(
+            port,
+            &[server.url("/v1/lookup?address={key}")],
+            "result = \"json:/result\"",
+        ),
+        port,
+    );
+    let mut c = LineClient::connect(port);
+    assert_eq!(get(&mut c, "alice@x.test"), "200 alice@mail.x.test\n");
+    assert_eq!(get(&mut c, "team@x.test"), "200 a@x.test,%20b@x.test\n");
+    assert_eq!(get(&mut c, "uid@x.test"), "200 1042\n");
+    for k in [
+        "null@x.test",
+        "blank@x.test",
+        "missing@x.test",
+        "gone@x.test",
+    ] {
+        assert_eq!(get(&mut c, k), "500 not found\n", "{k}");
+    }
+    for k in ["broken@x.test", "object@x.test", "other@x.test"] {
+        let r = get(&mut c, k);
+        assert_temp_error(&r);
+        c = LineClient::connect(port); // Postfix reconnects after a 400
+    }
+    assert_eq!(
+        server.paths()[0],
+        "/v1/lookup?address=alice@x.test",
+        "the key goes into the query"
+    );
+    assert_eq!(server.requests(), 10);
+    // JSON errors are the server's answers, not its failures: it does not rest.
+    assert_no_server_down(&d);
+}
+
+/// Body mode: several non-empty lines are several results, joined with the
+/// map's separator.
+#[test]
+fn body_mode_joins_lines_with_the_separator() {
+    let server = TestServer::start(|_req: &Request| {
+        Reply::body(
+            200,
+            b"  first@x.test\r\n\r\nsecond@x.test  \nthird@x.test\n",
+        )
+    });
+    let port = free_port();
+    let d = daemon(
+        &config(
+            port,
+            &[server.url("/list/{key}")],
+            "result = \"body\"\nseparator = \" \"",
+        ),
+        port,
+    );
+    let mut c = LineClient::connect(port);
+    assert_eq!(
+        get(&mut c, "list@x.test"),
+        "200 first@x.test%20second@x.test%20third@x.test\n"
+    );
+    assert_eq!(server.paths(), vec!["/list/list@x.test".to_string()]);
+    drop(d);
+}
