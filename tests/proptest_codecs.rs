@@ -15,6 +15,22 @@ mod checks;
 use httpmapd::codec::http::Framing;
 use httpmapd::codec::{hex, netstring, tcp_table};
 use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+/// `cases` per property (PROPTEST_CASES overrides the default 256), and no
+/// regression files written next to the sources: a failure prints its
+/// minimal input; add it to `regression_inputs` below.
+fn config(cases: u32) -> Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
+    Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    }
+}
 
 /// Bytes biased towards what the codecs care about: protocol punctuation,
 /// digits, hex, CR/LF, NUL, high bytes.
@@ -66,6 +82,8 @@ fn chunkish() -> impl Strategy<Value = Vec<u8>> {
 // ---------------------------------------------------------------------------
 
 proptest! {
+    #![proptest_config(config(256))]
+
     #[test]
     fn hex_decode_of_encode_is_identity(x in bytes(300)) {
         checks::hex_round_trip(&x);
@@ -91,6 +109,8 @@ proptest! {
 // ---------------------------------------------------------------------------
 
 proptest! {
+    #![proptest_config(config(256))]
+
     #[test]
     fn tcp_request_round_trips(
         key in bytes(200),
@@ -151,6 +171,8 @@ proptest! {
 // ---------------------------------------------------------------------------
 
 proptest! {
+    #![proptest_config(config(256))]
+
     #[test]
     fn netstring_round_trips(
         parts in prop::collection::vec(bytes(100), 0..4),
@@ -188,6 +210,8 @@ proptest! {
 // ---------------------------------------------------------------------------
 
 proptest! {
+    #![proptest_config(config(256))]
+
     #[test]
     fn http_parse_head_never_panics(
         buf in prop_oneof![
@@ -263,6 +287,8 @@ proptest! {
 // ---------------------------------------------------------------------------
 
 proptest! {
+    #![proptest_config(config(256))]
+
     #[test]
     fn client_parse_table_never_panics(
         s in prop_oneof![
@@ -279,7 +305,7 @@ proptest! {
 // ---------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(config(512))]
 
     #[test]
     fn fuzz_target_hex(data in bytes(400)) { checks::fuzz_hex(&data); }
