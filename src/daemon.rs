@@ -607,30 +607,37 @@ pub fn render_metrics(shared: &Shared) -> String {
             shared.cache.map_len(*id)
         );
     }
+    // Every server once, with its labels.
+    let servers: Vec<(String, &SharedServer)> = maps
+        .iter()
+        .flat_map(|(_, m)| {
+            m.servers.iter().map(|s| {
+                let lb = format!(
+                    "map=\"{}\",server=\"{}\"",
+                    label(&m.cfg.name),
+                    label(&s.cfg.url)
+                );
+                (lb, &**s)
+            })
+        })
+        .collect();
     header(
         &mut o,
         "httpmapd_server_requests_total",
         "counter",
         "Requests to servers, by outcome (ok, http_error, failure).",
     );
-    for (_, m) in &maps {
-        for s in &m.servers {
-            let lb = format!(
-                "map=\"{}\",server=\"{}\"",
-                label(&m.cfg.name),
-                label(&s.cfg.url)
+    for (lb, s) in &servers {
+        for (outcome, v) in [
+            ("ok", &s.counters.ok),
+            ("http_error", &s.counters.http_error),
+            ("failure", &s.counters.failure),
+        ] {
+            let _ = writeln!(
+                o,
+                "httpmapd_server_requests_total{{{lb},outcome=\"{outcome}\"}} {}",
+                l(v)
             );
-            for (outcome, v) in [
-                ("ok", &s.counters.ok),
-                ("http_error", &s.counters.http_error),
-                ("failure", &s.counters.failure),
-            ] {
-                let _ = writeln!(
-                    o,
-                    "httpmapd_server_requests_total{{{lb},outcome=\"{outcome}\"}} {}",
-                    l(v)
-                );
-            }
         }
     }
     header(
@@ -639,19 +646,25 @@ pub fn render_metrics(shared: &Shared) -> String {
         "gauge",
         "1 if the server is healthy, 0 while it rests after failures.",
     );
-    for (_, m) in &maps {
-        for s in &m.servers {
-            let lb = format!(
-                "map=\"{}\",server=\"{}\"",
-                label(&m.cfg.name),
-                label(&s.cfg.url)
-            );
-            let _ = writeln!(
-                o,
-                "httpmapd_server_up{{{lb}}} {}",
-                u8::from(s.health.is_up())
-            );
-        }
+    for (lb, s) in &servers {
+        let _ = writeln!(
+            o,
+            "httpmapd_server_up{{{lb}}} {}",
+            u8::from(s.health.is_up())
+        );
+    }
+    header(
+        &mut o,
+        "httpmapd_server_connections",
+        "gauge",
+        "Connections open to the server, all workers together.",
+    );
+    for (lb, s) in &servers {
+        let _ = writeln!(
+            o,
+            "httpmapd_server_connections{{{lb}}} {}",
+            s.open.load(Ordering::Relaxed)
+        );
     }
     header(
         &mut o,
@@ -659,17 +672,10 @@ pub fn render_metrics(shared: &Shared) -> String {
         "histogram",
         "Duration of answered server requests.",
     );
-    for (_, m) in &maps {
-        for s in &m.servers {
-            let lb = format!(
-                "map=\"{}\",server=\"{}\"",
-                label(&m.cfg.name),
-                label(&s.cfg.url)
-            );
-            s.counters
-                .latency
-                .render(&mut o, "httpmapd_server_request_duration_seconds", &lb);
-        }
+    for (lb, s) in &servers {
+        s.counters
+            .latency
+            .render(&mut o, "httpmapd_server_request_duration_seconds", lb);
     }
     o
 }
