@@ -431,6 +431,9 @@ fn lookup_id(name: &str, group: bool) -> Result<u32, String> {
     }
 }
 
+/// Most problems one file reports before the rest is left unread.
+const MAX_REPORTED_ERRORS: usize = 100;
+
 /// Most maps one daemon serves (map ids are 16 bits in cache keys).
 pub const MAX_MAPS: usize = 1024;
 
@@ -530,13 +533,26 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         text,
         errors: Vec::new(),
     };
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(r) => r,
-        Err(e) => {
-            let at = e.span().map(|s| s.start).unwrap_or(0);
-            let msg = e.message().trim().to_string();
-            cx.err(at, msg);
-            return Err(ConfigErrors(cx.errors));
+    // Unknown keys are reported one by one: each is blanked out (same
+    // offsets, so line numbers stay right) and the text parsed again, so
+    // one typo does not hide the file's other problems.
+    let mut work = text.to_string();
+    let raw: RawConfig = loop {
+        match toml::from_str(&work) {
+            Ok(r) => break r,
+            Err(e) => {
+                let at = e.span().map(|s| s.start).unwrap_or(0);
+                let msg = e.message().trim().to_string();
+                let unknown = msg.starts_with("unknown field");
+                cx.err(at, msg);
+                if !unknown || cx.errors.len() >= MAX_REPORTED_ERRORS {
+                    return Err(ConfigErrors(cx.errors));
+                }
+                let start = work[..at.min(work.len())].rfind('\n').map_or(0, |i| i + 1);
+                let end = work[start..].find('\n').map_or(work.len(), |i| start + i);
+                let blank = " ".repeat(end - start);
+                work.replace_range(start..end, &blank);
+            }
         }
     };
 
@@ -990,6 +1006,30 @@ fold_case = false
         for bad in ["", "10.0.0.0/33", "x/8", "::/129"] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = "[daemon]\nwrkers = 2\n[maps.v]\ntcp_listen = \"127.0.0.1:1\"\nservers = [\"http://127.0.0.1:1/\"]\nttl = \"5 parsecs\"\nbogus = 1\n";
+        let errs: Vec<String> = parse("t.toml", text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].starts_with("t.toml:2: unknown field `wrkers`"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("t.toml:6: ttl: invalid duration"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].starts_with("t.toml:7: unknown field `bogus`"),
+            "{errs:?}"
+        );
     }
 
     #[test]

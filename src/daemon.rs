@@ -219,6 +219,7 @@ fn bind_all(
 /// Runs the daemon until SIGTERM/SIGINT. Errors are start-up failures.
 pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
     crate::log::set_level(cfg.daemon.log_level);
+    let signals = install_signals()?;
     let nofile = raise_nofile_limit();
     let cfg = Arc::new(cfg);
     let workers = cfg.daemon.workers;
@@ -315,7 +316,7 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
         ids,
         listens,
     };
-    spawn_signal_thread(state)?;
+    spawn_signal_thread(state, signals)?;
     for h in handles {
         let _ = h.join();
     }
@@ -704,10 +705,20 @@ pub fn health(shared: &Shared) -> (bool, String) {
     )
 }
 
-fn spawn_signal_thread(mut state: State) -> Result<(), String> {
+/// Takes over SIGTERM, SIGINT, SIGHUP and SIGUSR1 (queued until the signal
+/// thread runs). Done first thing, so a signal that arrives while the daemon
+/// starts is handled, not fatal.
+fn install_signals() -> Result<signal_hook::iterator::Signals, String> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))
+}
+
+fn spawn_signal_thread(
+    mut state: State,
+    mut signals: signal_hook::iterator::Signals,
+) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

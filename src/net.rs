@@ -36,6 +36,16 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// Fails if another socket (another httpmapd, say) listens on `addr`:
+/// `SO_REUSEPORT` would otherwise let two daemons share the address, each
+/// getting some of the clients. A plain bind (no `SO_REUSEPORT`) tells.
+fn ensure_unused(addr: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())
+}
+
 /// Binds a Unix listener at `path`, replacing a stale socket file (one that
 /// nobody accepts on) but never a live one or a file that is not a socket.
 pub fn bind_unix(
@@ -79,7 +89,10 @@ pub enum Bound {
 impl Bound {
     pub fn bind(listen: &Listen, d: &crate::config::Daemon) -> io::Result<Bound> {
         match listen {
-            Listen::Tcp(a) => bind_tcp(*a).map(Bound::Tcp),
+            Listen::Tcp(a) => {
+                ensure_unused(*a)?;
+                bind_tcp(*a).map(Bound::Tcp)
+            }
             Listen::Unix(p) => bind_unix(
                 p,
                 d.unix_socket_mode,

@@ -31,6 +31,9 @@ pub struct Health {
     rest_until_ms: AtomicU64,
     /// A probe request is in flight.
     probing: AtomicBool,
+    /// When the current run of failures began (ms); requests started before
+    /// it do not count as a recovery.
+    down_since_ms: AtomicU64,
 }
 
 impl Health {
@@ -41,6 +44,7 @@ impl Health {
             failures: AtomicU32::new(0),
             rest_until_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            down_since_ms: AtomicU64::new(0),
         }
     }
 
@@ -72,7 +76,14 @@ impl Health {
 
     /// A request succeeded. Returns the number of failures it ends (> 0: the
     /// server just came back). The probe slot is its holder's to free.
-    pub fn success(&self) -> u32 {
+    /// `started_ms`: when the request was sent. A request sent before the
+    /// server went down proves nothing about it now and changes nothing.
+    pub fn success(&self, started_ms: u64) -> u32 {
+        if self.failures.load(Ordering::Acquire) == 0
+            || started_ms < self.down_since_ms.load(Ordering::Acquire)
+        {
+            return 0;
+        }
         self.failures.swap(0, Ordering::AcqRel)
     }
 
@@ -88,6 +99,9 @@ impl Health {
         let rest_ms = self.retry_interval_ms.saturating_mul(factor);
         self.rest_until_ms
             .store(now_ms.saturating_add(rest_ms), Ordering::Release);
+        if n == 1 {
+            self.down_since_ms.store(now_ms, Ordering::Release);
+        }
         (Duration::from_millis(rest_ms), n == 1)
     }
 }
@@ -111,9 +125,10 @@ mod tests {
         assert_eq!(h.failure(300), (Duration::from_millis(400), false));
         assert_eq!(h.failure(700), (Duration::from_millis(400), false)); // capped at 4x
         assert!(h.try_probe());
-        assert_eq!(h.success(), 4);
+        assert_eq!(h.success(50), 0, "sent before the server went down (at 0)");
+        assert_eq!(h.success(700), 4);
         h.end_probe();
         assert_eq!(h.availability(0), Availability::Up);
-        assert_eq!(h.success(), 0);
+        assert_eq!(h.success(800), 0);
     }
 }

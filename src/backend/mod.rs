@@ -635,9 +635,11 @@ impl Backend {
         }
     }
 
-    fn server_answered(&mut self, server: usize) {
+    /// The server answered a request sent at `started`.
+    fn server_answered(&mut self, server: usize, started: Instant) {
         let shared = &self.servers[server].shared;
-        let failures = shared.health.success();
+        let started_ms = started.saturating_duration_since(self.epoch).as_millis() as u64;
+        let failures = shared.health.success(started_ms);
         if failures > 0 {
             crate::info!(
                 "server {} (map {}) is up again after {} failure(s)",
@@ -864,7 +866,8 @@ impl Backend {
             &counters.http_error
         };
         kind.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.server_answered(server);
+        let started = c.started;
+        self.server_answered(server, started);
         if reusable {
             self.make_idle(registry, idx, now);
         } else {
@@ -883,6 +886,7 @@ impl Backend {
     fn fail(&mut self, registry: &Registry, idx: usize, failure: Failure, now: Instant) {
         let server = self.conns[idx].server;
         let f = self.conns[idx].fetch.take();
+        let started = self.conns[idx].started;
         self.close_conn(registry, idx);
         let url = self.servers[server].shared.cfg.url.clone();
         match failure {
@@ -910,7 +914,7 @@ impl Backend {
                 }
             }
             Failure::Answer(why) => {
-                self.server_answered(server);
+                self.server_answered(server, started);
                 if let Some(f) = f {
                     self.release_probe(f, server);
                     self.retry_elsewhere(f, format!("{url}: {why}"));
@@ -1048,6 +1052,11 @@ fn evaluate(map: &MapConfig, head: &Head, body: &[u8], url: &str) -> Result<Outc
         ResultMode::Header => {
             if (200..300).contains(&head.status) {
                 match &head.results {
+                    Some(v) if v.len() > map.max_result_bytes => Err(format!(
+                        "{url}: result of {} bytes exceeds max_result_bytes ({})",
+                        v.len(),
+                        map.max_result_bytes
+                    )),
                     Some(v) if !v.is_empty() => Ok(Outcome::Found(v.clone())),
                     _ => Ok(Outcome::NotFound),
                 }
