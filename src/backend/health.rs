@@ -80,7 +80,7 @@ impl Health {
     /// server went down proves nothing about it now and changes nothing.
     pub fn success(&self, started_ms: u64) -> u32 {
         if self.failures.load(Ordering::Acquire) == 0
-            || started_ms < self.down_since_ms.load(Ordering::Acquire)
+            || started_ms <= self.down_since_ms.load(Ordering::Acquire)
         {
             return 0;
         }
@@ -125,7 +125,7 @@ mod tests {
         assert_eq!(h.failure(300), (Duration::from_millis(400), false));
         assert_eq!(h.failure(700), (Duration::from_millis(400), false)); // capped at 4x
         assert!(h.try_probe());
-        assert_eq!(h.success(50), 0, "sent before the server went down (at 0)");
+        assert_eq!(h.success(0), 0, "sent when the server went down (at 0)");
         assert_eq!(h.success(700), 4);
         h.end_probe();
         assert_eq!(h.availability(0), Availability::Up);

@@ -162,6 +162,9 @@ struct Conn {
     fetch: Option<FetchRef>,
     /// When the current request was handed to this connection.
     started: Instant,
+    /// An event said the server closed its side (its FIN may be queued
+    /// behind the reply, and no new edge will come for it).
+    peer_closed: bool,
 }
 
 /// How an attempt on a connection failed.
@@ -513,6 +516,7 @@ impl Backend {
             body: Vec::new(),
             fetch: Some(f),
             started: now,
+            peer_closed: false,
         });
         let _ = conn;
         let idx = self.token_idx(token);
@@ -653,9 +657,10 @@ impl Backend {
     /// A readiness event for one of this backend's connections.
     pub fn event(&mut self, registry: &Registry, event: &Event, now: Instant) {
         let idx = self.token_idx(event.token());
-        if !self.conns.contains(idx) {
+        let Some(c) = self.conns.get_mut(idx) else {
             return;
-        }
+        };
+        c.peer_closed |= event.is_read_closed() || event.is_error();
         self.drive(registry, idx, now);
         self.run_ready(registry, now);
     }
@@ -936,6 +941,12 @@ impl Backend {
 
     /// Returns `idx` to its server's pool, or hands it to a queued fetch.
     fn make_idle(&mut self, registry: &Registry, idx: usize, now: Instant) {
+        if self.conns[idx].peer_closed {
+            // The server closed right after its reply: not reusable (a
+            // fetch queued for a connection moves on through `close_conn`).
+            self.close_conn(registry, idx);
+            return;
+        }
         let c = &mut self.conns[idx];
         c.state = ConnState::Idle;
         c.reused = true;
