@@ -819,6 +819,19 @@ impl Worker {
                     .start(registry, map, &self.fold_buf, &self.ckey_buf, now);
             }
         }
+        if crate::log::enabled(crate::log::Level::Debug) {
+            let what = match r {
+                Lookup::Hit { refresh: false } => "cache hit",
+                Lookup::Hit { refresh: true } => "cache hit, refreshing in the background",
+                Lookup::Joined => "miss, joined a fetch in flight",
+                Lookup::Fetch => "miss, fetching",
+            };
+            crate::debug!(
+                "map {}: lookup {:?}: {what}",
+                self.shared.map_name(map),
+                String::from_utf8_lossy(&self.fold_buf)
+            );
+        }
     }
 
     /// Stores finished fetches in the cache and answers their waiters.
@@ -834,6 +847,18 @@ impl Worker {
             let map_name = self.shared.map_name(c.map);
             let counters = &self.shared.stats.maps[c.map as usize];
             counters.fetch_latency.observe(c.elapsed);
+            if crate::log::enabled(crate::log::Level::Debug) {
+                let key = String::from_utf8_lossy(c.cache_key.get(2..).unwrap_or_default());
+                let what = match &c.outcome {
+                    Outcome::Found(v) => format!("found {:?}", String::from_utf8_lossy(v)),
+                    Outcome::NotFound => "not found".to_string(),
+                    Outcome::Temp(m) => format!("temporary error: {m}"),
+                };
+                crate::debug!(
+                    "map {map_name}: fetched {key:?} in {}us: {what}",
+                    c.elapsed.as_micros()
+                );
+            }
             let (waiters, answer) = match c.outcome {
                 Outcome::Found(v) => {
                     let w = cache.complete_ok(&c.cache_key, Some(&v), ttls, now_ms);
