@@ -5,7 +5,7 @@
 //! so a map reached over `tcp:` and over `socketmap:` shares its entries. Each
 //! shard is one `Mutex` over an [`lru::LruCache`] and a hashbrown map of
 //! in-flight keys with the clients waiting on them. An entry is one
-//! allocation (key and value side by side, see [`Stored`]) plus the LRU node
+//! allocation (key and value side by side, see `Stored`) plus the LRU node
 //! with three compact timestamps: about 100 bytes beyond key and value. This module owns no
 //! sockets and no clocks: callers pass `now` in milliseconds since
 //! [`Cache::epoch`], so every rule here is testable without sleeping.

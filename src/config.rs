@@ -353,7 +353,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid duration {s:?}: too large"))
 }
 
-/// Parses a listen address: "host:port", "[v6]:port", or "unix:/path".
+/// Parses a listen address: `host:port`, `[v6]:port`, or `unix:/path`.
 pub fn parse_listen(s: &str) -> Result<Listen, String> {
     if let Some(path) = s.strip_prefix("unix:") {
         if !path.starts_with('/') {

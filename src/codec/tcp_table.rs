@@ -163,7 +163,7 @@ pub fn encode_found(value: &[u8], out: &mut Vec<u8>) -> Result<(), ValueTooLong>
     Ok(())
 }
 
-/// Appends "500 <text>\n": not found (the client keeps the connection).
+/// Appends `500 <text>\n`: not found (the client keeps the connection).
 /// `text` is `%XX`-encoded and cut so the line fits [`MAX_REPLY_BYTES`]: the cut
 /// never splits a `%XX` escape, nor a UTF-8 character when `text` is valid
 /// UTF-8. Empty `text` gives exactly "500 not found\n" (the default text is
@@ -172,7 +172,7 @@ pub fn encode_not_found(text: &[u8], out: &mut Vec<u8>) {
     encode_status_line(b"500 ", text, b"not found", out);
 }
 
-/// Appends "400 <text>\n": temporary error (the client disconnects after it).
+/// Appends `400 <text>\n`: temporary error (the client disconnects after it).
 /// `text` is encoded and cut as in [`encode_not_found`]; empty `text` gives
 /// exactly "400 temporary error\n".
 pub fn encode_temp_error(text: &[u8], out: &mut Vec<u8>) {
