@@ -4,9 +4,14 @@
 //! A key is the map id (2 bytes, big-endian) followed by the folded lookup key,
 //! so a map reached over `tcp:` and over `socketmap:` shares its entries. Each
 //! shard is one `Mutex` over an [`lru::LruCache`] and a hashbrown map of
-//! in-flight keys with the clients waiting on them. An entry is one
-//! allocation (key and value side by side, see `Stored`) plus the LRU node
-//! with three compact timestamps: about 100 bytes beyond key and value. This module owns no
+//! in-flight keys with the clients waiting on them. The LRU is keyed by the
+//! key's 64-bit hash; its entry holds the key itself (checked on every hit,
+//! so a hash collision is a miss, never a wrong answer) and the value in one
+//! allocation (see `Stored`), and three compact timestamps: about 100 bytes
+//! beyond key and value. A hit reads the entry without moving it in the LRU
+//! list (one hit in [`PROMOTE_ONE_IN`] moves it to the front): at a million
+//! entries every pointer followed is a likely cache miss, and moving a node
+//! touches its two neighbours. This module owns no
 //! sockets and no clocks: callers pass `now` in milliseconds since
 //! [`Cache::epoch`], so every rule here is testable without sleeping.
 //!
@@ -30,6 +35,9 @@ const MAX_SHARDS: usize = 128;
 /// Room each shard has beyond its even share, so an uneven spread of keys
 /// still fills the cache to `max_entries` (the global bound is exact).
 const SHARD_SLACK_PERCENT: usize = 10;
+/// A hit moves its entry to the front of the LRU list with this odds (1 in
+/// N), so hot entries stay and a hit costs no list update most of the time.
+pub const PROMOTE_ONE_IN: u32 = 8;
 /// Bytes before the key in a [`Stored`] allocation: key length (u32 LE), found flag.
 const STORED_HEADER: usize = 5;
 
@@ -114,8 +122,35 @@ impl Times {
     }
 }
 
+/// What the LRU holds for a key hash.
+struct Entry {
+    stored: Stored,
+    times: Times,
+}
+
+/// The LRU's hasher: its keys are already 64-bit hashes.
+#[derive(Default, Clone, Copy)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in, to be safe.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type PreHashedBuilder = std::hash::BuildHasherDefault<PreHashed>;
+
 struct Shard {
-    lru: LruCache<Stored, Times, DefaultHashBuilder>,
+    lru: LruCache<u64, Entry, PreHashedBuilder>,
     inflight: HashMap<Box<[u8]>, Vec<Waiter>>,
 }
 
@@ -196,7 +231,7 @@ impl Cache {
         let shards = (0..n)
             .map(|_| {
                 Mutex::new(Shard {
-                    lru: LruCache::with_hasher(cap, DefaultHashBuilder::default()),
+                    lru: LruCache::with_hasher(cap, PreHashedBuilder::default()),
                     inflight: HashMap::new(),
                 })
             })
@@ -229,9 +264,11 @@ impl Cache {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn shard(&self, key: &[u8]) -> &Mutex<Shard> {
+    /// The key's hash and its shard (chosen by the hash's high half; the
+    /// table inside uses the low bits).
+    fn shard(&self, key: &[u8]) -> (u64, &Mutex<Shard>) {
         let h = self.hasher.hash_one(key);
-        &self.shards[(h as usize) % self.shards.len()]
+        (h, &self.shards[((h >> 32) as usize) % self.shards.len()])
     }
 
     /// Looks `key` up. On a fresh entry calls `on_hit` with the value (`None`
@@ -244,13 +281,18 @@ impl Cache {
         waiter: Waiter,
         on_hit: impl FnOnce(Option<&[u8]>),
     ) -> Lookup {
-        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let (h, shard) = self.shard(key);
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *shard;
-        if let Some((stored, t)) = shard.lru.get_key_value(key) {
+        if let Some(e) = shard.lru.peek(&h).filter(|e| e.stored.key() == key) {
+            let t = &e.times;
             if now_ms < t.fresh_until_ms {
-                on_hit(stored.value());
+                on_hit(e.stored.value());
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 let refresh = now_ms >= t.refresh_from_ms() && !shard.inflight.contains_key(key);
+                if fastrand::u32(..PROMOTE_ONE_IN) == 0 {
+                    shard.lru.promote(&h);
+                }
                 if refresh {
                     shard.inflight.insert(key.into(), Vec::new());
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
@@ -268,10 +310,11 @@ impl Cache {
         Lookup::Fetch
     }
 
-    /// Removes `key`'s entry from `shard`, keeping the counts right.
-    fn remove(&self, shard: &mut Shard, key: &[u8]) {
-        if shard.lru.pop(key).is_some() {
-            self.forget(key);
+    /// Removes the entry at hash `h` from `shard` (`key`'s, or a colliding
+    /// key's), keeping the counts right.
+    fn remove(&self, shard: &mut Shard, h: u64) {
+        if let Some(e) = shard.lru.pop(&h) {
+            self.forget(e.stored.key());
         }
     }
 
@@ -294,19 +337,20 @@ impl Cache {
         } else {
             ttls.negative_ttl
         };
-        let mut guard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let (h, shard) = self.shard(key);
+        let mut guard = shard.lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *guard;
         let waiters = shard.inflight.remove(key).unwrap_or_default();
-        self.remove(shard, key);
+        self.remove(shard, h);
         if ttl.is_zero() {
             return waiters;
         }
         // The global bound: past it, this shard gives up its least recently used.
         if self.total.load(Ordering::Relaxed) >= self.max_entries.load(Ordering::Relaxed) {
             match shard.lru.pop_lru() {
-                Some((old, _)) => {
+                Some((_, old)) => {
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    self.forget(old.key());
+                    self.forget(old.stored.key());
                 }
                 // This shard is empty: another gives up one (try_lock: never
                 // wait on a second lock while holding one).
@@ -320,10 +364,14 @@ impl Cache {
             refresh_ms: clamp(u128::from(ttl_ms) * u128::from(ttls.refresh_ahead_percent) / 100),
             stale_ms: clamp(ttls.stale_ttl.as_millis()),
         };
-        if let Some((old, _)) = shard.lru.push(Stored::new(key, value), times) {
+        let entry = Entry {
+            stored: Stored::new(key, value),
+            times,
+        };
+        if let Some((_, old)) = shard.lru.push(h, entry) {
             // Not this key (removed above): the shard was full.
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            self.forget(old.key());
+            self.forget(old.stored.key());
         }
         self.total.fetch_add(1, Ordering::Relaxed);
         self.count(key, true);
@@ -339,10 +387,13 @@ impl Cache {
         key: &[u8],
         now_ms: u64,
     ) -> (Vec<Waiter>, Option<Option<Box<[u8]>>>) {
-        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let (h, shard) = self.shard(key);
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         let waiters = shard.inflight.remove(key).unwrap_or_default();
-        let stale = match shard.lru.get_key_value(key) {
-            Some((stored, t)) if now_ms < t.stale_until_ms() => Some(stored.value().map(Box::from)),
+        let stale = match shard.lru.peek(&h) {
+            Some(e) if e.stored.key() == key && now_ms < e.times.stale_until_ms() => {
+                Some(e.stored.value().map(Box::from))
+            }
             _ => None,
         };
         if stale.is_some() && !waiters.is_empty() {
@@ -354,9 +405,9 @@ impl Cache {
     fn evict_elsewhere(&self) {
         for other in self.shards.iter() {
             if let Ok(mut o) = other.try_lock() {
-                if let Some((old, _)) = o.lru.pop_lru() {
+                if let Some((_, old)) = o.lru.pop_lru() {
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    self.forget(old.key());
+                    self.forget(old.stored.key());
                     return;
                 }
             }
@@ -387,9 +438,9 @@ impl Cache {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             while s.lru.len() > cap.get() {
                 match s.lru.pop_lru() {
-                    Some((k, _)) => {
+                    Some((_, old)) => {
                         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                        self.forget(k.key());
+                        self.forget(old.stored.key());
                     }
                     None => break,
                 }
@@ -403,9 +454,9 @@ impl Cache {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             while self.total.load(Ordering::Relaxed) > max_entries {
                 match s.lru.pop_lru() {
-                    Some((k, _)) => {
+                    Some((_, old)) => {
                         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                        self.forget(k.key());
+                        self.forget(old.stored.key());
                     }
                     None => break,
                 }
@@ -434,14 +485,14 @@ impl Cache {
     pub fn purge_prefix(&self, prefix: &[u8]) {
         for s in self.shards.iter() {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            let doomed: Vec<Box<[u8]>> = s
+            let doomed: Vec<u64> = s
                 .lru
                 .iter()
-                .filter(|(k, _)| k.key().starts_with(prefix))
-                .map(|(k, _)| Box::from(k.key()))
+                .filter(|(_, e)| e.stored.key().starts_with(prefix))
+                .map(|(h, _)| *h)
                 .collect();
-            for k in doomed {
-                self.remove(&mut s, &k);
+            for h in doomed {
+                self.remove(&mut s, h);
             }
         }
     }
