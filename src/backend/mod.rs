@@ -200,6 +200,8 @@ pub struct Backend {
     next_gen: u64,
     epoch: Instant,
     read_buf: Box<[u8]>,
+    /// Scratch for a request's target (path and query with the key in it).
+    target_buf: Vec<u8>,
     pub stats: BackendStats,
 }
 
@@ -227,6 +229,7 @@ impl Backend {
             next_gen: 1,
             epoch,
             read_buf: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
+            target_buf: Vec::with_capacity(256),
             stats: BackendStats::default(),
         };
         let placeholder = maps.iter().flatten().next().map(|m| m.cfg.clone());
@@ -353,36 +356,37 @@ impl Backend {
     fn choose(&self, map: u16, tried: &[usize]) -> Option<(usize, bool)> {
         let now_ms = self.now_ms();
         let servers = &self.maps[map as usize].servers;
-        let mut up: Vec<usize> = Vec::with_capacity(servers.len());
-        let mut probe: Vec<usize> = Vec::new();
-        let mut resting: Vec<usize> = Vec::new();
-        let mut any_up = false;
-        for &s in servers {
-            let a = self.servers[s].shared.health.availability(now_ms);
-            any_up |= a == Availability::Up;
-            if tried.contains(&s) {
-                continue;
-            }
-            match a {
-                Availability::Up => up.push(s),
-                Availability::Probe => probe.push(s),
-                Availability::Resting => resting.push(s),
-            }
+        let n = servers.len();
+        if n == 0 {
+            return None;
         }
+        let avail = |s: usize| self.servers[s].shared.health.availability(now_ms);
+        let untried = |s: &usize| !tried.contains(s);
+        // The servers in a random rotation: a random order to try them in,
+        // without allocating.
+        let start = fastrand::usize(..n);
+        let rotation = || (0..n).map(move |k| servers[(start + k) % n]);
         // A server whose rest is over is probed first (one lookup at a
         // time), even while others are up: otherwise it would never return.
-        fastrand::shuffle(&mut probe);
-        for s in probe {
-            if self.servers[s].shared.health.try_probe() {
+        for s in rotation().filter(untried) {
+            if avail(s) == Availability::Probe && self.servers[s].shared.health.try_probe() {
                 return Some((s, true));
             }
         }
-        if !up.is_empty() {
-            return Some((up[fastrand::usize(..up.len())], false));
+        let up = rotation()
+            .filter(untried)
+            .filter(|&s| avail(s) == Availability::Up)
+            .count();
+        if up > 0 {
+            let pick = fastrand::usize(..up);
+            return rotation()
+                .filter(untried)
+                .filter(|&s| avail(s) == Availability::Up)
+                .nth(pick)
+                .map(|s| (s, false));
         }
-        if !any_up {
-            fastrand::shuffle(&mut resting);
-            for s in resting {
+        if servers.iter().all(|&s| avail(s) != Availability::Up) {
+            for s in rotation().filter(untried) {
                 if self.servers[s].shared.health.try_probe() {
                     return Some((s, true));
                 }
@@ -560,10 +564,11 @@ impl Backend {
         let srv = &self.servers[c.server];
         let map = &self.maps[srv.map as usize].cfg;
         let cfg = &srv.shared.cfg;
-        let mut target = Vec::with_capacity(64);
+        let target = &mut self.target_buf;
+        target.clear();
         for (i, part) in cfg.target_parts.iter().enumerate() {
             if i > 0 {
-                http::percent_encode_into(&fetch.key, &mut target);
+                http::percent_encode_into(&fetch.key, target);
             }
             target.extend_from_slice(part.as_bytes());
         }
@@ -573,7 +578,7 @@ impl Backend {
         c.body.clear();
         c.fetch = Some(f);
         c.started = Instant::now();
-        if http::write_get(&mut c.wbuf, &target, &cfg.host, &fetch.key, &map.headers).is_err() {
+        if http::write_get(&mut c.wbuf, target, &cfg.host, &fetch.key, &map.headers).is_err() {
             c.fetch = None;
             self.finish(
                 f,
@@ -850,13 +855,13 @@ impl Backend {
     fn reply_done(&mut self, registry: &Registry, idx: usize, now: Instant) {
         let c = &mut self.conns[idx];
         let state = std::mem::replace(&mut c.state, ConnState::Idle);
-        let ConnState::Body { head, .. } = state else {
+        let ConnState::Body { mut head, .. } = state else {
             return;
         };
         let server = c.server;
         let verdict = evaluate(
             &self.maps[self.servers[server].map as usize].cfg,
-            &head,
+            &mut head,
             &c.body,
             &self.servers[server].shared.cfg.url,
         );
@@ -1047,7 +1052,8 @@ fn timeout_text(f: &Fetch) -> String {
 
 /// Reads a whole reply as a lookup result: `Err` = the server answered
 /// with an error (fail over, it is not a reason to rest the server).
-fn evaluate(map: &MapConfig, head: &Head, body: &[u8], url: &str) -> Result<Outcome, String> {
+/// The result header's value is moved out of `head`.
+fn evaluate(map: &MapConfig, head: &mut Head, body: &[u8], url: &str) -> Result<Outcome, String> {
     let status_error = || match &head.retmsg {
         Some(m) if !m.is_empty() => String::from_utf8_lossy(m).into_owned(),
         _ => format!("{url}: HTTP status {}", head.status),
@@ -1062,13 +1068,13 @@ fn evaluate(map: &MapConfig, head: &Head, body: &[u8], url: &str) -> Result<Outc
     match &map.result {
         ResultMode::Header => {
             if (200..300).contains(&head.status) {
-                match &head.results {
+                match head.results.take() {
                     Some(v) if v.len() > map.max_result_bytes => Err(format!(
                         "{url}: result of {} bytes exceeds max_result_bytes ({})",
                         v.len(),
                         map.max_result_bytes
                     )),
-                    Some(v) if !v.is_empty() => Ok(Outcome::Found(v.clone())),
+                    Some(v) if !v.is_empty() => Ok(Outcome::Found(v)),
                     _ => Ok(Outcome::NotFound),
                 }
             } else {
