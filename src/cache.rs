@@ -259,9 +259,10 @@ impl Cache {
         self.epoch
     }
 
-    /// Milliseconds since the epoch.
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    /// `at` in milliseconds since the epoch: the `now_ms` every other
+    /// method takes.
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// The key's hash and its shard (chosen by the hash's high half; the
@@ -346,16 +347,12 @@ impl Cache {
             return waiters;
         }
         // The global bound: past it, this shard gives up its least recently used.
-        if self.total.load(Ordering::Relaxed) >= self.max_entries.load(Ordering::Relaxed) {
-            match shard.lru.pop_lru() {
-                Some((_, old)) => {
-                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    self.forget(old.stored.key());
-                }
-                // This shard is empty: another gives up one (try_lock: never
-                // wait on a second lock while holding one).
-                None => self.evict_elsewhere(),
-            }
+        // (An empty shard has another give up one: try_lock, never waiting
+        // on a second lock while holding one.)
+        if self.total.load(Ordering::Relaxed) >= self.max_entries.load(Ordering::Relaxed)
+            && !self.evict_lru(shard)
+        {
+            self.evict_elsewhere();
         }
         let ttl_ms = ttl.as_millis() as u64;
         let clamp = |ms: u128| ms.min(u128::from(u32::MAX)) as u32;
@@ -405,12 +402,22 @@ impl Cache {
     fn evict_elsewhere(&self) {
         for other in self.shards.iter() {
             if let Ok(mut o) = other.try_lock() {
-                if let Some((_, old)) = o.lru.pop_lru() {
-                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    self.forget(old.stored.key());
+                if self.evict_lru(&mut o) {
                     return;
                 }
             }
+        }
+    }
+
+    /// Evicts `shard`'s least recently used entry; false if it is empty.
+    fn evict_lru(&self, shard: &mut Shard) -> bool {
+        match shard.lru.pop_lru() {
+            Some((_, old)) => {
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                self.forget(old.stored.key());
+                true
+            }
+            None => false,
         }
     }
 
@@ -436,15 +443,7 @@ impl Cache {
         let cap = Self::shard_cap(max_entries, self.shards.len());
         for s in self.shards.iter() {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            while s.lru.len() > cap.get() {
-                match s.lru.pop_lru() {
-                    Some((_, old)) => {
-                        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                        self.forget(old.stored.key());
-                    }
-                    None => break,
-                }
-            }
+            while s.lru.len() > cap.get() && self.evict_lru(&mut s) {}
             s.lru.resize(cap);
         }
         for s in self.shards.iter() {
@@ -452,15 +451,7 @@ impl Cache {
                 break;
             }
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            while self.total.load(Ordering::Relaxed) > max_entries {
-                match s.lru.pop_lru() {
-                    Some((_, old)) => {
-                        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                        self.forget(old.stored.key());
-                    }
-                    None => break,
-                }
-            }
+            while self.total.load(Ordering::Relaxed) > max_entries && self.evict_lru(&mut s) {}
         }
     }
 

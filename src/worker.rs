@@ -193,6 +193,22 @@ struct Session {
     drain_to_eof: bool,
 }
 
+impl Session {
+    /// Answers the session's newest request (its sequence number already
+    /// taken) at once: straight into the write buffer when nothing is owed
+    /// before it, else queued behind the answers still awaited.
+    fn emit(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        if self.pending.is_empty() {
+            self.first_seq = self.next_seq;
+            encode(&mut self.wbuf);
+        } else {
+            let mut v = Vec::new();
+            encode(&mut v);
+            self.pending.push_back(Slot::Ready(v));
+        }
+    }
+}
+
 pub struct Worker {
     id: u32,
     poll: Poll,
@@ -738,14 +754,8 @@ impl Worker {
         };
         let map_name = map_name_of(shared, s.proto);
         s.next_seq += 1;
-        if s.pending.is_empty() {
-            s.first_seq = s.next_seq;
-            encode_answer(s.proto, a, &mut s.wbuf, map_name);
-        } else {
-            let mut v = Vec::new();
-            encode_answer(s.proto, a, &mut v, map_name);
-            s.pending.push_back(Slot::Ready(v));
-        }
+        let proto = s.proto;
+        s.emit(|out| encode_answer(proto, a, out, map_name));
     }
 
     fn lookup(&mut self, sid: usize, map: u16, key: &[u8], now: Instant) {
@@ -775,11 +785,9 @@ impl Worker {
             gen: s.gen,
             seq,
         };
-        let immediate = s.pending.is_empty();
-        let mut deferred: Option<Vec<u8>> = None;
         let proto = s.proto;
         let counters = &self.shared.stats.maps[map as usize];
-        let r = cache.lookup(&self.ckey_buf, cache.now_ms(), waiter, |v| {
+        let r = cache.lookup(&self.ckey_buf, cache.ms_at(now), waiter, |v| {
             let a = match v {
                 Some(v) => {
                     counters.found.fetch_add(1, Ordering::Relaxed);
@@ -790,21 +798,10 @@ impl Worker {
                     AnswerRef::NotFound
                 }
             };
-            if immediate {
-                encode_answer(proto, a, &mut s.wbuf, &mcfg.name);
-            } else {
-                let mut out = Vec::new();
-                encode_answer(proto, a, &mut out, &mcfg.name);
-                deferred = Some(out);
-            }
+            s.emit(|out| encode_answer(proto, a, out, &mcfg.name));
         });
         match r {
             Lookup::Hit { refresh } => {
-                if immediate {
-                    s.first_seq = s.next_seq;
-                } else if let Some(out) = deferred {
-                    s.pending.push_back(Slot::Ready(out));
-                }
                 if refresh {
                     let registry = self.poll.registry();
                     self.backend
@@ -842,7 +839,7 @@ impl Worker {
         }
         for c in done {
             let cache = &self.shared.cache;
-            let now_ms = cache.now_ms();
+            let now_ms = cache.ms_at(now);
             let ttls = &self.shared.ttls(c.map);
             let map_name = self.shared.map_name(c.map);
             let counters = &self.shared.stats.maps[c.map as usize];

@@ -181,15 +181,6 @@ enum Failure {
     Deadline,
 }
 
-/// Statistics of this worker's backend (summed by the metrics page).
-#[derive(Debug, Default, Clone)]
-pub struct BackendStats {
-    pub requests: u64,
-    pub connects: u64,
-    pub server_failures: u64,
-    pub stale_retries: u64,
-}
-
 pub struct Backend {
     token_base: usize,
     maps: Vec<MapRt>,
@@ -204,7 +195,6 @@ pub struct Backend {
     read_buf: Box<[u8]>,
     /// Scratch for a request's target (path and query with the key in it).
     target_buf: Vec<u8>,
-    pub stats: BackendStats,
 }
 
 impl Backend {
@@ -232,7 +222,6 @@ impl Backend {
             epoch,
             read_buf: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
             target_buf: Vec::with_capacity(256),
-            stats: BackendStats::default(),
         };
         let placeholder = maps.iter().flatten().next().map(|m| m.cfg.clone());
         for (i, m) in maps.iter().enumerate() {
@@ -488,7 +477,6 @@ impl Backend {
     }
 
     fn connect(&mut self, registry: &Registry, f: FetchRef, server: usize, now: Instant) {
-        self.stats.connects += 1;
         let addr = self.servers[server].shared.cfg.addr;
         let mut stream = match TcpStream::connect(addr) {
             Ok(s) => s,
@@ -590,7 +578,6 @@ impl Backend {
             );
             return false;
         }
-        self.stats.requests += 1;
         true
     }
 
@@ -620,7 +607,6 @@ impl Backend {
     }
 
     fn server_failed(&mut self, server: usize, reason: &str) {
-        self.stats.server_failures += 1;
         self.servers[server]
             .shared
             .counters
@@ -903,7 +889,6 @@ impl Backend {
         let url = self.servers[server].shared.cfg.url.clone();
         match failure {
             Failure::StalePooled => {
-                self.stats.stale_retries += 1;
                 if let Some(f) = f {
                     if let Some(fetch) = self.fetch_mut(f) {
                         fetch.fresh_retry_used = true;
