@@ -158,6 +158,9 @@ pub struct Head {
     pub results: Option<Vec<u8>>,
     /// `POSTFIX-DICT-RETMSG` (or `_` spelling) value, first one wins, OWS-trimmed.
     pub retmsg: Option<Vec<u8>>,
+    /// `POSTFIX-DICT-EMAIL` (or `_` spelling): the key the server says it
+    /// answers (the key echo), first one wins, OWS-trimmed.
+    pub echo: Option<Vec<u8>>,
     /// How the body is delimited.
     pub framing: Framing,
     /// HTTP/1.1 without `Connection: close`, or HTTP/1.0 with
@@ -283,6 +286,7 @@ fn finish_head(
 ) -> Result<Head, HttpError> {
     let mut results = None;
     let mut retmsg = None;
+    let mut echo = None;
     let mut close = false;
     let mut keep_alive_token = false;
     for h in headers {
@@ -290,6 +294,8 @@ fn finish_head(
             results = Some(trim_ows(h.value).to_vec());
         } else if retmsg.is_none() && dict_name_is(h.name, "postfix-dict-retmsg") {
             retmsg = Some(trim_ows(h.value).to_vec());
+        } else if echo.is_none() && dict_name_is(h.name, "postfix-dict-email") {
+            echo = Some(trim_ows(h.value).to_vec());
         } else if h.name.eq_ignore_ascii_case("connection") {
             for token in list_items(h.value) {
                 close |= token.eq_ignore_ascii_case(b"close");
@@ -306,9 +312,29 @@ fn finish_head(
         consumed,
         results,
         retmsg,
+        echo,
         framing,
         keep_alive,
     })
+}
+
+/// Where a head ends: the index just past the first empty line (`\n\n` or
+/// `\n\r\n`) found at or after `from`, or `None`. A caller reading a head
+/// in pieces remembers how far it looked (`buf.len()` less 2, so a line end
+/// split across reads is still seen) and calls [`parse_head`] only once an
+/// end is there: the head is scanned once, not once per read, however the
+/// server trickles it.
+pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(p) = buf.get(i..)?.iter().position(|&b| b == b'\n') {
+        let nl = i + p;
+        match (buf.get(nl + 1), buf.get(nl + 2)) {
+            (Some(b'\n'), _) => return Some(nl + 2),
+            (Some(b'\r'), Some(b'\n')) => return Some(nl + 3),
+            _ => i = nl + 1,
+        }
+    }
+    None
 }
 
 /// Decides body framing for a response to GET, following RFC 9112 §6.3 in
@@ -1243,6 +1269,40 @@ mod tests {
     }
 
     #[test]
+    fn head_end_and_echo() {
+        for (buf, from, want) in [
+            (&b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody"[..], 0, Some(25)),
+            (b"HTTP/1.1 200 OK\nA: b\n\nbody", 0, Some(22)),
+            (b"HTTP/1.1 200 OK\r\nA: b\r\n", 0, None),
+            (b"HTTP/1.1 200 OK\r\nA: b\r\n\r", 0, None),
+            (b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n", 22, Some(25)),
+            (b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n", 25, None),
+            (b"", 0, None),
+            (b"\n", 5, None),
+        ] {
+            assert_eq!(
+                find_head_end(buf, from),
+                want,
+                "{:?} from {from}",
+                String::from_utf8_lossy(buf)
+            );
+        }
+        // A head trickled one byte at a time is found once, where it ends.
+        let full = b"HTTP/1.1 200 OK\r\nPOSTFIX_DICT_EMAIL:  a@b \r\nContent-Length: 0\r\n\r\n";
+        let mut scanned = 0;
+        for n in 1..=full.len() {
+            match find_head_end(&full[..n], scanned) {
+                Some(end) => {
+                    assert_eq!((n, end), (full.len(), full.len()));
+                    let h = parse_head(&full[..n]).unwrap().unwrap();
+                    assert_eq!(h.echo.as_deref(), Some(&b"a@b"[..]));
+                }
+                None => scanned = n.saturating_sub(2),
+            }
+        }
+    }
+
+    #[test]
     fn reuse_table() {
         let base = Head {
             status: 200,
@@ -1250,6 +1310,7 @@ mod tests {
             consumed: 0,
             results: None,
             retmsg: None,
+            echo: None,
             framing: Framing::ContentLength(0),
             keep_alive: true,
         };
