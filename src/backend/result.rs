@@ -3,6 +3,14 @@
 //! server is not rested for it). Pure: a parsed head and body in, an
 //! [`Outcome`] out, per the map's `result` mode (dict_http header, body text,
 //! or a JSON pointer). No sockets, no health, no cache.
+//!
+//! A value must reach Postfix whole: a NUL would cut it there (Postfix keeps
+//! results as C strings) and other control bytes have no place in a table
+//! result, so a body or JSON value holding one (TAB excepted) is an error
+//! answer, never a shortened value. (In header mode httparse already refuses
+//! them.) JSON numbers are taken as the server wrote them (`1.50` stays
+//! `1.50`, big integers keep every digit); `true`/`false` are errors, not
+//! values.
 
 use super::Outcome;
 use crate::codec::http::Head;
@@ -52,6 +60,7 @@ pub fn evaluate(
                     .map(<[u8]>::trim_ascii)
                     .filter(|l| !l.is_empty())
                 {
+                    check_value(line).map_err(|e| format!("{url}: the reply body {e}"))?;
                     if !v.is_empty() {
                         v.extend_from_slice(map.separator.as_bytes());
                     }
@@ -76,15 +85,32 @@ pub fn evaluate(
     }
 }
 
-/// A JSON value as a result: strings and numbers as text, arrays of them
-/// joined by `separator`, missing or null as empty (not found).
+/// Refuses a value from a server holding a byte Postfix cannot carry: NUL
+/// (it would cut the value) or another control byte (TAB is allowed). Body
+/// lines and JSON strings are checked one by one: the configured separator
+/// that joins them is the operator's choice.
+fn check_value(v: &[u8]) -> Result<(), String> {
+    match v.iter().find(|&&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        Some(b) => Err(format!(
+            "holds the control byte 0x{b:02x}, which Postfix cannot take in a result"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A JSON value as a result: strings and numbers as text (numbers exactly
+/// as written), arrays of them joined by `separator`, missing or null as
+/// empty (not found). Booleans, objects and nested arrays are errors.
 pub fn json_result(v: Option<&serde_json::Value>, separator: &str) -> Result<Vec<u8>, String> {
     use serde_json::Value;
     fn scalar(v: &Value) -> Result<String, String> {
         match v {
-            Value::String(s) => Ok(s.trim().to_string()),
+            Value::String(s) => {
+                check_value(s.as_bytes())?;
+                Ok(s.trim().to_string())
+            }
             Value::Number(n) => Ok(n.to_string()),
-            Value::Bool(b) => Ok(b.to_string()),
+            Value::Bool(b) => Err(format!("a boolean ({b}), not a result")),
             Value::Null => Ok(String::new()),
             _ => Err("a nested object or array".to_string()),
         }
@@ -107,7 +133,36 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn control_bytes_are_refused() {
+        assert!(check_value(b"a@x, b@x\tc").is_ok());
+        for bad in [
+            &b"a\0b"[..],
+            b"a\x01",
+            b"\x7f",
+            b"\x1b[0m",
+            b"a\rb",
+            b"a\nb",
+        ] {
+            assert!(check_value(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn json_results() {
+        let doc: serde_json::Value = serde_json::from_str(
+            r#"{"big": 12345678901234567890123, "dec": 1.50, "t": true, "lb": ["a", false]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            json_result(doc.pointer("/big"), ", ").unwrap(),
+            b"12345678901234567890123"
+        );
+        assert_eq!(json_result(doc.pointer("/dec"), ", ").unwrap(), b"1.50");
+        assert!(json_result(doc.pointer("/t"), ", ").is_err());
+        assert!(json_result(doc.pointer("/lb"), ", ").is_err());
+        let doc = json!({"nul": "a\u{0}b", "nl": ["a", "b\nc"]});
+        assert!(json_result(doc.pointer("/nul"), ", ").is_err());
+        assert!(json_result(doc.pointer("/nl"), ", ").is_err());
         let doc = json!({"r": "a@x", "list": ["a@x", "b@x", ""], "n": 7, "nul": null, "o": {"k": 1}, "e": ""});
         let cases: &[(&str, Result<&str, ()>)] = &[
             ("/r", Ok("a@x")),
