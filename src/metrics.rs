@@ -2,14 +2,18 @@
 //! them: `GET /metrics` (Prometheus text exposition) and `GET /health`.
 //!
 //! Everything here is atomics written by the workers without locks; this
-//! module only adds them up and renders them. The endpoint runs on its own
-//! thread with a blocking listener (a scrape every few seconds needs no event
-//! loop) and bounds what it reads from a request.
+//! module only adds them up and renders them. The endpoint accepts on its own
+//! thread (a scrape every few seconds needs no event loop) and serves each
+//! client on a short-lived thread of its own with a deadline, so one slow or
+//! silent client cannot hold `/metrics` and `/health` from the others; at
+//! most [`MAX_STATS_CLIENTS`] are served at once, and what is read from a
+//! request is bounded.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Upper bounds of the latency buckets, in seconds.
 pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
@@ -17,8 +21,10 @@ pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
 ];
 /// Largest request head the endpoint reads.
 const MAX_REQUEST_BYTES: usize = 8192;
-/// Bound on reading a request and writing the answer.
+/// Bound on reading a request and on writing the answer, each.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stats clients served at once; more are answered `503` at once.
+pub const MAX_STATS_CLIENTS: usize = 16;
 
 /// A fixed-bucket latency histogram.
 #[derive(Default)]
@@ -78,8 +84,13 @@ pub struct ServerCounters {
     pub ok: AtomicU64,
     /// A reply with an error status (5xx...).
     pub http_error: AtomicU64,
-    /// Refused, reset, timed out, unparseable.
+    /// Refused, reset, timed out, unparseable, rejected (protocol errors).
     pub failure: AtomicU64,
+    /// Protocol errors by kind: bytes on an idle connection (or behind a
+    /// reply), a key echo that differs, a missing echo (`require_key_echo`).
+    pub stray_bytes: AtomicU64,
+    pub echo_mismatch: AtomicU64,
+    pub echo_missing: AtomicU64,
     pub latency: Histogram,
 }
 
@@ -96,69 +107,99 @@ pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+type Render = dyn Fn() -> String + Send + Sync;
+type HealthFn = dyn Fn() -> (bool, String) + Send + Sync;
+
 /// Serves `/metrics` and `/health` on `listener` forever; `render` builds
 /// the metrics page, `health` gives (healthy, text).
 pub fn serve(
     listener: std::net::TcpListener,
-    render: impl Fn() -> String + Send + 'static,
-    health: impl Fn() -> (bool, String) + Send + 'static,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    health: impl Fn() -> (bool, String) + Send + Sync + 'static,
 ) {
+    let render: Arc<Render> = Arc::new(render);
+    let health: Arc<HealthFn> = Arc::new(health);
+    let busy = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(mut s) = conn else { continue };
-        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 1024];
-        let path = loop {
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => break None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(_)) => {
-                    break Some((
-                        req.method.unwrap_or("").to_string(),
-                        req.path.unwrap_or("").to_string(),
-                    ))
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_BYTES => {}
-                _ => break None,
-            }
-        };
-        let (status, ctype, body) = match path.as_ref().map(|(m, p)| (m.as_str(), p.as_str())) {
-            Some(("GET", "/metrics")) => (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                render(),
-            ),
-            Some(("GET", "/health")) => {
-                let (ok, text) = health();
-                (
-                    if ok {
-                        "200 OK"
-                    } else {
-                        "503 Service Unavailable"
-                    },
-                    "text/plain; charset=utf-8",
-                    text,
-                )
-            }
-            Some(_) => (
-                "404 Not Found",
-                "text/plain",
-                "try /metrics or /health\n".to_string(),
-            ),
-            None => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
-        };
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = s.write_all(head.as_bytes());
-        let _ = s.write_all(body.as_bytes());
+        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_STATS_CLIENTS {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            continue;
+        }
+        let (render, health, done) = (render.clone(), health.clone(), busy.clone());
+        let spawned = std::thread::Builder::new()
+            .name("stats-client".into())
+            .spawn(move || {
+                serve_one(s, &*render, &*health);
+                done.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            busy.fetch_sub(1, Ordering::AcqRel);
+        }
     }
+}
+
+/// One stats client: one request (read within [`IO_TIMEOUT`] in all), one answer.
+fn serve_one(mut s: std::net::TcpStream, render: &Render, health: &HealthFn) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let path = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            break None;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                break Some((
+                    req.method.unwrap_or("").to_string(),
+                    req.path.unwrap_or("").to_string(),
+                ))
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_BYTES => {}
+            _ => break None,
+        }
+    };
+    let (status, ctype, body) = match path.as_ref().map(|(m, p)| (m.as_str(), p.as_str())) {
+        Some(("GET", "/metrics")) => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(),
+        ),
+        Some(("GET", "/health")) => {
+            let (ok, text) = health();
+            (
+                if ok {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                },
+                "text/plain; charset=utf-8",
+                text,
+            )
+        }
+        Some(_) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /health\n".to_string(),
+        ),
+        None => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(body.as_bytes());
 }
 
 #[cfg(test)]
