@@ -11,6 +11,13 @@
 //!   → fold_key → make_key → Cache::lookup whose on_hit encodes the reply with
 //!   encode_found (tcp_table) or encode_ok (socketmap).
 //!
+//! - `miss_path`: what a miss costs beyond the codecs, on real loopback
+//!   sockets: the idle check before a pooled connection is reused (one
+//!   non-blocking `recv(MSG_PEEK)` that finds nothing), next to one whole
+//!   keep-alive request/reply round trip with a server thread (write the
+//!   `GET`, read and parse the dict_http reply), so the check's share of a
+//!   miss is read off one run.
+//!
 //! Kept short (`sample_size(20)`, 0.5 s warm-up, 2 s measurement) so that
 //! `cargo bench --bench hot_path` finishes in a few minutes. Filter with e.g.
 //! `cargo bench --bench hot_path -- hit_path`.
@@ -28,12 +35,14 @@ const TTLS: Ttls = Ttls {
     negative_ttl: Duration::from_secs(60),
     stale_ttl: Duration::from_secs(3600),
     refresh_ahead_percent: 10,
+    stale_negative: false,
 };
 const OFF: Ttls = Ttls {
     ttl: Duration::ZERO,
     negative_ttl: Duration::ZERO,
     stale_ttl: Duration::ZERO,
     refresh_ahead_percent: 0,
+    stale_negative: false,
 };
 const WAITER: Waiter = Waiter {
     worker: 0,
@@ -113,12 +122,12 @@ fn order(n: usize) -> Vec<u32> {
 /// A cache holding keys 0..n (folded, with the map prefix), every one found.
 /// Sized with headroom: shards fill unevenly and must not evict.
 fn filled_cache(n: usize) -> Cache {
-    let c = Cache::new(n + n / 4 + 64 * 32);
+    let c = Cache::new(n + n / 4 + 64 * 32, usize::MAX);
     let mut folded = Vec::new();
     let mut ck = Vec::new();
     for i in 0..n {
         fold_key(key(i).as_bytes(), true, &mut folded);
-        cache::make_key(MAP, &folded, &mut ck);
+        cache::make_key(MAP, 0, &folded, &mut ck);
         c.complete_ok(&ck, Some(value(i).as_bytes()), &TTLS, 0);
     }
     assert_eq!(c.len(), n, "the bench cache evicted entries");
@@ -240,7 +249,7 @@ fn bench_cache(c: &mut Criterion) {
         let ord = order(n);
         let keys = Strings::new(n, |i| {
             let mut k = Vec::new();
-            cache::make_key(MAP, key(i).to_lowercase().as_bytes(), &mut k);
+            cache::make_key(MAP, 0, key(i).to_lowercase().as_bytes(), &mut k);
             k
         });
         let mut i = 0usize;
@@ -257,7 +266,7 @@ fn bench_cache(c: &mut Criterion) {
         // Keys never stored: the daemon's path with the cache turned off.
         let absent = Strings::new(n.min(100_000), |i| {
             let mut k = Vec::new();
-            cache::make_key(MAP, format!("nobody{i}@example.com").as_bytes(), &mut k);
+            cache::make_key(MAP, 0, format!("nobody{i}@example.com").as_bytes(), &mut k);
             k
         });
         let m = n.min(100_000);
@@ -303,7 +312,7 @@ fn bench_hit_path(c: &mut Criterion) {
                     panic!("bad request")
                 };
                 fold_key(&key_buf, true, &mut fold_buf);
-                cache::make_key(MAP, &fold_buf, &mut ckey);
+                cache::make_key(MAP, 0, &fold_buf, &mut ckey);
                 out.clear();
                 let r = cache.lookup(&ckey, 1, WAITER, |v| match v {
                     Some(v) => tcp_table::encode_found(v, &mut out).unwrap(),
@@ -326,7 +335,7 @@ fn bench_hit_path(c: &mut Criterion) {
                     .unwrap();
                 let (_name, k) = netstring::split_request(&req[s..e]).unwrap();
                 fold_key(k, true, &mut fold_buf);
-                cache::make_key(MAP, &fold_buf, &mut ckey);
+                cache::make_key(MAP, 0, &fold_buf, &mut ckey);
                 out.clear();
                 let r = cache.lookup(&ckey, 1, WAITER, |v| match v {
                     Some(v) => {
@@ -343,9 +352,79 @@ fn bench_hit_path(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_miss_path(c: &mut Criterion) {
+    use std::io::{Read, Write};
+    let mut g = c.benchmark_group("miss_path");
+    g.throughput(Throughput::Elements(1));
+    // A server thread answering every request head with one dict_http reply.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let reply = b"HTTP/1.1 200 OK\r\nPOSTFIX-DICT-EMAIL: user1@example.com\r\nPOSTFIX-DICT-RESULTS: user1@mail.example.com\r\nContent-Length: 0\r\n\r\n";
+        let mut buf = [0u8; 4096];
+        let mut have = Vec::new();
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            have.extend_from_slice(&buf[..n]);
+            while let Some(end) = http::find_head_end(&have, 0) {
+                have.drain(..end);
+                if s.write_all(reply).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let std_stream = std::net::TcpStream::connect(addr).unwrap();
+    std_stream.set_nodelay(true).unwrap();
+    let stream = mio::net::TcpStream::from_std(std_stream.try_clone().unwrap());
+    std_stream.set_nonblocking(true).unwrap();
+    g.bench_function("idle_check_peek", |b| {
+        let mut one = [0u8; 1];
+        b.iter(|| {
+            let r = stream.peek(&mut one);
+            debug_assert!(r
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock));
+            black_box(r.is_err())
+        })
+    });
+    // The round trip runs blocking (the bench has no event loop).
+    std_stream.set_nonblocking(false).unwrap();
+    let mut rt = std_stream;
+    let mut req = Vec::new();
+    http::write_get(
+        &mut req,
+        b"/virtual",
+        "127.0.0.1",
+        b"user1@example.com",
+        &[],
+    )
+    .unwrap();
+    g.bench_function("round_trip_get+parse", |b| {
+        let mut buf = vec![0u8; 4096];
+        b.iter(|| {
+            rt.write_all(&req).unwrap();
+            let mut got = 0;
+            loop {
+                got += rt.read(&mut buf[got..]).unwrap();
+                if let Ok(Some(h)) = http::parse_head(&buf[..got]) {
+                    black_box(h.results);
+                    break;
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_tcp_table, bench_netstring, bench_http, bench_cache, bench_hit_path
+    targets = bench_tcp_table, bench_netstring, bench_http, bench_cache, bench_hit_path, bench_miss_path
 }
 criterion_main!(benches);

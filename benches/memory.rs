@@ -50,12 +50,14 @@ const TTLS: Ttls = Ttls {
     negative_ttl: Duration::from_secs(60),
     stale_ttl: Duration::from_secs(3600),
     refresh_ahead_percent: 10,
+    stale_negative: false,
 };
 const OFF: Ttls = Ttls {
     ttl: Duration::ZERO,
     negative_ttl: Duration::ZERO,
     stale_ttl: Duration::ZERO,
     refresh_ahead_percent: 0,
+    stale_negative: false,
 };
 const W: Waiter = Waiter {
     worker: 0,
@@ -77,11 +79,11 @@ fn main() {
     let (live0, blocks0) = (LIVE.load(Ordering::Relaxed), BLOCKS.load(Ordering::Relaxed));
     // As the daemon would be configured for 1M entries; a few land beyond a
     // full shard and evict, which is counted below.
-    let c = Cache::new(n);
+    let c = Cache::new(n, usize::MAX);
     let mut ck = Vec::new();
     let mut kv_bytes = 0usize;
     for i in 0..n {
-        cache::make_key(0, key(i).as_bytes(), &mut ck);
+        cache::make_key(0, 0, key(i).as_bytes(), &mut ck);
         let v = value(i);
         c.complete_ok(&ck, Some(v.as_bytes()), &TTLS, 0);
         kv_bytes += ck.len() + v.len();
@@ -120,7 +122,7 @@ fn main() {
             tcp_table::parse_request(l, 4096, &mut key_buf)
         {
             fold_key(&key_buf, true, &mut fold_buf);
-            cache::make_key(0, &fold_buf, &mut ckey);
+            cache::make_key(0, 0, &fold_buf, &mut ckey);
             out.clear();
             if let cache::Lookup::Hit { .. } = c.lookup(&ckey, 1, W, |v| {
                 tcp_table::encode_found(v.unwrap(), &mut out).unwrap()
@@ -153,7 +155,7 @@ fn main() {
         let (s, e, _) = netstring::parse(r, 10_000).unwrap().unwrap();
         let (_, k) = netstring::split_request(&r[s..e]).unwrap();
         fold_key(k, true, &mut fold_buf);
-        cache::make_key(0, &fold_buf, &mut ckey);
+        cache::make_key(0, 0, &fold_buf, &mut ckey);
         out.clear();
         c.lookup(&ckey, 1, W, |v| {
             netstring::encode_ok(v.unwrap(), 100_000, &mut out).unwrap()
@@ -168,7 +170,7 @@ fn main() {
     let absent: Vec<Vec<u8>> = (0..reqs)
         .map(|i| {
             let mut k = Vec::new();
-            cache::make_key(0, format!("nobody{i}@example.com").as_bytes(), &mut k);
+            cache::make_key(0, 0, format!("nobody{i}@example.com").as_bytes(), &mut k);
             k
         })
         .collect();

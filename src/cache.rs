@@ -1,8 +1,13 @@
 //! The result cache shared by every worker: sharded LRU with TTLs, negative
 //! and stale entries, and the table of lookups in flight (coalescing).
 //!
-//! A key is the map id (2 bytes, big-endian) followed by the folded lookup key,
-//! so a map reached over `tcp:` and over `socketmap:` shares its entries. Each
+//! A key is the map id (2 bytes, big-endian), the map's generation (4 bytes,
+//! big-endian) and the folded lookup key, so a map reached over `tcp:` and
+//! over `socketmap:` shares its entries. The generation changes when a reload
+//! changes where a map's answers come from (its servers, result mode...): a
+//! lookup under the new generation never joins a fetch started under the old
+//! one, and a completion of an old generation is answered to its own waiters
+//! but never stored ([`Cache::set_gen`]). Each
 //! shard is one `Mutex` over an [`lru::LruCache`] and a hashbrown map of
 //! in-flight keys with the clients waiting on them. The LRU is keyed by the
 //! key's 64-bit hash; its entry holds the key itself (checked on every hit,
@@ -15,16 +20,20 @@
 //! sockets and no clocks: callers pass `now` in milliseconds since
 //! [`Cache::epoch`], so every rule here is testable without sleeping.
 //!
+//! The cache is bounded twice: `max_entries` and `max_bytes` (key, value and
+//! [`ENTRY_OVERHEAD_BYTES`] per entry); storing evicts least recently used
+//! entries until both hold, and a value that cannot fit is not stored.
+//!
 //! Rules: a found result lives `ttl`, a not-found one `negative_ttl`, both
-//! stay a further `stale_ttl` to answer when every server fails; temporary
-//! errors are never stored. A TTL of zero stores nothing (the cache is off for
+//! stay a further `stale_ttl` to answer when every server fails (a not-found
+//! one only with `stale_negative`); temporary errors are never stored. A TTL of zero stores nothing (the cache is off for
 //! that kind of result). A hit in the last part of its TTL asks the caller to
 //! refresh it in the background, once.
 
 use hashbrown::{DefaultHashBuilder, HashMap};
 use lru::LruCache;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,6 +49,13 @@ const SHARD_SLACK_PERCENT: usize = 10;
 pub const PROMOTE_ONE_IN: u32 = 8;
 /// Bytes before the key in a [`Stored`] allocation: key length (u32 LE), found flag.
 const STORED_HEADER: usize = 5;
+/// Bytes a cache key carries before the lookup key: map id (u16) and generation (u32).
+pub const KEY_PREFIX_BYTES: usize = 6;
+/// Bytes an entry costs beyond its key and value, as the byte budget counts
+/// it: the LRU node and times, the hash table slot, the [`Stored`] header and
+/// malloc's per-block overhead. `benches/memory.rs` and `benches/compare.sh`
+/// measured 139-144 B at a million entries; rounded up.
+pub const ENTRY_OVERHEAD_BYTES: usize = 160;
 
 /// Who waits for an in-flight lookup: a request on one client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +93,18 @@ impl Stored {
     fn value(&self) -> Option<&[u8]> {
         (self.0[4] == 1).then(|| &self.0[STORED_HEADER + self.key_len()..])
     }
+    /// What the entry counts against the byte budget.
+    fn cost(&self) -> usize {
+        entry_cost(
+            self.key_len(),
+            self.0.len() - STORED_HEADER - self.key_len(),
+        )
+    }
+}
+
+/// Bytes an entry of this key and value length counts against `max_bytes`.
+pub fn entry_cost(key_len: usize, value_len: usize) -> usize {
+    STORED_HEADER + key_len + value_len + ENTRY_OVERHEAD_BYTES
 }
 
 impl std::borrow::Borrow<[u8]> for Stored {
@@ -174,6 +202,21 @@ pub struct Ttls {
     pub stale_ttl: Duration,
     /// Percent of the TTL, at its end, in which a hit triggers a refresh.
     pub refresh_ahead_percent: u32,
+    /// An expired not-found entry may answer while every server fails
+    /// (else that is a temporary error: a user added meanwhile is deferred,
+    /// not bounced). Read by the caller of [`Cache::complete_err`].
+    pub stale_negative: bool,
+}
+
+impl Ttls {
+    /// Nothing is stored (a removed map).
+    pub const OFF: Ttls = Ttls {
+        ttl: Duration::ZERO,
+        negative_ttl: Duration::ZERO,
+        stale_ttl: Duration::ZERO,
+        refresh_ahead_percent: 0,
+        stale_negative: false,
+    };
 }
 
 /// Counters, read by the metrics page and the SIGUSR1 line.
@@ -185,6 +228,8 @@ pub struct CacheStats {
     pub evictions: AtomicU64,
     pub stale_answers: AtomicU64,
     pub refreshes: AtomicU64,
+    /// Results not stored: larger than the byte budget, or of an old generation.
+    pub not_stored: AtomicU64,
 }
 
 pub struct Cache {
@@ -193,6 +238,12 @@ pub struct Cache {
     max_entries: AtomicUsize,
     /// Entries held, all shards together.
     total: AtomicUsize,
+    /// The bound on bytes (see [`entry_cost`]), all shards together.
+    max_bytes: AtomicUsize,
+    /// Bytes held, all shards together.
+    bytes: AtomicUsize,
+    /// The current generation of each map id (see the module doc).
+    map_gens: Box<[AtomicU32]>,
     /// Entries held per map id (the first two bytes of a key).
     map_entries: Box<[AtomicU64]>,
     hasher: DefaultHashBuilder,
@@ -223,8 +274,8 @@ fn shard_count(max_entries: usize) -> usize {
 }
 
 impl Cache {
-    /// A cache holding at most `max_entries` results.
-    pub fn new(max_entries: usize) -> Cache {
+    /// A cache holding at most `max_entries` results in at most `max_bytes`.
+    pub fn new(max_entries: usize, max_bytes: usize) -> Cache {
         let max_entries = max_entries.max(1);
         let n = shard_count(max_entries);
         let cap = Self::shard_cap(max_entries, n);
@@ -240,6 +291,11 @@ impl Cache {
             shards,
             max_entries: AtomicUsize::new(max_entries),
             total: AtomicUsize::new(0),
+            max_bytes: AtomicUsize::new(max_bytes),
+            bytes: AtomicUsize::new(0),
+            map_gens: (0..crate::config::MAX_MAPS)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             map_entries: (0..crate::config::MAX_MAPS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -315,13 +371,40 @@ impl Cache {
     /// key's), keeping the counts right.
     fn remove(&self, shard: &mut Shard, h: u64) {
         if let Some(e) = shard.lru.pop(&h) {
-            self.forget(e.stored.key());
+            self.forget(&e.stored);
         }
     }
 
-    fn forget(&self, key: &[u8]) {
+    fn forget(&self, stored: &Stored) {
         self.total.fetch_sub(1, Ordering::Relaxed);
-        self.count(key, false);
+        self.bytes.fetch_sub(stored.cost(), Ordering::Relaxed);
+        self.count(stored.key(), false);
+    }
+
+    /// The current generation of map `map`.
+    pub fn gen(&self, map: u16) -> u32 {
+        self.map_gens
+            .get(map as usize)
+            .map_or(0, |g| g.load(Ordering::Acquire))
+    }
+
+    /// Makes `gen` map `map`'s current generation: results of fetches
+    /// started under another one are no longer stored. Call before
+    /// [`Cache::purge_prefix`] when a reload changes the map's answers.
+    pub fn set_gen(&self, map: u16, gen: u32) {
+        if let Some(g) = self.map_gens.get(map as usize) {
+            g.store(gen, Ordering::Release);
+        }
+    }
+
+    /// Whether `key` (a cache key) is of its map's current generation.
+    fn current(&self, key: &[u8]) -> bool {
+        match key {
+            [a, b, g0, g1, g2, g3, ..] => {
+                self.gen(u16::from_be_bytes([*a, *b])) == u32::from_be_bytes([*g0, *g1, *g2, *g3])
+            }
+            _ => true,
+        }
     }
 
     /// A fetch ended with an answer (`None` = not found): stores it per
@@ -346,20 +429,31 @@ impl Cache {
         if ttl.is_zero() {
             return waiters;
         }
-        // The global bound: past it, this shard gives up its least recently used.
-        // (An empty shard has another give up one: try_lock, never waiting
-        // on a second lock while holding one.)
-        if self.total.load(Ordering::Relaxed) >= self.max_entries.load(Ordering::Relaxed)
-            && !self.evict_lru(shard)
+        let cost = entry_cost(key.len(), value.map_or(0, <[u8]>::len));
+        if !self.current(key) || cost > self.max_bytes.load(Ordering::Relaxed) {
+            // Fetched under a configuration a reload replaced, or larger
+            // than the whole budget: answered, never stored.
+            self.stats.not_stored.fetch_add(1, Ordering::Relaxed);
+            return waiters;
+        }
+        // Both bounds: past either, this shard gives up its least recently
+        // used entries (an empty shard has others give up theirs: try_lock,
+        // never waiting on a second lock while holding one).
+        while self.total.load(Ordering::Relaxed) >= self.max_entries.load(Ordering::Relaxed)
+            || self.bytes.load(Ordering::Relaxed) + cost > self.max_bytes.load(Ordering::Relaxed)
         {
-            self.evict_elsewhere();
+            if !self.evict_lru(shard) && !self.evict_elsewhere() {
+                self.stats.not_stored.fetch_add(1, Ordering::Relaxed);
+                return waiters;
+            }
         }
         let ttl_ms = ttl.as_millis() as u64;
         let clamp = |ms: u128| ms.min(u128::from(u32::MAX)) as u32;
+        let stale_ms = clamp(ttls.stale_ttl.as_millis());
         let times = Times {
             fresh_until_ms: now_ms + ttl_ms,
             refresh_ms: clamp(u128::from(ttl_ms) * u128::from(ttls.refresh_ahead_percent) / 100),
-            stale_ms: clamp(ttls.stale_ttl.as_millis()),
+            stale_ms,
         };
         let entry = Entry {
             stored: Stored::new(key, value),
@@ -368,27 +462,33 @@ impl Cache {
         if let Some((_, old)) = shard.lru.push(h, entry) {
             // Not this key (removed above): the shard was full.
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            self.forget(old.stored.key());
+            self.forget(&old.stored);
         }
         self.total.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(cost, Ordering::Relaxed);
         self.count(key, true);
         waiters
     }
 
     /// A fetch failed (every server): returns the waiters and, when an
     /// expired entry is still within its stale time, its value to answer with
-    /// (`Some(None)` = stale not-found).
+    /// (`Some(None)` = stale not-found, only with `stale_negative`).
     #[allow(clippy::type_complexity)]
     pub fn complete_err(
         &self,
         key: &[u8],
         now_ms: u64,
+        stale_negative: bool,
     ) -> (Vec<Waiter>, Option<Option<Box<[u8]>>>) {
         let (h, shard) = self.shard(key);
         let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         let waiters = shard.inflight.remove(key).unwrap_or_default();
         let stale = match shard.lru.peek(&h) {
-            Some(e) if e.stored.key() == key && now_ms < e.times.stale_until_ms() => {
+            Some(e)
+                if e.stored.key() == key
+                    && now_ms < e.times.stale_until_ms()
+                    && (stale_negative || e.stored.value().is_some()) =>
+            {
                 Some(e.stored.value().map(Box::from))
             }
             _ => None,
@@ -399,14 +499,16 @@ impl Cache {
         (waiters, stale)
     }
 
-    fn evict_elsewhere(&self) {
-        for other in self.shards.iter() {
-            if let Ok(mut o) = other.try_lock() {
-                if self.evict_lru(&mut o) {
-                    return;
-                }
-            }
-        }
+    /// Evicts one least recently used entry of another shard; false if
+    /// none could be (all empty or busy).
+    fn evict_elsewhere(&self) -> bool {
+        let start = fastrand::usize(..self.shards.len());
+        let n = self.shards.len();
+        (0..n).any(|i| {
+            self.shards[(start + i) % n]
+                .try_lock()
+                .is_ok_and(|mut o| self.evict_lru(&mut o))
+        })
     }
 
     /// Evicts `shard`'s least recently used entry; false if it is empty.
@@ -414,7 +516,7 @@ impl Cache {
         match shard.lru.pop_lru() {
             Some((_, old)) => {
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                self.forget(old.stored.key());
+                self.forget(&old.stored);
                 true
             }
             None => false,
@@ -435,24 +537,39 @@ impl Cache {
         }
     }
 
-    /// Changes the bound to `max_entries`, evicting the least recently used
-    /// entries if it shrinks. (The shard count stays as it was at start.)
-    pub fn resize(&self, max_entries: usize) {
+    /// Changes the bounds, evicting the least recently used entries if they
+    /// shrink. (The shard count stays as it was at start.)
+    pub fn resize(&self, max_entries: usize, max_bytes: usize) {
         let max_entries = max_entries.max(1);
         self.max_entries.store(max_entries, Ordering::Relaxed);
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
         let cap = Self::shard_cap(max_entries, self.shards.len());
         for s in self.shards.iter() {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             while s.lru.len() > cap.get() && self.evict_lru(&mut s) {}
             s.lru.resize(cap);
         }
+        let over = || {
+            self.total.load(Ordering::Relaxed) > max_entries
+                || self.bytes.load(Ordering::Relaxed) > max_bytes
+        };
         for s in self.shards.iter() {
-            if self.total.load(Ordering::Relaxed) <= max_entries {
+            if !over() {
                 break;
             }
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            while self.total.load(Ordering::Relaxed) > max_entries && self.evict_lru(&mut s) {}
+            while over() && self.evict_lru(&mut s) {}
         }
+    }
+
+    /// Bytes held now, as the budget counts them (see [`entry_cost`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The byte budget.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes.load(Ordering::Relaxed)
     }
 
     /// Entries held now for map id `map`.
@@ -489,11 +606,18 @@ impl Cache {
     }
 }
 
-/// Builds the cache key for `map` and an already folded `key` into `out`.
-pub fn make_key(map: u16, key: &[u8], out: &mut Vec<u8>) {
+/// Builds the cache key for `map` at generation `gen` and an already folded
+/// `key` into `out`.
+pub fn make_key(map: u16, gen: u32, key: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&map.to_be_bytes());
+    out.extend_from_slice(&gen.to_be_bytes());
     out.extend_from_slice(key);
+}
+
+/// The lookup key inside a cache key.
+pub fn lookup_key(cache_key: &[u8]) -> &[u8] {
+    cache_key.get(KEY_PREFIX_BYTES..).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -505,6 +629,7 @@ mod tests {
         negative_ttl: Duration::from_secs(10),
         stale_ttl: Duration::from_secs(50),
         refresh_ahead_percent: 10,
+        stale_negative: true,
     };
 
     fn w(seq: u64) -> Waiter {
@@ -524,7 +649,7 @@ mod tests {
 
     #[test]
     fn miss_join_complete_hit() {
-        let c = Cache::new(100);
+        let c = Cache::new(100, usize::MAX);
         assert_eq!(get(&c, b"\0\0a", 0, 1).0, Lookup::Fetch);
         assert_eq!(get(&c, b"\0\0a", 0, 2).0, Lookup::Joined);
         let ws = c.complete_ok(b"\0\0a", Some(b"v"), &TTLS, 5);
@@ -548,7 +673,7 @@ mod tests {
 
     #[test]
     fn negative_and_stale() {
-        let c = Cache::new(100);
+        let c = Cache::new(100, usize::MAX);
         get(&c, b"k", 0, 1);
         c.complete_ok(b"k", None, &TTLS, 0);
         assert_eq!(
@@ -556,17 +681,79 @@ mod tests {
             (Lookup::Hit { refresh: false }, Some(None))
         );
         assert_eq!(get(&c, b"k", 10_000, 3).0, Lookup::Fetch);
-        let (ws, stale) = c.complete_err(b"k", 10_001);
+        let (ws, stale) = c.complete_err(b"k", 10_001, true);
         assert_eq!(ws, vec![w(3)]);
         assert_eq!(stale, Some(None));
         // past stale_ttl: nothing
         assert_eq!(get(&c, b"k", 60_000, 4).0, Lookup::Fetch);
-        assert_eq!(c.complete_err(b"k", 60_000).1, None);
+        assert_eq!(c.complete_err(b"k", 60_000, true).1, None);
+    }
+
+    #[test]
+    fn stale_negative_only_when_asked() {
+        let c = Cache::new(100, usize::MAX);
+        get(&c, b"k", 0, 1);
+        c.complete_ok(b"k", None, &TTLS, 0);
+        get(&c, b"f", 0, 2);
+        c.complete_ok(b"f", Some(b"v"), &TTLS, 0);
+        assert_eq!(get(&c, b"k", 10_000, 3).0, Lookup::Fetch);
+        assert_eq!(c.complete_err(b"k", 10_001, false), (vec![w(3)], None));
+        assert_eq!(get(&c, b"f", 100_000, 4).0, Lookup::Fetch);
+        let stale = c.complete_err(b"f", 100_001, false).1;
+        assert_eq!(stale, Some(Some(b"v".to_vec().into_boxed_slice())));
+    }
+
+    #[test]
+    fn generations_cut_cleanly() {
+        let c = Cache::new(100, usize::MAX);
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        make_key(3, 0, b"k", &mut old);
+        make_key(3, 1, b"k", &mut new);
+        assert_eq!(lookup_key(&new), b"k");
+        assert_eq!(get(&c, &old, 0, 1).0, Lookup::Fetch);
+        // a reload changes map 3's servers: generation 1
+        c.set_gen(3, 1);
+        c.purge_prefix(&3u16.to_be_bytes());
+        // a lookup after it does not join the old fetch
+        assert_eq!(get(&c, &new, 0, 2).0, Lookup::Fetch);
+        // the old fetch answers its own waiter, and is not stored
+        assert_eq!(c.complete_ok(&old, Some(b"old"), &TTLS, 1), vec![w(1)]);
+        assert_eq!(c.len(), 0);
+        assert_eq!(c.stats.not_stored.load(Ordering::Relaxed), 1);
+        assert_eq!(c.complete_ok(&new, Some(b"new"), &TTLS, 1), vec![w(2)]);
+        assert_eq!(
+            get(&c, &new, 2, 3),
+            (Lookup::Hit { refresh: false }, Some(Some(b"new".to_vec())))
+        );
+    }
+
+    #[test]
+    fn byte_budget() {
+        let value = vec![b'v'; 1000];
+        let one = entry_cost(8, value.len());
+        let c = Cache::new(1000, one * 10);
+        let mut k = Vec::new();
+        for i in 0..100u16 {
+            make_key(0, 0, &i.to_be_bytes(), &mut k);
+            c.complete_ok(&k, Some(&value), &TTLS, 0);
+            assert!(c.bytes() <= c.max_bytes());
+        }
+        assert_eq!((c.len(), c.bytes()), (10, one * 10));
+        // a value larger than the whole budget is answered, not stored
+        let huge = vec![b'h'; one * 10];
+        make_key(0, 0, b"huge", &mut k);
+        c.complete_ok(&k, Some(&huge), &TTLS, 0);
+        assert_eq!(c.len(), 10);
+        // shrinking the budget evicts
+        c.resize(1000, one * 4);
+        assert_eq!((c.len(), c.bytes()), (4, one * 4));
+        c.purge_prefix(&[0, 0]);
+        assert_eq!((c.len(), c.bytes()), (0, 0));
     }
 
     #[test]
     fn zero_ttl_stores_nothing_and_lru_evicts() {
-        let c = Cache::new(100);
+        let c = Cache::new(100, usize::MAX);
         let off = Ttls {
             ttl: Duration::ZERO,
             negative_ttl: Duration::ZERO,
@@ -575,7 +762,7 @@ mod tests {
         get(&c, b"k", 0, 1);
         c.complete_ok(b"k", Some(b"v"), &off, 0);
         assert_eq!(get(&c, b"k", 1, 2).0, Lookup::Fetch);
-        let small = Cache::new(100);
+        let small = Cache::new(100, usize::MAX);
         for i in 0..1000u32 {
             small.complete_ok(&i.to_be_bytes(), Some(b"v"), &TTLS, 0);
         }
@@ -593,7 +780,7 @@ mod tests {
         small.complete_ok(&999u32.to_be_bytes(), Some(b"w"), &TTLS, 0);
         assert_eq!(small.len(), 100);
         assert_eq!(small.stats.evictions.load(Ordering::Relaxed), 900);
-        small.resize(10);
+        small.resize(10, usize::MAX);
         assert_eq!(small.len(), 10);
         small.purge_prefix(&[0, 0]);
         assert_eq!(small.len(), 0);

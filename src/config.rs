@@ -43,6 +43,8 @@ pub const DEFAULT_MAX_QUEUE: usize = 1024;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4096;
 /// Default limit on a result taken from a server (header or body), in bytes.
 pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
+/// Default byte budget of the cache (keys, values and per-entry overhead).
+pub const DEFAULT_MAX_MEMORY_BYTES: usize = 256 << 20;
 
 /// The whole, validated configuration.
 #[derive(Debug, Clone)]
@@ -163,6 +165,10 @@ impl fmt::Display for Listen {
 #[derive(Debug, Clone)]
 pub struct Cache {
     pub max_entries: usize,
+    /// Bytes the cache may hold: keys, values and per-entry overhead.
+    pub max_memory: usize,
+    /// Expired not-found entries answer during an outage (else: temporary error).
+    pub stale_negative: bool,
     pub ttl: Duration,
     pub negative_ttl: Duration,
     pub stale_ttl: Duration,
@@ -202,6 +208,11 @@ pub struct MapConfig {
     pub ttl: Duration,
     pub negative_ttl: Duration,
     pub stale_ttl: Duration,
+    /// Expired not-found entries answer during an outage (else: temporary error).
+    pub stale_negative: bool,
+    /// A reply must echo the key in `POSTFIX-DICT-EMAIL` (an echo that differs
+    /// is rejected either way).
+    pub require_key_echo: bool,
     /// Extra request headers (e.g. Authorization). Never logged.
     pub headers: Vec<(String, String)>,
     /// Joins several results into one value (Postfix lists use ", ").
@@ -294,6 +305,8 @@ enum OneOrMany {
 #[serde(deny_unknown_fields)]
 struct RawCache {
     max_entries: Option<Spanned<i64>>,
+    max_memory: Option<Spanned<toml::Value>>,
+    stale_negative: Option<bool>,
     ttl: Option<Spanned<toml::Value>>,
     negative_ttl: Option<Spanned<toml::Value>>,
     stale_ttl: Option<Spanned<toml::Value>>,
@@ -318,6 +331,8 @@ struct RawMap {
     ttl: Option<Spanned<toml::Value>>,
     negative_ttl: Option<Spanned<toml::Value>>,
     stale_ttl: Option<Spanned<toml::Value>>,
+    stale_negative: Option<bool>,
+    require_key_echo: Option<bool>,
     headers: Option<Spanned<BTreeMap<String, String>>>,
     separator: Option<String>,
     allow_from: Option<Spanned<Vec<String>>>,
@@ -351,6 +366,36 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     n.checked_mul(ms_per_unit)
         .map(Duration::from_millis)
         .ok_or_else(|| format!("invalid duration {s:?}: too large"))
+}
+
+/// Parses a size in bytes: `"256MiB"`, `"64KiB"`, `"1GiB"`, `"1000000"` (bytes),
+/// also `K`/`M`/`G` (binary, like `KiB`) and `KB`/`MB`/`GB` (decimal).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits_end);
+    let bad = || format!("invalid size {s:?}: expected a number with a unit such as \"256MiB\"");
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
 /// Parses a listen address: `host:port`, `[v6]:port`, or `unix:/path`.
@@ -475,6 +520,22 @@ impl Ctx<'_> {
         };
         match r {
             Ok(d) => d,
+            Err(e) => {
+                self.err(at, format!("{key}: {e}"));
+                default
+            }
+        }
+    }
+    fn size(&mut self, key: &str, v: Option<Spanned<toml::Value>>, default: usize) -> usize {
+        let Some(v) = v else { return default };
+        let at = v.span().start;
+        let r = match v.get_ref() {
+            toml::Value::String(s) => parse_size(s),
+            toml::Value::Integer(i) if *i >= 0 => Ok(*i as usize),
+            _ => Err("expected a size such as \"256MiB\"".to_string()),
+        };
+        match r {
+            Ok(n) => n,
             Err(e) => {
                 self.err(at, format!("{key}: {e}"));
                 default
@@ -679,6 +740,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 
     let c = raw.cache.unwrap_or(RawCache {
         max_entries: None,
+        max_memory: None,
+        stale_negative: None,
         ttl: None,
         negative_ttl: None,
         stale_ttl: None,
@@ -702,7 +765,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             }
         },
     };
+    let max_memory_at = c.max_memory.as_ref().map_or(0, |v| v.span().start);
+    let max_memory = cx.size("max_memory", c.max_memory, DEFAULT_MAX_MEMORY_BYTES);
+    if max_memory < 1 << 20 {
+        cx.err(max_memory_at, "max_memory: at least 1MiB");
+    }
     let cache = Cache {
+        max_memory,
+        stale_negative: c.stale_negative.unwrap_or(false),
         max_entries: cx.count(
             "max_entries",
             c.max_entries,
@@ -865,6 +935,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             ttl: cx.duration("ttl", m.ttl, cache.ttl),
             negative_ttl: cx.duration("negative_ttl", m.negative_ttl, cache.negative_ttl),
             stale_ttl: cx.duration("stale_ttl", m.stale_ttl, cache.stale_ttl),
+            stale_negative: m.stale_negative.unwrap_or(cache.stale_negative),
+            require_key_echo: m.require_key_echo.unwrap_or(false),
             headers,
             separator: m.separator.unwrap_or_else(|| ", ".to_string()),
             allow_from: m.allow_from.map(|v| cx.cidrs(v)),
@@ -1046,6 +1118,45 @@ fold_case = false
         }
         let e = parse("t.toml", &format!("{base}result = \"json:a\"\n")).unwrap_err();
         assert!(e.0[0].to_string().starts_with("t.toml:4: result:"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        for (s, n) in [
+            ("256MiB", 256 << 20),
+            ("64KiB", 64 << 10),
+            ("1GiB", 1 << 30),
+            ("2M", 2 << 20),
+            ("10MB", 10_000_000),
+            ("1000", 1000),
+            ("512 MiB", 512 << 20),
+        ] {
+            assert_eq!(parse_size(s).unwrap(), n, "{s}");
+        }
+        for s in [
+            "",
+            "MiB",
+            "1.5GiB",
+            "3 parsecs",
+            "-1",
+            "99999999999999999999GiB",
+        ] {
+            assert!(parse_size(s).is_err(), "{s}");
+        }
+        let base = "[maps.v]\ntcp_listen = \"127.0.0.1:1\"\nservers = [\"http://127.0.0.1:1/\"]\n";
+        let c = parse("t.toml", &format!("[cache]\nmax_memory = \"8MiB\"\nstale_negative = true\n{base}require_key_echo = true\n")).unwrap();
+        assert_eq!(c.cache.max_memory, 8 << 20);
+        assert!(c.maps[0].stale_negative && c.maps[0].require_key_echo);
+        let c = parse("t.toml", base).unwrap();
+        assert_eq!(c.cache.max_memory, DEFAULT_MAX_MEMORY_BYTES);
+        assert!(!c.maps[0].stale_negative && !c.maps[0].require_key_echo);
+        let e = parse("t.toml", &format!("[cache]\nmax_memory = \"lots\"\n{base}")).unwrap_err();
+        assert!(
+            e.0[0]
+                .to_string()
+                .starts_with("t.toml:2: max_memory: invalid size"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -115,6 +115,7 @@ fn same_answers(a: &MapConfig, b: &MapConfig) -> bool {
         && a.separator == b.separator
         && a.fold_case == b.fold_case
         && a.headers == b.headers
+        && a.require_key_echo == b.require_key_echo
 }
 
 /// Builds the shared state for `cfg`; reuses `prev`'s server health where a
@@ -130,14 +131,7 @@ fn build_shared(
     let len = ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
     let len = len.max(prev.map_or(0, |p| p.maps.len()));
     let mut maps: Vec<Option<MapServers>> = (0..len).map(|_| None).collect();
-    let mut ttls: Vec<Ttls> = (0..len)
-        .map(|_| Ttls {
-            ttl: std::time::Duration::ZERO,
-            negative_ttl: std::time::Duration::ZERO,
-            stale_ttl: std::time::Duration::ZERO,
-            refresh_ahead_percent: 0,
-        })
-        .collect();
+    let mut ttls: Vec<Ttls> = vec![Ttls::OFF; len];
     let mut purge = Vec::new();
     let mut map_by_name = HashMap::new();
     for (m, &id) in cfg.maps.iter().zip(ids) {
@@ -174,6 +168,7 @@ fn build_shared(
             negative_ttl: m.negative_ttl,
             stale_ttl: m.stale_ttl,
             refresh_ahead_percent: cfg.cache.refresh_ahead_percent,
+            stale_negative: m.stale_negative,
         };
         map_by_name.insert(m.name.as_bytes().to_vec(), id);
     }
@@ -184,8 +179,14 @@ fn build_shared(
             }
         }
     }
+    // A map whose answers change gets a new generation: its lookups under
+    // the new configuration never join (or store) a fetch of the old one.
+    let gens = (0..len as u16)
+        .map(|id| cache.gen(id).wrapping_add(u32::from(purge.contains(&id))))
+        .collect();
     let shared = Shared {
         cfg,
+        gens,
         cache,
         stats,
         maps,
@@ -259,7 +260,7 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
     let (shared, _) = build_shared(
         cfg.clone(),
         &map_ids,
-        Arc::new(Cache::new(cfg.cache.max_entries)),
+        Arc::new(Cache::new(cfg.cache.max_entries, cfg.cache.max_memory)),
         Arc::new(Stats::default()),
         Arc::new(mailboxes),
         None,
@@ -406,10 +407,12 @@ fn reload(state: &mut State) {
         prev.mailboxes.clone(),
         Some(&prev),
     );
-    for id in &purge {
+    for &id in &purge {
+        prev.cache.set_gen(id, shared.gens[id as usize]);
         prev.cache.purge_prefix(&id.to_be_bytes());
     }
-    prev.cache.resize(cfg.cache.max_entries);
+    prev.cache
+        .resize(cfg.cache.max_entries, cfg.cache.max_memory);
     let shared = Arc::new(shared);
     for (w, (tx, waker)) in prev.mailboxes.iter().enumerate() {
         let mut fresh = std::mem::take(&mut sockets[w]).into_iter();
@@ -473,7 +476,7 @@ pub fn counters_line(shared: &Shared) -> String {
     let s = &shared.cache.stats;
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     format!(
-        "counters: connections_open={} connections_total={} requests={} found={} not_found={} temporary={} stale={} bad_requests={} cache_entries={} cache_hits={} cache_misses={} coalesced={} evictions={} refreshes={}",
+        "counters: connections_open={} connections_total={} requests={} found={} not_found={} temporary={} stale={} bad_requests={} cache_entries={} cache_bytes={} cache_hits={} cache_misses={} coalesced={} evictions={} refreshes={}",
         l(&c.connections_open),
         l(&c.connections_total),
         l(&c.requests),
@@ -483,6 +486,7 @@ pub fn counters_line(shared: &Shared) -> String {
         sum(shared, |m| &m.stale),
         l(&c.bad_requests),
         shared.cache.len(),
+        shared.cache.bytes(),
         l(&s.hits),
         l(&s.misses),
         l(&s.joined),
@@ -565,6 +569,11 @@ pub fn render_metrics(shared: &Shared) -> String {
             &cs.refreshes,
         ),
         (
+            "httpmapd_cache_not_stored_total",
+            "Results answered but not stored: larger than max_memory, or fetched under a configuration a reload replaced.",
+            &cs.not_stored,
+        ),
+        (
             "httpmapd_requests_total",
             "Requests received from clients.",
             &shared.stats.counters.requests,
@@ -608,6 +617,21 @@ pub fn render_metrics(shared: &Shared) -> String {
             shared.cache.map_len(*id)
         );
     }
+    for (name, help, v) in [
+        (
+            "httpmapd_cache_bytes",
+            "Bytes the cache holds: keys, values and per-entry overhead.",
+            shared.cache.bytes(),
+        ),
+        (
+            "httpmapd_cache_max_bytes",
+            "The cache's byte budget ([cache] max_memory).",
+            shared.cache.max_bytes(),
+        ),
+    ] {
+        header(&mut o, name, "gauge", help);
+        let _ = writeln!(o, "{name} {v}");
+    }
     // Every server once, with its labels.
     let servers: Vec<(String, &SharedServer)> = maps
         .iter()
@@ -637,6 +661,25 @@ pub fn render_metrics(shared: &Shared) -> String {
             let _ = writeln!(
                 o,
                 "httpmapd_server_requests_total{{{lb},outcome=\"{outcome}\"}} {}",
+                l(v)
+            );
+        }
+    }
+    header(
+        &mut o,
+        "httpmapd_server_protocol_errors_total",
+        "counter",
+        "Replies and bytes a server sent that could not be trusted to answer their request: stray_bytes (on an idle connection or behind a reply), echo_mismatch (the key echo differs), echo_missing (require_key_echo).",
+    );
+    for (lb, s) in &servers {
+        for (kind, v) in [
+            ("stray_bytes", &s.counters.stray_bytes),
+            ("echo_mismatch", &s.counters.echo_mismatch),
+            ("echo_missing", &s.counters.echo_missing),
+        ] {
+            let _ = writeln!(
+                o,
+                "httpmapd_server_protocol_errors_total{{{lb},kind=\"{kind}\"}} {}",
                 l(v)
             );
         }

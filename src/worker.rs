@@ -33,7 +33,9 @@ const WAKER_TOKEN: Token = Token(usize::MAX);
 const LISTENER_TOKEN_TOP: usize = usize::MAX - 1;
 /// Requests one connection may have waiting for answers before we stop reading it.
 const MAX_PENDING_PER_SESSION: usize = 256;
-/// Bytes of answers buffered for one connection before we stop reading it.
+/// Bytes of answers owed to one connection (written or waiting in order
+/// behind a slower lookup) before we stop reading it; reading resumes once
+/// they drain below half of it, whatever made it stop.
 const MAX_WRITE_BUFFER_BYTES: usize = 256 * 1024;
 /// Connections accepted per listener event before other work gets a turn.
 const ACCEPT_BATCH: usize = 256;
@@ -126,6 +128,9 @@ pub struct Shared {
     pub maps: Vec<Option<MapServers>>,
     /// By map id (zero TTLs for removed maps: nothing is stored).
     pub ttls: Vec<Ttls>,
+    /// By map id: the generation in this configuration's cache keys (see
+    /// [`crate::cache`]); it changes when a reload changes a map's answers.
+    pub gens: Vec<u32>,
     pub map_by_name: HashMap<Vec<u8>, u16>,
     pub mailboxes: Arc<Vec<(Sender<Msg>, Arc<Waker>)>>,
 }
@@ -144,12 +149,11 @@ impl Shared {
     }
 
     fn ttls(&self, id: u16) -> Ttls {
-        self.ttls.get(id as usize).copied().unwrap_or(Ttls {
-            ttl: Duration::ZERO,
-            negative_ttl: Duration::ZERO,
-            stale_ttl: Duration::ZERO,
-            refresh_ahead_percent: 0,
-        })
+        self.ttls.get(id as usize).copied().unwrap_or(Ttls::OFF)
+    }
+
+    fn gen(&self, id: u16) -> u32 {
+        self.gens.get(id as usize).copied().unwrap_or_default()
     }
 }
 
@@ -183,6 +187,8 @@ struct Session {
     wpos: usize,
     /// Answers owed, in request order: `pending[i]` is request `first_seq + i`.
     pending: VecDeque<Slot>,
+    /// Bytes of the `Slot::Ready` answers in `pending`.
+    queued_bytes: usize,
     first_seq: u64,
     next_seq: u64,
     /// Reading stopped for backpressure; resume when answers drain.
@@ -194,6 +200,23 @@ struct Session {
 }
 
 impl Session {
+    /// Bytes of answers owed: unsent in the write buffer, and ready behind
+    /// a lookup still awaited.
+    fn owed_bytes(&self) -> usize {
+        self.wbuf.len() - self.wpos + self.queued_bytes
+    }
+
+    /// Whether reading must stop until answers drain.
+    fn over_mark(&self) -> bool {
+        self.pending.len() >= MAX_PENDING_PER_SESSION || self.owed_bytes() >= MAX_WRITE_BUFFER_BYTES
+    }
+
+    /// Whether a paused session has drained enough to read again.
+    fn under_resume_mark(&self) -> bool {
+        self.pending.len() < MAX_PENDING_PER_SESSION / 2
+            && self.owed_bytes() < MAX_WRITE_BUFFER_BYTES / 2
+    }
+
     /// Answers the session's newest request (its sequence number already
     /// taken) at once: straight into the write buffer when nothing is owed
     /// before it, else queued behind the answers still awaited.
@@ -204,6 +227,7 @@ impl Session {
         } else {
             let mut v = Vec::new();
             encode(&mut v);
+            self.queued_bytes += v.len();
             self.pending.push_back(Slot::Ready(v));
         }
     }
@@ -219,7 +243,6 @@ pub struct Worker {
     backend: Backend,
     /// Backends of earlier configurations, finishing their fetches.
     old_backends: Vec<Backend>,
-    backend_gen: usize,
     next_gen: u64,
     stopping: bool,
     accept_paused_until: Option<Instant>,
@@ -252,7 +275,6 @@ impl Worker {
             sessions: Slab::new(),
             backend,
             old_backends: Vec::new(),
-            backend_gen: 0,
             next_gen: 1,
             stopping: false,
             accept_paused_until: None,
@@ -410,8 +432,16 @@ impl Worker {
         for (i, (l, _, _)) in self.listeners.iter_mut().enumerate() {
             let _ = registry.reregister(l, Token(LISTENER_TOKEN_TOP - i), Interest::READABLE);
         }
-        self.backend_gen = (self.backend_gen + 1) % 256;
-        let base = BACKEND_TOKEN_BASE + self.backend_gen * backend_mod::TOKEN_SPAN;
+        // A token span no live backend uses: however many reloads, a token
+        // never names two connections.
+        let used: Vec<usize> = std::iter::once(&self.backend)
+            .chain(&self.old_backends)
+            .map(Backend::token_base)
+            .collect();
+        let base = (0..)
+            .map(|slot| BACKEND_TOKEN_BASE + slot * backend_mod::TOKEN_SPAN)
+            .find(|b| !used.contains(b))
+            .unwrap_or(BACKEND_TOKEN_BASE);
         let new = Backend::new(
             base,
             &shared.maps,
@@ -512,6 +542,7 @@ impl Worker {
             wbuf: Vec::new(),
             wpos: 0,
             pending: VecDeque::new(),
+            queued_bytes: 0,
             first_seq: 0,
             next_seq: 0,
             paused: false,
@@ -552,7 +583,23 @@ impl Worker {
         if !self.flush(sid) {
             return;
         }
+        self.resume_if_drained(sid, now);
         self.read_session(sid, now);
+    }
+
+    /// A session paused for backpressure reads again once its answers
+    /// drained below the resume mark (whatever made it pause: a slow
+    /// lookup, a client slow to read, a burst of large cache hits).
+    fn resume_if_drained(&mut self, sid: usize, now: Instant) {
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        if s.paused && s.under_resume_mark() {
+            s.paused = false;
+            // Requests already read wait in the buffer: serve them first
+            // (no new edge will come for them).
+            self.serve(sid, now);
+        }
     }
 
     /// Reads and serves requests until the socket is drained, the session
@@ -566,8 +613,25 @@ impl Worker {
             let Some(s) = self.sessions.get_mut(sid) else {
                 return;
             };
-            if s.paused || s.eof || s.state != SessionState::Open {
+            if s.eof || s.state != SessionState::Open {
                 break;
+            }
+            if s.paused {
+                // The answers that made it pause may be written by now (no
+                // writable edge comes when the kernel took them all): resume
+                // at once if they drained, else wait for that edge.
+                if !self.flush(sid) {
+                    return;
+                }
+                let Some(s) = self.sessions.get_mut(sid) else {
+                    return;
+                };
+                if !s.under_resume_mark() {
+                    break;
+                }
+                s.paused = false;
+                self.serve(sid, now);
+                continue;
             }
             let space = limit.saturating_sub(s.rbuf.len());
             if space == 0 {
@@ -583,7 +647,11 @@ impl Worker {
                 Ok(n) => {
                     s.rbuf.extend_from_slice(&self.read_buf[..n]);
                     self.serve(sid, now);
-                    if n < space && !self.sessions.get(sid).is_some_and(|s| s.drain_to_eof) {
+                    let more = self
+                        .sessions
+                        .get(sid)
+                        .is_some_and(|s| s.drain_to_eof || s.paused);
+                    if n < space && !more {
                         break; // a short read drained the socket
                     }
                 }
@@ -621,9 +689,7 @@ impl Worker {
             if s.state != SessionState::Open {
                 break;
             }
-            if s.pending.len() >= MAX_PENDING_PER_SESSION
-                || s.wbuf.len() - s.wpos >= MAX_WRITE_BUFFER_BYTES
-            {
+            if s.over_mark() {
                 s.paused = true;
                 break;
             }
@@ -772,7 +838,12 @@ impl Worker {
             return;
         };
         fold_key(key, mcfg.fold_case, &mut self.fold_buf);
-        cache::make_key(map, &self.fold_buf, &mut self.ckey_buf);
+        cache::make_key(
+            map,
+            self.shared.gen(map),
+            &self.fold_buf,
+            &mut self.ckey_buf,
+        );
         let cache = &self.shared.cache;
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
@@ -845,7 +916,7 @@ impl Worker {
             let counters = &self.shared.stats.maps[c.map as usize];
             counters.fetch_latency.observe(c.elapsed);
             if crate::log::enabled(crate::log::Level::Debug) {
-                let key = String::from_utf8_lossy(c.cache_key.get(2..).unwrap_or_default());
+                let key = String::from_utf8_lossy(cache::lookup_key(&c.cache_key));
                 let what = match &c.outcome {
                     Outcome::Found(v) => format!("found {:?}", String::from_utf8_lossy(v)),
                     Outcome::NotFound => "not found".to_string(),
@@ -870,7 +941,7 @@ impl Worker {
                     (w, Answer::NotFound)
                 }
                 Outcome::Temp(msg) => {
-                    let (w, stale) = cache.complete_err(&c.cache_key, now_ms);
+                    let (w, stale) = cache.complete_err(&c.cache_key, now_ms, ttls.stale_negative);
                     if w.is_empty() {
                         // A background refresh failed: the entry keeps serving
                         // until it expires; nobody waits for an answer.
@@ -938,23 +1009,22 @@ impl Worker {
         } else {
             let mut v = Vec::new();
             encode_answer(s.proto, a, &mut v, map_name);
+            s.queued_bytes += v.len();
             s.pending[i] = Slot::Ready(v);
         }
         while let Some(Slot::Ready(_)) = s.pending.front() {
             if let Some(Slot::Ready(v)) = s.pending.pop_front() {
+                s.queued_bytes -= v.len();
                 s.wbuf.extend_from_slice(&v);
             }
             s.first_seq += 1;
         }
-        let resume = s.paused && s.pending.len() < MAX_PENDING_PER_SESSION / 2;
-        if resume {
-            s.paused = false;
-        }
         if !self.flush(sid) {
             return;
         }
-        if resume {
-            self.serve(sid, now);
+        let was_paused = self.sessions.get(sid).is_some_and(|s| s.paused);
+        self.resume_if_drained(sid, now);
+        if was_paused {
             self.read_session(sid, now);
         } else if let Some(s) = self.sessions.get(sid) {
             if s.eof && s.pending.is_empty() && s.wpos >= s.wbuf.len() {

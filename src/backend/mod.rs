@@ -8,30 +8,34 @@
 //! pick one at random among the healthy ones (or probe a rested one), take an
 //! idle pooled connection or open one, write the `GET`, read the reply with
 //! the pure codec in [`crate::codec::http`], and on failure try the next
-//! server in random order within `max_attempts` and `lookup_timeout`. Each
-//! fetch ends in exactly one [`Completion`], which the worker turns into
-//! answers; this module never touches clients or the cache.
+//! server in random order within `max_attempts` and `lookup_timeout`. A
+//! lookup waiting for a busy server's connection moves to another healthy
+//! server of the map as soon as one has a free connection. Each fetch ends
+//! in exactly one [`Completion`], which the worker turns into answers; this
+//! module never touches clients or the cache. The connections themselves,
+//! and the rule that a reply belongs to the request written on its
+//! connection, are [`conn`]'s.
 
+pub mod conn;
 pub mod health;
 pub mod result;
 
-use crate::codec::http::{self, BodyDecoder, Head, HttpError};
-use crate::config::{MapConfig, ResultMode, ServerConfig};
+use crate::config::{MapConfig, ServerConfig};
 use crate::metrics::ServerCounters;
+use conn::{Conn, ConnState, Failure};
 use health::{Availability, Health};
 use mio::event::Event;
-use mio::net::TcpStream;
-use mio::{Interest, Registry, Token};
-use result::evaluate;
+use mio::{Registry, Token};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Tokens one backend may use, from its base (its connections are slab indexes).
+/// Tokens one backend may use, from its base (its connections are slab
+/// indexes). The worker gives each backend (one per configuration still
+/// finishing fetches) its own span, never one in use.
 pub const TOKEN_SPAN: usize = 1 << 32;
 /// Bytes read from a server per `read` call.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
@@ -143,42 +147,11 @@ struct Fetch {
     last_error: String,
 }
 
-enum ConnState {
-    Connecting,
-    Sending,
-    Head,
-    Body { head: Head, dec: BodyDecoder },
-    Idle,
-}
-
-struct Conn {
-    stream: TcpStream,
-    server: usize,
-    state: ConnState,
-    /// Served a request before: an early EOF may just be the server's idle close.
-    reused: bool,
-    rbuf: Vec<u8>,
-    wbuf: Vec<u8>,
-    wpos: usize,
-    body: Vec<u8>,
-    fetch: Option<FetchRef>,
-    /// When the current request was handed to this connection.
-    started: Instant,
-    /// An event said the server closed its side (its FIN may be queued
-    /// behind the reply, and no new edge will come for it).
-    peer_closed: bool,
-}
-
-/// How an attempt on a connection failed.
-enum Failure {
-    /// A pooled connection was closed by the server before it answered.
-    StalePooled,
-    /// Counts against the server: it rests.
-    Server(String),
-    /// The server answered, but not with a result (e.g. 503): fail over, no rest.
-    Answer(String),
-    /// The whole lookup's deadline passed first: not the server's fault.
-    Deadline,
+/// The map of a server, by server index (for [`Backend::map_of`]).
+impl Backend {
+    fn map_of(&self, server: usize) -> &MapConfig {
+        &self.maps[self.servers[server].map as usize].cfg
+    }
 }
 
 pub struct Backend {
@@ -260,6 +233,23 @@ impl Backend {
         token.0 >= self.token_base && token.0 - self.token_base < TOKEN_SPAN
     }
 
+    /// The first token of this backend's span.
+    pub fn token_base(&self) -> usize {
+        self.token_base
+    }
+
+    /// A readiness event for one of this backend's connections.
+    pub fn event(&mut self, registry: &Registry, event: &Event, now: Instant) {
+        let idx = event.token().0 - self.token_base;
+        self.conn_event(
+            registry,
+            idx,
+            event.is_read_closed() || event.is_error(),
+            now,
+        );
+        self.run_ready(registry, now);
+    }
+
     /// Fetches in flight.
     pub fn in_flight(&self) -> usize {
         self.fetches.len()
@@ -277,6 +267,10 @@ impl Backend {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// Starts fetching `key` (already folded) of map `map`.
@@ -433,8 +427,10 @@ impl Backend {
         self.assign(registry, f, server, now, false);
     }
 
-    /// Puts fetch `f` on a connection to `server`: an idle pooled one, a new
-    /// one, or the server's wait queue. `fresh`: a new connection only.
+    /// Puts fetch `f` on a connection to `server`: an idle pooled one (checked
+    /// clean), a new one, or, when `server`'s connections are all busy,
+    /// another healthy server of the map with a free one, else `server`'s
+    /// wait queue. `fresh`: a new connection to `server` only.
     fn assign(
         &mut self,
         registry: &Registry,
@@ -444,18 +440,22 @@ impl Backend {
         fresh: bool,
     ) {
         if !fresh {
-            if let Some(conn) = self.servers[server].idle.pop() {
+            if let Some(conn) = self.take_idle(registry, server, now) {
                 self.send(registry, conn, f, now);
                 return;
             }
         }
-        let srv = &mut self.servers[server];
-        // `fresh`: the retry of a pooled connection the server had closed;
-        // its slot was just freed.
+        let srv = &self.servers[server];
+        // `fresh`: the retry of a connection just closed; its slot is free.
         if srv.open < srv.max_open || fresh {
             self.connect(registry, f, server, now);
             return;
         }
+        if let Some(other) = self.free_mirror(f, server, now) {
+            self.move_fetch(f, server, other);
+            return self.assign(registry, f, other, now, false);
+        }
+        let srv = &mut self.servers[server];
         if srv.queue.len() < srv.max_queue {
             srv.queue.push_back(f);
             if let Some(fetch) = self.fetch_mut(f) {
@@ -476,60 +476,78 @@ impl Backend {
         self.ready.push(f);
     }
 
-    fn connect(&mut self, registry: &Registry, f: FetchRef, server: usize, now: Instant) {
-        let addr = self.servers[server].shared.cfg.addr;
-        let mut stream = match TcpStream::connect(addr) {
-            Ok(s) => s,
-            Err(e) => {
-                self.server_failed(server, &format!("connect: {e}"));
-                self.retry_elsewhere(
-                    f,
-                    format!("{}: connect: {e}", self.servers[server].shared.cfg.url),
-                );
-                return;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let entry = self.conns.vacant_entry();
-        let token = Token(self.token_base + entry.key());
-        if let Err(e) =
-            registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-        {
-            crate::error!("cannot register a server connection: {e}");
-            self.retry_elsewhere(f, format!("internal error: {e}"));
+    /// Another server of `server`'s map, healthy, not yet tried by `f`, with
+    /// an idle connection or room for a new one.
+    fn free_mirror(&self, f: FetchRef, server: usize, now: Instant) -> Option<usize> {
+        let fetch = self.fetches.get(f.idx).filter(|x| x.gen == f.gen)?;
+        let now_ms = self.ms_at(now);
+        self.maps[self.servers[server].map as usize]
+            .servers
+            .iter()
+            .copied()
+            .filter(|&s| s != server && !fetch.tried.contains(&s))
+            .find(|&s| {
+                let rt = &self.servers[s];
+                rt.shared.health.availability(now_ms) == Availability::Up
+                    && (!rt.idle.is_empty() || rt.open < rt.max_open)
+            })
+    }
+
+    /// Fetch `f`'s attempt moves from `from` (where it waited for a
+    /// connection, not yet tried) to `to`.
+    fn move_fetch(&mut self, f: FetchRef, from: usize, to: usize) {
+        let Some(fetch) = self.fetch_mut(f) else {
             return;
-        }
-        let conn = entry.insert(Conn {
-            stream,
-            server,
-            state: ConnState::Connecting,
-            reused: false,
-            rbuf: Vec::new(),
-            wbuf: Vec::new(),
-            wpos: 0,
-            body: Vec::new(),
-            fetch: Some(f),
-            started: now,
-            peer_closed: false,
-        });
-        let _ = conn;
-        let idx = self.token_idx(token);
-        self.servers[server].open += 1;
-        self.servers[server]
-            .shared
-            .open
-            .fetch_add(1, Ordering::Relaxed);
-        let connect_timeout = self.maps[self.servers[server].map as usize]
-            .cfg
-            .connect_timeout;
-        self.activate(f, idx, now + connect_timeout);
-        if !self.fill_request(idx, f) {
-            self.close_conn(registry, idx);
+        };
+        fetch.tried.retain(|&s| s != from);
+        fetch.tried.push(to);
+        fetch.stage = Stage::Choosing;
+        let probe = fetch.probing == Some(from);
+        if probe {
+            fetch.probing = None;
+            self.servers[from].shared.health.end_probe();
         }
     }
 
-    fn token_idx(&self, token: Token) -> usize {
-        token.0 - self.token_base
+    /// A fetch for a connection of `server` that just came free: one
+    /// waiting in `server`'s own queue, else one waiting at a busier mirror
+    /// of the same map that has not tried `server` (so one slow mirror
+    /// cannot hold lookups while another idles). None while `server` is not
+    /// healthy: what waits for it then goes back to choosing.
+    fn take_queued(&mut self, server: usize, now: Instant) -> Option<FetchRef> {
+        let now_ms = self.ms_at(now);
+        if self.servers[server].shared.health.availability(now_ms) != Availability::Up {
+            let queued: Vec<FetchRef> = self.servers[server].queue.drain(..).collect();
+            for f in queued {
+                self.ready_on(f, server);
+            }
+            return None;
+        }
+        while let Some(f) = self.servers[server].queue.pop_front() {
+            if self.fetch_mut(f).is_some() {
+                return Some(f);
+            }
+        }
+        let map = self.servers[server].map as usize;
+        for k in 0..self.maps[map].servers.len() {
+            let other = self.maps[map].servers[k];
+            if other == server || self.servers[other].queue.is_empty() {
+                continue;
+            }
+            let fetches = &self.fetches;
+            let pos = self.servers[other].queue.iter().position(|q| {
+                fetches
+                    .get(q.idx)
+                    .filter(|x| x.gen == q.gen)
+                    .is_some_and(|x| !x.tried.contains(&server))
+            });
+            if let Some(p) = pos {
+                let f = self.servers[other].queue.remove(p)?;
+                self.move_fetch(f, other, server);
+                return Some(f);
+            }
+        }
+        None
     }
 
     /// Marks fetch `f` active on `conn` until `attempt_deadline`.
@@ -544,58 +562,6 @@ impl Backend {
         }
     }
 
-    /// Writes the request of fetch `f` into `conn`'s write buffer. False if
-    /// the key cannot go into a header (the fetch is finished with a reason).
-    fn fill_request(&mut self, conn: usize, f: FetchRef) -> bool {
-        let Some(fetch) = self.fetches.get(f.idx).filter(|x| x.gen == f.gen) else {
-            return false;
-        };
-        let c = &mut self.conns[conn];
-        let srv = &self.servers[c.server];
-        let map = &self.maps[srv.map as usize].cfg;
-        let cfg = &srv.shared.cfg;
-        let target = &mut self.target_buf;
-        target.clear();
-        for (i, part) in cfg.target_parts.iter().enumerate() {
-            if i > 0 {
-                http::percent_encode_into(&fetch.key, target);
-            }
-            target.extend_from_slice(part.as_bytes());
-        }
-        c.wbuf.clear();
-        c.wpos = 0;
-        c.rbuf.clear();
-        c.body.clear();
-        c.fetch = Some(f);
-        c.started = Instant::now();
-        if http::write_get(&mut c.wbuf, target, &cfg.host, &fetch.key, &map.headers).is_err() {
-            c.fetch = None;
-            self.finish(
-                f,
-                Outcome::Temp(
-                    "key contains CR, LF or NUL: it cannot be sent in an HTTP header".into(),
-                ),
-            );
-            return false;
-        }
-        true
-    }
-
-    /// Starts fetch `f` on the idle pooled connection `conn`.
-    fn send(&mut self, registry: &Registry, conn: usize, f: FetchRef, now: Instant) {
-        let server = self.conns[conn].server;
-        let http_timeout = self.maps[self.servers[server].map as usize]
-            .cfg
-            .http_timeout;
-        self.activate(f, conn, now + http_timeout);
-        if !self.fill_request(conn, f) {
-            self.make_idle(registry, conn, now);
-            return;
-        }
-        self.conns[conn].state = ConnState::Sending;
-        self.drive(registry, conn, now);
-    }
-
     /// The fetch's attempt failed for a reason that is not the server's
     /// health (or already recorded): try the next server.
     fn retry_elsewhere(&mut self, f: FetchRef, reason: String) {
@@ -606,13 +572,13 @@ impl Backend {
         }
     }
 
-    fn server_failed(&mut self, server: usize, reason: &str) {
+    fn server_failed(&mut self, server: usize, reason: &str, now: Instant) {
         self.servers[server]
             .shared
             .counters
             .failure
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let now_ms = self.now_ms();
+            .fetch_add(1, Ordering::Relaxed);
+        let now_ms = self.ms_at(now);
         let shared = &self.servers[server].shared;
         let (rest, went_down) = shared.health.failure(now_ms);
         // Lookups queued for this server's connections go elsewhere now.
@@ -647,279 +613,6 @@ impl Backend {
         }
     }
 
-    /// A readiness event for one of this backend's connections.
-    pub fn event(&mut self, registry: &Registry, event: &Event, now: Instant) {
-        let idx = self.token_idx(event.token());
-        let Some(c) = self.conns.get_mut(idx) else {
-            return;
-        };
-        c.peer_closed |= event.is_read_closed() || event.is_error();
-        self.drive(registry, idx, now);
-        self.run_ready(registry, now);
-    }
-
-    /// Advances `conn` as far as its socket allows.
-    fn drive(&mut self, registry: &Registry, idx: usize, now: Instant) {
-        loop {
-            let c = &mut self.conns[idx];
-            match c.state {
-                ConnState::Connecting => {
-                    match c.stream.take_error() {
-                        Ok(Some(e)) | Err(e) => {
-                            return self.fail(
-                                registry,
-                                idx,
-                                Failure::Server(format!("connect: {e}")),
-                                now,
-                            )
-                        }
-                        Ok(None) => {}
-                    }
-                    match c.stream.peer_addr() {
-                        Ok(_) => {
-                            c.state = ConnState::Sending;
-                            let server = c.server;
-                            let http_timeout = self.maps[self.servers[server].map as usize]
-                                .cfg
-                                .http_timeout;
-                            if let Some(f) = self.conns[idx].fetch {
-                                self.activate(f, idx, now + http_timeout);
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                        Err(e) => {
-                            return self.fail(
-                                registry,
-                                idx,
-                                Failure::Server(format!("connect: {e}")),
-                                now,
-                            )
-                        }
-                    }
-                }
-                ConnState::Sending => {
-                    while c.wpos < c.wbuf.len() {
-                        match c.stream.write(&c.wbuf[c.wpos..]) {
-                            Ok(0) => {
-                                return self.fail(
-                                    registry,
-                                    idx,
-                                    self.early_failure(idx, "write: connection closed"),
-                                    now,
-                                )
-                            }
-                            Ok(n) => c.wpos += n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => {
-                                let why = format!("write: {e}");
-                                return self.fail(
-                                    registry,
-                                    idx,
-                                    self.early_failure(idx, &why),
-                                    now,
-                                );
-                            }
-                        }
-                    }
-                    c.state = ConnState::Head;
-                }
-                ConnState::Head | ConnState::Body { .. } => {
-                    return self.read_reply(registry, idx, now)
-                }
-                ConnState::Idle => {
-                    // A pooled connection has nothing to say: EOF or junk both end it.
-                    match c.stream.read(&mut self.read_buf) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                        _ => return self.close_conn(registry, idx),
-                    }
-                }
-            }
-        }
-    }
-
-    /// A failure before any byte of the reply: on a reused connection that is
-    /// the server having closed it while idle (retry once, fresh).
-    fn early_failure(&self, idx: usize, why: &str) -> Failure {
-        let c = &self.conns[idx];
-        let fresh_retry_used = c
-            .fetch
-            .and_then(|f| self.fetches.get(f.idx).filter(|x| x.gen == f.gen))
-            .is_some_and(|x| x.fresh_retry_used);
-        if c.reused && c.rbuf.is_empty() && !fresh_retry_used {
-            Failure::StalePooled
-        } else {
-            Failure::Server(why.to_string())
-        }
-    }
-
-    fn read_reply(&mut self, registry: &Registry, idx: usize, now: Instant) {
-        loop {
-            let c = &mut self.conns[idx];
-            let n = match c.stream.read(&mut self.read_buf) {
-                Ok(0) => {
-                    // EOF.
-                    return match &mut c.state {
-                        ConnState::Body { dec, .. } => match dec.eof() {
-                            Ok(()) => self.reply_done(registry, idx, now),
-                            Err(e) => self.fail(
-                                registry,
-                                idx,
-                                Failure::Server(format!("reply: {e}")),
-                                now,
-                            ),
-                        },
-                        _ => {
-                            let f = self.early_failure(idx, "connection closed before a reply");
-                            self.fail(registry, idx, f, now)
-                        }
-                    };
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let f = self.early_failure(idx, &format!("read: {e}"));
-                    return self.fail(registry, idx, f, now);
-                }
-            };
-            c.rbuf.extend_from_slice(&self.read_buf[..n]);
-            if let ConnState::Head = c.state {
-                match http::parse_head(&c.rbuf) {
-                    Ok(None) => continue,
-                    Ok(Some(head)) => {
-                        c.rbuf.drain(..head.consumed);
-                        let max = self.maps[self.servers[c.server].map as usize]
-                            .cfg
-                            .max_result_bytes;
-                        let dec = BodyDecoder::new(head.framing, max);
-                        c.state = ConnState::Body { head, dec };
-                    }
-                    Err(e) => {
-                        return self.fail(
-                            registry,
-                            idx,
-                            Failure::Server(format!("unparseable reply: {e}")),
-                            now,
-                        )
-                    }
-                }
-            }
-            let keep_body =
-                self.maps[self.servers[c.server].map as usize].cfg.result != ResultMode::Header;
-            if let ConnState::Body { dec, .. } = &mut c.state {
-                match dec.feed(&c.rbuf, &mut c.body) {
-                    Ok((used, done)) => {
-                        c.rbuf.drain(..used);
-                        if !keep_body {
-                            c.body.clear();
-                        }
-                        if done {
-                            return self.reply_done(registry, idx, now);
-                        }
-                    }
-                    Err(e @ HttpError::BodyTooLarge { .. }) => {
-                        return self.fail(
-                            registry,
-                            idx,
-                            Failure::Answer(format!("reply: {e}")),
-                            now,
-                        )
-                    }
-                    Err(e) => {
-                        return self.fail(
-                            registry,
-                            idx,
-                            Failure::Server(format!("reply: {e}")),
-                            now,
-                        )
-                    }
-                }
-            }
-        }
-    }
-
-    /// A whole reply was read on `idx`.
-    fn reply_done(&mut self, registry: &Registry, idx: usize, now: Instant) {
-        let c = &mut self.conns[idx];
-        let state = std::mem::replace(&mut c.state, ConnState::Idle);
-        let ConnState::Body { mut head, .. } = state else {
-            return;
-        };
-        let server = c.server;
-        let verdict = evaluate(
-            &self.maps[self.servers[server].map as usize].cfg,
-            &mut head,
-            &c.body,
-            &self.servers[server].shared.cfg.url,
-        );
-        let reusable = http::reuse(&head, c.rbuf.len()).is_ok();
-        let f = c.fetch.take();
-        c.body.clear();
-        let counters = &self.servers[server].shared.counters;
-        counters.latency.observe(c.started.elapsed());
-        let kind = if verdict.is_ok() {
-            &counters.ok
-        } else {
-            &counters.http_error
-        };
-        kind.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let started = c.started;
-        self.server_answered(server, started);
-        if reusable {
-            self.make_idle(registry, idx, now);
-        } else {
-            self.close_conn(registry, idx);
-        }
-        let Some(f) = f else { return };
-        self.release_probe(f, server);
-        match verdict {
-            Ok(outcome) => self.finish(f, outcome),
-            Err(msg) => self.retry_elsewhere(f, msg),
-        }
-        self.run_ready(registry, now);
-    }
-
-    /// The attempt on `idx` failed: close it and move its fetch on.
-    fn fail(&mut self, registry: &Registry, idx: usize, failure: Failure, now: Instant) {
-        let server = self.conns[idx].server;
-        let f = self.conns[idx].fetch.take();
-        let started = self.conns[idx].started;
-        self.close_conn(registry, idx);
-        let url = self.servers[server].shared.cfg.url.clone();
-        match failure {
-            Failure::StalePooled => {
-                if let Some(f) = f {
-                    if let Some(fetch) = self.fetch_mut(f) {
-                        fetch.fresh_retry_used = true;
-                    }
-                    self.assign(registry, f, server, now, true);
-                }
-            }
-            Failure::Server(why) => {
-                self.server_failed(server, &why);
-                if let Some(f) = f {
-                    self.release_probe(f, server);
-                    self.retry_elsewhere(f, format!("{url}: {why}"));
-                }
-            }
-            Failure::Deadline => {
-                // The lookup ran out of time; the server did not fail its own
-                // http_timeout, so it does not rest.
-                if let Some(f) = f {
-                    self.release_probe(f, server);
-                }
-            }
-            Failure::Answer(why) => {
-                self.server_answered(server, started);
-                if let Some(f) = f {
-                    self.release_probe(f, server);
-                    self.retry_elsewhere(f, format!("{url}: {why}"));
-                }
-            }
-        }
-    }
-
     /// Fetch `f`'s attempt on `server` ended: if it was the server's probe,
     /// free the probe slot (only the probe's holder ever frees it).
     fn release_probe(&mut self, f: FetchRef, server: usize) {
@@ -927,48 +620,6 @@ impl Backend {
             if fetch.probing == Some(server) {
                 fetch.probing = None;
                 self.servers[server].shared.health.end_probe();
-            }
-        }
-    }
-
-    /// Returns `idx` to its server's pool, or hands it to a queued fetch.
-    fn make_idle(&mut self, registry: &Registry, idx: usize, now: Instant) {
-        if self.conns[idx].peer_closed {
-            // The server closed right after its reply: not reusable (a
-            // fetch queued for a connection moves on through `close_conn`).
-            self.close_conn(registry, idx);
-            return;
-        }
-        let c = &mut self.conns[idx];
-        c.state = ConnState::Idle;
-        c.reused = true;
-        c.fetch = None;
-        c.rbuf.clear();
-        let server = c.server;
-        while let Some(f) = self.servers[server].queue.pop_front() {
-            if self.fetch_mut(f).is_some() {
-                self.send(registry, idx, f, now);
-                return;
-            }
-        }
-        self.servers[server].idle.push(idx);
-    }
-
-    fn close_conn(&mut self, registry: &Registry, idx: usize) {
-        let mut c = self.conns.remove(idx);
-        let _ = registry.deregister(&mut c.stream);
-        let srv = &mut self.servers[c.server];
-        srv.open = srv.open.saturating_sub(1);
-        srv.shared.open.fetch_sub(1, Ordering::Relaxed);
-        if let Some(p) = srv.idle.iter().position(|&i| i == idx) {
-            srv.idle.swap_remove(p);
-        }
-        // A slot freed: a queued fetch may connect now.
-        let server = c.server;
-        while let Some(f) = self.servers[server].queue.pop_front() {
-            if self.fetch_mut(f).is_some() {
-                self.ready_on(f, server);
-                break;
             }
         }
     }

@@ -1,0 +1,668 @@
+//! One server connection's state machine, and the keep-alive pool it returns
+//! to: connect, write the `GET`, read the head and the body, hand the reply
+//! to the fetch that wrote the request, then go idle or close.
+//!
+//! A reply belongs to the request written on the connection, never to the
+//! stream position: a pooled connection must hold no unread byte. Bytes (or
+//! EOF) arriving on an idle connection close it at once, and before a pooled
+//! connection is reused a non-blocking peek checks that nothing waits on it
+//! (one `recv(MSG_PEEK)`). A reply that echoes a key (`POSTFIX-DICT-EMAIL`)
+//! other than the one sent is rejected, as is a reply on a reused connection
+//! followed by more bytes when nothing proves whose it is. A rejected reply
+//! closes the connection and the lookup goes on (a fresh connection to the
+//! same server once, then the other servers), counted as a protocol error of
+//! the server but not a reason to rest it.
+//!
+//! Everything here is `impl Backend`: the connections live in the backend's
+//! slab, and an attempt's end is reported to its fetch ([`super`]).
+
+use super::result::evaluate;
+use super::{Backend, FetchRef, Outcome};
+use crate::codec::http::{self, BodyDecoder, Head, HttpError, NoReuse, MAX_HEAD_BYTES};
+use crate::config::ResultMode;
+use crate::log::RateLimit;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use std::io::{self, Read, Write};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+static LOG_PROTOCOL: RateLimit = RateLimit::new(Duration::from_secs(10));
+/// Bytes of a stray reply quoted in its log line.
+const STRAY_QUOTE_BYTES: usize = 40;
+
+pub(super) enum ConnState {
+    Connecting,
+    Sending,
+    Head,
+    Body { head: Head, dec: BodyDecoder },
+    Idle,
+}
+
+pub(super) struct Conn {
+    pub(super) stream: TcpStream,
+    pub(super) server: usize,
+    pub(super) state: ConnState,
+    /// Served a request before: an early EOF may just be the server's idle close.
+    reused: bool,
+    rbuf: Vec<u8>,
+    /// How far `rbuf` was searched for the end of the head (so a trickled
+    /// head is scanned once, not once per read).
+    head_scanned: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    body: Vec<u8>,
+    pub(super) fetch: Option<FetchRef>,
+    /// When the current request was handed to this connection.
+    started: Instant,
+    /// An event said the server closed its side (its FIN may be queued
+    /// behind the reply, and no new edge will come for it).
+    pub(super) peer_closed: bool,
+}
+
+/// A server breaking the protocol in a way that could put one key's answer
+/// on another key's lookup (the metric's `kind` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// Bytes on an idle connection, or after a reply on a reused one.
+    StrayBytes,
+    /// The reply echoes another key than the one sent.
+    EchoMismatch,
+    /// No echo, with `require_key_echo`.
+    EchoMissing,
+}
+
+/// How an attempt on a connection failed.
+pub(super) enum Failure {
+    /// A pooled connection was closed by the server before it answered.
+    StalePooled,
+    /// Counts against the server: it rests.
+    Server(String),
+    /// The server answered, but not with a result (e.g. 503): fail over, no rest.
+    Answer(String),
+    /// The reply cannot be trusted to be this request's: rejected, the
+    /// connection closed, the lookup tried again (fresh connection once).
+    Protocol(ProtocolError, String),
+    /// The whole lookup's deadline passed first: not the server's fault.
+    Deadline,
+}
+
+/// A key as log lines quote it: lossy UTF-8, at most a few dozen bytes.
+fn quote(b: &[u8]) -> String {
+    let cut = &b[..b.len().min(STRAY_QUOTE_BYTES)];
+    let more = if b.len() > cut.len() { "..." } else { "" };
+    format!("{:?}{more}", String::from_utf8_lossy(cut))
+}
+
+impl Backend {
+    pub(super) fn connect(
+        &mut self,
+        registry: &Registry,
+        f: FetchRef,
+        server: usize,
+        now: Instant,
+    ) {
+        let addr = self.servers[server].shared.cfg.addr;
+        let mut stream = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                self.server_failed(server, &format!("connect: {e}"), now);
+                self.retry_elsewhere(
+                    f,
+                    format!("{}: connect: {e}", self.servers[server].shared.cfg.url),
+                );
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        if let Err(e) = registry.register(
+            &mut stream,
+            Token(self.token_base + idx),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            crate::error!("cannot register a server connection: {e}");
+            self.retry_elsewhere(f, format!("internal error: {e}"));
+            return;
+        }
+        entry.insert(Conn {
+            stream,
+            server,
+            state: ConnState::Connecting,
+            reused: false,
+            rbuf: Vec::new(),
+            head_scanned: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            body: Vec::new(),
+            fetch: Some(f),
+            started: now,
+            peer_closed: false,
+        });
+        self.servers[server].open += 1;
+        self.servers[server]
+            .shared
+            .open
+            .fetch_add(1, Ordering::Relaxed);
+        let connect_timeout = self.map_of(server).connect_timeout;
+        self.activate(f, idx, now + connect_timeout);
+        if !self.fill_request(idx, f, now) {
+            self.close_conn(registry, idx, now);
+        }
+    }
+
+    /// Writes the request of fetch `f` into `conn`'s write buffer. False if
+    /// the key cannot go into a header (the fetch is finished with a reason).
+    fn fill_request(&mut self, conn: usize, f: FetchRef, now: Instant) -> bool {
+        let Some(fetch) = self.fetches.get(f.idx).filter(|x| x.gen == f.gen) else {
+            return false;
+        };
+        let c = &mut self.conns[conn];
+        let srv = &self.servers[c.server];
+        let map = &self.maps[srv.map as usize].cfg;
+        let cfg = &srv.shared.cfg;
+        let target = &mut self.target_buf;
+        target.clear();
+        for (i, part) in cfg.target_parts.iter().enumerate() {
+            if i > 0 {
+                http::percent_encode_into(&fetch.key, target);
+            }
+            target.extend_from_slice(part.as_bytes());
+        }
+        c.wbuf.clear();
+        c.wpos = 0;
+        c.rbuf.clear();
+        c.head_scanned = 0;
+        c.body.clear();
+        c.fetch = Some(f);
+        c.started = now;
+        if http::write_get(&mut c.wbuf, target, &cfg.host, &fetch.key, &map.headers).is_err() {
+            c.fetch = None;
+            self.finish(
+                f,
+                Outcome::Temp(
+                    "key contains CR, LF or NUL: it cannot be sent in an HTTP header".into(),
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Starts fetch `f` on the idle pooled connection `conn` (checked clean).
+    pub(super) fn send(&mut self, registry: &Registry, conn: usize, f: FetchRef, now: Instant) {
+        let http_timeout = self.map_of(self.conns[conn].server).http_timeout;
+        self.activate(f, conn, now + http_timeout);
+        if !self.fill_request(conn, f, now) {
+            self.make_idle(registry, conn, now);
+            return;
+        }
+        self.conns[conn].state = ConnState::Sending;
+        self.drive(registry, conn, now);
+    }
+
+    /// An idle connection of `server` that is safe to reuse: nothing waits
+    /// on it. The others on the way are closed (stray bytes counted).
+    pub(super) fn take_idle(
+        &mut self,
+        registry: &Registry,
+        server: usize,
+        now: Instant,
+    ) -> Option<usize> {
+        while let Some(idx) = self.servers[server].idle.pop() {
+            if self.idle_is_clean(registry, idx, now) {
+                return Some(idx);
+            }
+        }
+        None
+    }
+
+    /// Whether idle connection `idx` holds no unread byte and no EOF (one
+    /// non-blocking peek). If it does, it is closed (and not in the pool).
+    fn idle_is_clean(&mut self, registry: &Registry, idx: usize, now: Instant) -> bool {
+        let c = &self.conns[idx];
+        if c.peer_closed {
+            self.close_conn(registry, idx, now);
+            return false;
+        }
+        let mut one = [0u8; 1];
+        match c.stream.peek(&mut one) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Ok(n) if n > 0 => {
+                self.idle_readable(registry, idx, now);
+                false
+            }
+            _ => {
+                // EOF (the server's idle close) or an error: just gone.
+                self.close_conn(registry, idx, now);
+                false
+            }
+        }
+    }
+
+    /// Idle connection `idx` is readable: EOF is the server's idle close;
+    /// bytes are a reply nobody asked for (a duplicate, an unsolicited one),
+    /// counted and logged. Either way the connection is closed.
+    fn idle_readable(&mut self, registry: &Registry, idx: usize, now: Instant) {
+        let c = &mut self.conns[idx];
+        let mut stray = 0;
+        let mut first = Vec::new();
+        loop {
+            match c.stream.read(&mut self.read_buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if first.is_empty() {
+                        first.extend_from_slice(&self.read_buf[..n.min(STRAY_QUOTE_BYTES + 1)]);
+                    }
+                    stray += n;
+                    if stray >= MAX_HEAD_BYTES {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let server = c.server;
+        if stray > 0 {
+            self.protocol_error(
+                server,
+                ProtocolError::StrayBytes,
+                &format!(
+                    "{stray} unexpected byte(s) on an idle connection ({}): a duplicated or unsolicited reply; closed it",
+                    quote(&first)
+                ),
+            );
+        }
+        self.close_conn(registry, idx, now);
+    }
+
+    /// Counts and logs a protocol error of `server`.
+    fn protocol_error(&self, server: usize, kind: ProtocolError, why: &str) {
+        let shared = &self.servers[server].shared;
+        let c = &shared.counters;
+        match kind {
+            ProtocolError::StrayBytes => &c.stray_bytes,
+            ProtocolError::EchoMismatch => &c.echo_mismatch,
+            ProtocolError::EchoMissing => &c.echo_missing,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = LOG_PROTOCOL.check() {
+            crate::warn!(
+                "server {} (map {}): {why} ({n} similar not logged)",
+                shared.cfg.url,
+                shared.map_name
+            );
+        }
+    }
+
+    /// A readiness event for one of this backend's connections.
+    pub(super) fn conn_event(
+        &mut self,
+        registry: &Registry,
+        idx: usize,
+        closed: bool,
+        now: Instant,
+    ) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        c.peer_closed |= closed;
+        self.drive(registry, idx, now);
+    }
+
+    /// Advances `conn` as far as its socket allows.
+    fn drive(&mut self, registry: &Registry, idx: usize, now: Instant) {
+        loop {
+            let c = &mut self.conns[idx];
+            match c.state {
+                ConnState::Connecting => {
+                    match c.stream.take_error() {
+                        Ok(Some(e)) | Err(e) => {
+                            let why = Failure::Server(format!("connect: {e}"));
+                            return self.fail(registry, idx, why, now);
+                        }
+                        Ok(None) => {}
+                    }
+                    match c.stream.peer_addr() {
+                        Ok(_) => {
+                            c.state = ConnState::Sending;
+                            let server = c.server;
+                            let http_timeout = self.map_of(server).http_timeout;
+                            if let Some(f) = self.conns[idx].fetch {
+                                self.activate(f, idx, now + http_timeout);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                        Err(e) => {
+                            let why = Failure::Server(format!("connect: {e}"));
+                            return self.fail(registry, idx, why, now);
+                        }
+                    }
+                }
+                ConnState::Sending => {
+                    while c.wpos < c.wbuf.len() {
+                        match c.stream.write(&c.wbuf[c.wpos..]) {
+                            Ok(0) => {
+                                let why = self.early_failure(idx, "write: connection closed");
+                                return self.fail(registry, idx, why, now);
+                            }
+                            Ok(n) => c.wpos += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                let why = self.early_failure(idx, &format!("write: {e}"));
+                                return self.fail(registry, idx, why, now);
+                            }
+                        }
+                    }
+                    c.state = ConnState::Head;
+                }
+                ConnState::Head | ConnState::Body { .. } => {
+                    return self.read_reply(registry, idx, now)
+                }
+                ConnState::Idle => return self.idle_readable_if_any(registry, idx, now),
+            }
+        }
+    }
+
+    /// An event on an idle connection: read it only if something is there
+    /// (a spurious wake-up leaves it in the pool).
+    fn idle_readable_if_any(&mut self, registry: &Registry, idx: usize, now: Instant) {
+        let mut one = [0u8; 1];
+        match self.conns[idx].stream.peek(&mut one) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            _ => self.idle_readable(registry, idx, now),
+        }
+    }
+
+    /// A failure before any byte of the reply: on a reused connection that is
+    /// the server having closed it while idle (retry once, fresh).
+    fn early_failure(&self, idx: usize, why: &str) -> Failure {
+        let c = &self.conns[idx];
+        let fresh_retry_used = c
+            .fetch
+            .and_then(|f| self.fetches.get(f.idx).filter(|x| x.gen == f.gen))
+            .is_some_and(|x| x.fresh_retry_used);
+        if c.reused && c.rbuf.is_empty() && !fresh_retry_used {
+            Failure::StalePooled
+        } else {
+            Failure::Server(why.to_string())
+        }
+    }
+
+    fn read_reply(&mut self, registry: &Registry, idx: usize, now: Instant) {
+        loop {
+            let c = &mut self.conns[idx];
+            let n = match c.stream.read(&mut self.read_buf) {
+                Ok(0) => {
+                    // EOF.
+                    return match &mut c.state {
+                        ConnState::Body { dec, .. } => match dec.eof() {
+                            Ok(()) => self.reply_done(registry, idx, now),
+                            Err(e) => {
+                                let why = Failure::Server(format!("reply: {e}"));
+                                self.fail(registry, idx, why, now)
+                            }
+                        },
+                        _ => {
+                            let f = self.early_failure(idx, "connection closed before a reply");
+                            self.fail(registry, idx, f, now)
+                        }
+                    };
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let f = self.early_failure(idx, &format!("read: {e}"));
+                    return self.fail(registry, idx, f, now);
+                }
+            };
+            c.rbuf.extend_from_slice(&self.read_buf[..n]);
+            if let ConnState::Head = c.state {
+                // Parse only once the head's end is there (or it is too long).
+                if c.rbuf.len() <= MAX_HEAD_BYTES {
+                    match http::find_head_end(&c.rbuf, c.head_scanned) {
+                        None => {
+                            c.head_scanned = c.rbuf.len().saturating_sub(2);
+                            continue;
+                        }
+                        Some(end) => c.head_scanned = end,
+                    }
+                }
+                match http::parse_head(&c.rbuf) {
+                    // Only 1xx heads so far: look for the next end.
+                    Ok(None) => continue,
+                    Ok(Some(head)) => {
+                        c.rbuf.drain(..head.consumed);
+                        let max = self.maps[self.servers[c.server].map as usize]
+                            .cfg
+                            .max_result_bytes;
+                        let dec = BodyDecoder::new(head.framing, max);
+                        c.state = ConnState::Body { head, dec };
+                    }
+                    Err(e) => {
+                        let why = Failure::Server(format!("unparseable reply: {e}"));
+                        return self.fail(registry, idx, why, now);
+                    }
+                }
+            }
+            let server = c.server;
+            let keep_body = self.map_of(server).result != ResultMode::Header;
+            let c = &mut self.conns[idx];
+            if let ConnState::Body { dec, .. } = &mut c.state {
+                match dec.feed(&c.rbuf, &mut c.body) {
+                    Ok((used, done)) => {
+                        c.rbuf.drain(..used);
+                        if !keep_body {
+                            c.body.clear();
+                        }
+                        if done {
+                            return self.reply_done(registry, idx, now);
+                        }
+                    }
+                    Err(e @ HttpError::BodyTooLarge { .. }) => {
+                        let why = Failure::Answer(format!("reply: {e}"));
+                        return self.fail(registry, idx, why, now);
+                    }
+                    Err(e) => {
+                        let why = Failure::Server(format!("reply: {e}"));
+                        return self.fail(registry, idx, why, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the reply on `idx` can be trusted to answer the request that
+    /// was written: `Err` with the protocol error if not.
+    fn check_echo(&self, idx: usize, head: &Head) -> Result<(), Failure> {
+        let c = &self.conns[idx];
+        let key = c
+            .fetch
+            .and_then(|f| self.fetches.get(f.idx).filter(|x| x.gen == f.gen))
+            .map(|x| x.key.trim_ascii());
+        let extra = !c.rbuf.is_empty();
+        match (&head.echo, key) {
+            (Some(echo), Some(key)) if echo.as_slice() != key => Err(Failure::Protocol(
+                ProtocolError::EchoMismatch,
+                format!(
+                    "reply rejected: it echoes key {} but {} was asked; closed the connection",
+                    quote(echo),
+                    quote(key)
+                ),
+            )),
+            (None, Some(_)) if self.map_of(c.server).require_key_echo => Err(Failure::Protocol(
+                ProtocolError::EchoMissing,
+                "reply rejected: no POSTFIX-DICT-EMAIL key echo (require_key_echo); closed the connection".into(),
+            )),
+            // More bytes behind the reply on a reused connection: this reply
+            // may be a stray one that came first. Without an echo to prove
+            // whose it is, it is not taken (a fresh connection will be).
+            (None, Some(_)) if extra && c.reused => Err(Failure::Protocol(
+                ProtocolError::StrayBytes,
+                format!(
+                    "reply rejected: {} more byte(s) came behind it on a reused connection; closed it",
+                    c.rbuf.len()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A whole reply was read on `idx`.
+    fn reply_done(&mut self, registry: &Registry, idx: usize, now: Instant) {
+        let c = &mut self.conns[idx];
+        let state = std::mem::replace(&mut c.state, ConnState::Idle);
+        let ConnState::Body { mut head, .. } = state else {
+            return;
+        };
+        if let Err(failure) = self.check_echo(idx, &head) {
+            return self.fail(registry, idx, failure, now);
+        }
+        let c = &mut self.conns[idx];
+        let server = c.server;
+        let reuse = http::reuse(&head, c.rbuf.len());
+        if reuse == Err(NoReuse::ExtraBytes) {
+            // The reply itself is this request's (a fresh connection, or
+            // its echo matched); what came behind it is not anybody's.
+            let extra = c.rbuf.len();
+            self.protocol_error(
+                server,
+                ProtocolError::StrayBytes,
+                &format!("{extra} unexpected byte(s) after a reply; closed the connection"),
+            );
+        }
+        let c = &mut self.conns[idx];
+        let verdict = evaluate(
+            &self.maps[self.servers[server].map as usize].cfg,
+            &mut head,
+            &c.body,
+            &self.servers[server].shared.cfg.url,
+        );
+        let f = c.fetch.take();
+        c.body.clear();
+        let counters = &self.servers[server].shared.counters;
+        counters.latency.observe(c.started.elapsed());
+        let kind = if verdict.is_ok() {
+            &counters.ok
+        } else {
+            &counters.http_error
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+        let started = c.started;
+        self.server_answered(server, started);
+        if reuse.is_ok() {
+            self.make_idle(registry, idx, now);
+        } else {
+            self.close_conn(registry, idx, now);
+        }
+        let Some(f) = f else { return };
+        self.release_probe(f, server);
+        match verdict {
+            Ok(outcome) => self.finish(f, outcome),
+            Err(msg) => self.retry_elsewhere(f, msg),
+        }
+    }
+
+    /// The attempt on `idx` failed: close it and move its fetch on.
+    pub(super) fn fail(&mut self, registry: &Registry, idx: usize, failure: Failure, now: Instant) {
+        let server = self.conns[idx].server;
+        let f = self.conns[idx].fetch.take();
+        let started = self.conns[idx].started;
+        if let Failure::Server(why) = &failure {
+            // Rest it first, so the slot freed below goes to no one queued here.
+            self.server_failed(server, why, now);
+        }
+        self.close_conn(registry, idx, now);
+        let url = self.servers[server].shared.cfg.url.clone();
+        match failure {
+            Failure::StalePooled => {
+                if let Some(f) = f {
+                    if let Some(fetch) = self.fetch_mut(f) {
+                        fetch.fresh_retry_used = true;
+                    }
+                    self.assign(registry, f, server, now, true);
+                }
+            }
+            Failure::Server(why) => {
+                if let Some(f) = f {
+                    self.release_probe(f, server);
+                    self.retry_elsewhere(f, format!("{url}: {why}"));
+                }
+            }
+            Failure::Deadline => {
+                // The lookup ran out of time; the server did not fail its own
+                // http_timeout, so it does not rest.
+                if let Some(f) = f {
+                    self.release_probe(f, server);
+                }
+            }
+            Failure::Answer(why) => {
+                self.server_answered(server, started);
+                if let Some(f) = f {
+                    self.release_probe(f, server);
+                    self.retry_elsewhere(f, format!("{url}: {why}"));
+                }
+            }
+            Failure::Protocol(kind, why) => {
+                let counters = &self.servers[server].shared.counters;
+                counters.failure.fetch_add(1, Ordering::Relaxed);
+                self.protocol_error(server, kind, &why);
+                let Some(f) = f else { return };
+                let fresh_left = self.fetch_mut(f).is_some_and(|x| !x.fresh_retry_used);
+                if fresh_left {
+                    if let Some(fetch) = self.fetch_mut(f) {
+                        fetch.fresh_retry_used = true;
+                    }
+                    self.assign(registry, f, server, now, true);
+                } else {
+                    self.release_probe(f, server);
+                    self.retry_elsewhere(f, format!("{url}: {why}"));
+                }
+            }
+        }
+    }
+
+    /// Returns `idx` to its server's pool, or hands it to a queued fetch.
+    fn make_idle(&mut self, registry: &Registry, idx: usize, now: Instant) {
+        let c = &mut self.conns[idx];
+        c.state = ConnState::Idle;
+        c.reused = true;
+        c.fetch = None;
+        c.rbuf.clear();
+        c.head_scanned = 0;
+        let server = c.server;
+        // The server closed right after its reply, or a stray byte is already
+        // here: not reusable (a fetch queued for a connection moves on
+        // through `close_conn`).
+        if !self.idle_is_clean(registry, idx, now) {
+            return;
+        }
+        match self.take_queued(server, now) {
+            Some(f) => self.send(registry, idx, f, now),
+            None => self.servers[server].idle.push(idx),
+        }
+    }
+
+    pub(super) fn close_conn(&mut self, registry: &Registry, idx: usize, now: Instant) {
+        let Some(mut c) = self.conns.try_remove(idx) else {
+            return;
+        };
+        let _ = registry.deregister(&mut c.stream);
+        let srv = &mut self.servers[c.server];
+        srv.open = srv.open.saturating_sub(1);
+        srv.shared.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = srv.idle.iter().position(|&i| i == idx) {
+            srv.idle.swap_remove(p);
+        }
+        // A slot freed: a fetch queued here (or at a busier mirror) may
+        // connect now.
+        let server = c.server;
+        if let Some(f) = self.take_queued(server, now) {
+            self.connect(registry, f, server, now);
+        }
+    }
+}
