@@ -11,14 +11,18 @@
 //!
 //! ```text
 //! GET /virtual HTTP/1.1                    HTTP/1.1 200 OK
-//! Host: 127.0.0.1:8080                     POSTFIX-DICT-RESULTS: alice@mail.example.com
-//! POSTFIX-DICT-EMAIL: alice@example.com    Content-Length: 0
+//! Host: 127.0.0.1:8080                     POSTFIX-DICT-EMAIL: alice@example.com
+//! POSTFIX-DICT-EMAIL: alice@example.com    POSTFIX-DICT-RESULTS: alice@mail.example.com
+//!                                          Content-Length: 0
 //! ```
 //!
 //! - The key is the `POSTFIX-DICT-EMAIL` request header (or `POSTFIX_DICT_EMAIL`,
 //!   the spelling with `_`); without either, the last path segment of the URL,
 //!   percent-decoded (so `GET /virtual/alice%40example.com` works from a browser).
 //! - Found: `200` with the value in `POSTFIX-DICT-RESULTS`.
+//! - Every reply to a request with the key header echoes it back, byte for
+//!   byte, in `POSTFIX-DICT-EMAIL` (the key echo: httpmapd then knows the
+//!   reply is this key's, whatever a proxy in between did).
 //! - Not found: `200` with an empty `POSTFIX-DICT-RESULTS:` header.
 //! - Any other status is a temporary error; `POSTFIX-DICT-RETMSG` says why.
 //! - `GET /health` answers `200` with body `ok\n`, for load balancers and scripts.
@@ -145,6 +149,9 @@ struct Request {
     path: String,
     /// The key, from the header or the URL; `None` if neither has one.
     key: Option<String>,
+    /// The `POSTFIX-DICT-EMAIL` header's bytes as received (trimmed), echoed
+    /// back in the reply so the client can check whose answer it is.
+    echo: Option<Vec<u8>>,
     /// Whether the client wants the connection kept open after this answer.
     keep_alive: bool,
     /// Bytes of request body to read and discard (from `Content-Length`).
@@ -236,13 +243,16 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, BadRequest> {
     let mut keep_alive = req.version == Some(1);
     let mut header_key = None;
     let mut underscore_key = None;
+    let mut echo = None;
     let mut body_len = 0u64;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("POSTFIX-DICT-EMAIL") {
             header_key = Some(String::from_utf8_lossy(h.value).trim().to_string());
+            echo = Some(h.value.trim_ascii().to_vec());
         } else if name.eq_ignore_ascii_case("POSTFIX_DICT_EMAIL") {
             underscore_key = Some(String::from_utf8_lossy(h.value).trim().to_string());
+            echo = echo.or_else(|| Some(h.value.trim_ascii().to_vec()));
         } else if name.eq_ignore_ascii_case("Connection") {
             let value = String::from_utf8_lossy(h.value);
             if value
@@ -268,6 +278,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, BadRequest> {
     let request = Request {
         path,
         key,
+        echo,
         keep_alive,
         body_len,
     };
@@ -320,30 +331,35 @@ fn answer(request: &Request, map: &DemoMap) -> Vec<u8> {
     response(request, "200 OK", &[("POSTFIX-DICT-RESULTS", value)], b"")
 }
 
-/// Formats a response: status line, our headers, framing headers, body.
+/// Formats a response: status line, the key echo, our headers, framing
+/// headers, body.
 fn response(request: &Request, status: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut out = format!("HTTP/1.1 {}\r\n", status);
+    let mut out = format!("HTTP/1.1 {status}\r\n").into_bytes();
+    if let Some(echo) = &request.echo {
+        out.extend_from_slice(b"POSTFIX-DICT-EMAIL: ");
+        out.extend_from_slice(echo);
+        out.extend_from_slice(b"\r\n");
+    }
     for (name, value) in headers {
         if value.is_empty() {
             // "POSTFIX-DICT-RESULTS:" with nothing after it: not found.
-            out.push_str(&format!("{}:\r\n", name));
+            out.extend_from_slice(format!("{name}:\r\n").as_bytes());
         } else {
-            out.push_str(&format!("{}: {}\r\n", name, value));
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
     }
     if !body.is_empty() {
-        out.push_str("Content-Type: text/plain\r\n");
+        out.extend_from_slice(b"Content-Type: text/plain\r\n");
     }
     // Always send a length, so the client knows where the response ends
     // without our closing the connection.
-    out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
     if !request.keep_alive {
-        out.push_str("Connection: close\r\n");
+        out.extend_from_slice(b"Connection: close\r\n");
     }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
 }
 
 /// Answers a request we could not parse, then closes the connection.
@@ -456,9 +472,10 @@ mod tests {
         writer
             .write_all(b"GET /virtual HTTP/1.1\r\nHost: x\r\nPOSTFIX-DICT-EMAIL: Alice@Example.com\r\n\r\n")
             .unwrap();
+        // The key is echoed back as received (the client checks it).
         assert_eq!(
             read_response(&mut reader),
-            "HTTP/1.1 200 OK\r\nPOSTFIX-DICT-RESULTS: alice@mail.example.com\r\nContent-Length: 0\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nPOSTFIX-DICT-EMAIL: Alice@Example.com\r\nPOSTFIX-DICT-RESULTS: alice@mail.example.com\r\nContent-Length: 0\r\n\r\n"
         );
 
         // A body is read and discarded; the URL supplies the key.
