@@ -923,7 +923,7 @@ servers = ["{url}"]
         lines[0],
         "httpmapd: info: counters: connections_open=1 connections_total=1 requests=4 \
          found=2 not_found=1 temporary=1 stale=0 bad_requests=0 cache_entries=2 \
-         cache_hits=1 cache_misses=3 coalesced=0 evictions=0 refreshes=0"
+         cache_bytes=395 cache_hits=1 cache_misses=3 coalesced=0 evictions=0 refreshes=0"
     );
     // The daemon goes on serving.
     assert_reply(

@@ -7,28 +7,32 @@
 //!
 //! (SOAK_SECS defaults to 600.) 16 client threads, each on its own
 //! tcp_table connection, send lookups in pipelined batches of 1 to 4 in a
-//! loop: found keys (3000 of them against a cache of 1000 entries with a 2 s
-//! TTL, so evictions, expiries, refreshes and misses happen all the time),
-//! unknown keys, and lookups in a map whose only server always fails. The
-//! found map has three mirrored servers: one answers 503 to every 10th
-//! request, one sends garbage to every 20th, and one is dropped and
-//! restarted on its port every ~20 s.
+//! loop: found keys (3000 of them, values of 3 to 3800 bytes, about 6 MiB
+//! in all, against a cache whose `max_memory` of 2 MiB holds a third of them,
+//! with a 2 s TTL, so evictions, expiries, refreshes and misses happen all
+//! the time), unknown keys, and lookups in a map whose only server always
+//! fails. The found map has four mirrored servers: one answers 503 to every
+//! 10th request, one sends garbage to every 20th, one is dropped and
+//! restarted on its port every ~20 s, and one writes every 15th reply twice
+//! (with the key echo, so the duplicate can be told from the next answer).
 //!
 //! Asserted: every request gets exactly one reply line (none lost, none
 //! extra); a key the servers know never gets `500` (not found) and never a
 //! wrong value; an unknown key never gets `200`; the failing map only ever
-//! gets `400`; the daemon's peak RSS stays under 64 MiB; its client sockets
+//! gets `400`; the daemon's peak RSS stays under `max_memory` plus
+//! [`FIXED_OVERHEAD_KIB`]; its client sockets
 //! all go away when the clients close, and its open fds come back to the
 //! warm-up baseline (plus at most the backend pool's bound). Printed: the
 //! lookups by outcome, the RSS samples, the fds before and after.
 //!
-//! Why 64 MiB: the idle daemon is ~7 MiB (debug build, 2 workers with a
-//! 64 KiB read buffer each); the cache holds at most 1000 entries of a few
-//! dozen bytes; 16 sessions and at most 16 pooled backend connections hold
-//! a few KiB each (the hostile test's 10,000 sessions fit in ~9 MiB). So
-//! the expected peak is well under 16 MiB; 64 MiB leaves room for allocator
-//! slack while a leak of even tens of bytes per lookup over a run of
-//! millions of lookups would cross it.
+//! The fixed overhead (what the daemon holds beyond the cache's budget): the
+//! idle daemon is ~7 MiB (2 workers with a 64 KiB read buffer each, the
+//! cache's hash tables sized for `max_entries`); 16 sessions and at most 20
+//! pooled backend connections hold a few KiB each (the hostile test's 10,000
+//! sessions fit in ~9 MiB); values in flight and malloc's arenas (one per
+//! worker, which keep freed blocks) come on top. 40 MiB leaves room for
+//! allocator slack while a leak of even tens of bytes per lookup over a run
+//! of millions of lookups would cross it.
 
 mod common;
 
@@ -48,9 +52,12 @@ const KNOWN_KEYS: u64 = 3000;
 const UNKNOWN_KEYS: u64 = 1000;
 /// Per-server connection bound (max_connections) in the daemon's config.
 const MAX_CONNECTIONS: usize = 4;
-/// Servers the daemon talks to: three mirrors and the broken one.
-const SERVERS: usize = 4;
-const PEAK_RSS_LIMIT_KIB: u64 = 64 * 1024;
+/// Servers the daemon talks to: four mirrors and the broken one.
+const SERVERS: usize = 5;
+/// The cache's byte budget (`[cache] max_memory`), in KiB.
+const MAX_MEMORY_KIB: u64 = 2 * 1024;
+/// What the daemon may hold beyond the cache's budget (see the module doc).
+const FIXED_OVERHEAD_KIB: u64 = 40 * 1024;
 /// A reply must come within this (lookup_timeout is 3 s).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -175,11 +182,36 @@ struct Tally {
     wrong: Vec<String>,
 }
 
-/// The mirrors' data: `k{n}` → `v{n}` for n < KNOWN_KEYS.
+/// The mirrors' data: `k{n}` → `v{n}-ppp...` for n < KNOWN_KEYS, padded to
+/// between 3 and 3800 bytes (under tcp_table's 4096-byte reply line).
 fn answer(key: &[u8]) -> Option<String> {
     let k = std::str::from_utf8(key).ok()?;
     let n: u64 = k.strip_prefix('k')?.parse().ok()?;
-    (n < KNOWN_KEYS).then(|| format!("v{n}"))
+    let pad = "p".repeat((n * 7919 % 3800) as usize);
+    (n < KNOWN_KEYS).then(|| format!("v{n}-{pad}"))
+}
+
+/// A mirror that writes every `every`-th reply twice in one write, each
+/// copy echoing the key: the daemon must take the first as this lookup's
+/// answer and never the copy as the next one's.
+fn duplicating_mirror(every: u64) -> TestServer {
+    let count = AtomicU64::new(0);
+    TestServer::start(move |req: &Request| {
+        let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+        let key = req.key.clone().unwrap_or_default();
+        let value = answer(&key).unwrap_or_default();
+        let mut one = b"HTTP/1.1 200 OK\r\nPOSTFIX-DICT-EMAIL: ".to_vec();
+        one.extend_from_slice(&key);
+        one.extend_from_slice(b"\r\nPOSTFIX-DICT-RESULTS: ");
+        one.extend_from_slice(value.as_bytes());
+        one.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+        if n.is_multiple_of(every) {
+            let twice = [one.clone(), one].concat();
+            Reply::raw(&twice)
+        } else {
+            Reply::raw(&one)
+        }
+    })
 }
 
 /// A mirror: every `fail_every`-th request gets `fail` instead (0: never).
@@ -295,6 +327,7 @@ fn soak_mixed_load_with_faulty_servers() {
     .unwrap();
     let s3 = flapping_mirror("127.0.0.1:0").unwrap();
     let s3_addr = s3.addr().to_string();
+    let s4 = duplicating_mirror(15);
     let broken_count = AtomicU64::new(0);
     let broken = TestServer::start(move |_: &Request| {
         match broken_count.fetch_add(1, Ordering::Relaxed) % 4 {
@@ -310,14 +343,15 @@ fn soak_mixed_load_with_faulty_servers() {
 workers = 2
 
 [cache]
-max_entries = 1000
+max_entries = 100000
+max_memory = "{MAX_MEMORY_KIB}KiB"
 ttl = "2s"
 negative_ttl = "1s"
 stale_ttl = "10s"
 
 [maps.virtual]
 tcp_listen = "127.0.0.1:{vport}"
-servers = ["{u1}", "{u2}", "{u3}"]
+servers = ["{u1}", "{u2}", "{u3}", "{u4}"]
 connect_timeout = "300ms"
 http_timeout = "1s"
 lookup_timeout = "3s"
@@ -337,6 +371,7 @@ max_connections = {MAX_CONNECTIONS}
         u1 = s1.url("/virtual"),
         u2 = s2.url("/virtual"),
         u3 = s3.url("/virtual"),
+        u4 = s4.url("/virtual"),
         ub = broken.url("/broken"),
     );
     let mut daemon = Daemon::start(&config, vport);
@@ -496,8 +531,9 @@ max_connections = {MAX_CONNECTIONS}
     eprintln!("soak: daemon sockets after warm-up {sockets_baseline:?}");
     eprintln!("soak: daemon sockets after the clients closed {sockets_after:?}");
     eprintln!(
-        "soak: mirrors :{} :{} :{}, broken :{}",
+        "soak: mirrors :{} :{} :{} :{}, broken :{}",
         s1.port(),
+        s4.port(),
         s2.port(),
         s3.as_ref().map_or(0, |s| s.port()),
         broken.port()
@@ -558,7 +594,7 @@ max_connections = {MAX_CONNECTIONS}
     );
     let peak = hwm.max(rss_peak_sampled);
     assert!(
-        peak < PEAK_RSS_LIMIT_KIB,
-        "peak RSS {peak} KiB over {PEAK_RSS_LIMIT_KIB} KiB"
+        peak < MAX_MEMORY_KIB + FIXED_OVERHEAD_KIB,
+        "peak RSS {peak} KiB over max_memory {MAX_MEMORY_KIB} KiB + {FIXED_OVERHEAD_KIB} KiB"
     );
 }

@@ -488,9 +488,12 @@ fn raw_body_mode_value_bytes_are_encoded() {
         show(&c.query(b"get tab@example.com\n")),
         "200 a%25b%20c%09d\n"
     );
-    assert_eq!(
-        show(&c.query(b"get ctl@example.com\n")),
-        "200 x%0Dy%01z%7F\n"
+    // Control bytes from the server (NUL would cut the value in Postfix):
+    // a server error, so a temporary error, never an altered value.
+    let ctl = show(&c.query(b"get ctl@example.com\n"));
+    assert!(
+        ctl.starts_with("400 ") && ctl.contains("control%20byte%200x0d"),
+        "{ctl}"
     );
     assert_eq!(
         show(&c.query(b"get lines@example.com\n")),
