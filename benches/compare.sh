@@ -7,6 +7,9 @@
 #
 #   benches/compare.sh                 # DUR=5s per load run
 #   DUR=10s CONNS="10 100" benches/compare.sh
+#   BEFORE=/path/to/old/httpmapd ONLY=miss benches/compare.sh
+#       # the miss path of an older build side by side with this one, in
+#       # the same run (each load run alternates: direct, before, after)
 #
 # Output: a Markdown report on stdout and in $OUT/report.md; raw JSON lines of
 # every run in $OUT/results.jsonl.
@@ -20,7 +23,9 @@ KEYS=${KEYS:-10000}
 BIG=${BIG:-1000000}
 IDLE=${IDLE:-10000}
 LOAD=./target/release/httpmapd-load
-DAEMON=./target/release/httpmapd
+DAEMON=${DAEMON:-./target/release/httpmapd}
+BEFORE=${BEFORE:-}
+ONLY=${ONLY:-all}
 MEMCACHED=${MEMCACHED:-/usr/bin/memcached}
 NGINX=${NGINX:-/usr/sbin/nginx}
 T=$OUT/tmp
@@ -99,19 +104,21 @@ cargo build --release --bins -q
 
 "$LOAD" --write-map "$T/map" --keyspace "$KEYS" 2>/dev/null
 
-daemon_conf() { # FILE WORKERS MAX_ENTRIES TTL BACKEND_PORT
+daemon_conf() { # FILE WORKERS MAX_ENTRIES TTL BACKEND_PORT [PORT_OFFSET [CACHE_LINE]]
+    local o=${6:-0}
     cat >"$1" <<EOF
 [daemon]
 workers = $2
-socketmap_listen = "127.0.0.1:19020"
-stats_listen = "127.0.0.1:19090"
+socketmap_listen = "127.0.0.1:$((19020 + o))"
+stats_listen = "127.0.0.1:$((19090 + o))"
 log_level = "warn"
 [cache]
 max_entries = $3
 ttl = "$4"
 negative_ttl = "$4"
+${7:-}
 [maps.virtual]
-tcp_listen = "127.0.0.1:19021"
+tcp_listen = "127.0.0.1:$((19021 + o))"
 servers = ["http://127.0.0.1:$5/virtual"]
 max_connections = 64
 EOF
@@ -143,9 +150,10 @@ http {
 }
 EOF
 
-echo "== cache hits: httpmapd vs memcached, $KEYS keys, depth 1, $DUR per run ==" >&2
 start backend "$DAEMON" backend --listen 127.0.0.1:19080 --map "$T/map"
 wait_port 19080
+if [ "$ONLY" != miss ]; then
+echo "== cache hits: httpmapd vs memcached, $KEYS keys, depth 1, $DUR per run ==" >&2
 for w in 1 2; do
     daemon_conf "$T/hit$w.toml" "$w" 100000 1h 19080
     start httpmapd-hit$w "$DAEMON" -c "$T/hit$w.toml"
@@ -171,6 +179,7 @@ for t in 1 2; do
     run "memcached -t $t c=100 depth=16" "$M" memcached:127.0.0.1:19211 -c 100 --depth 16 -d "$DUR" --keyspace "$KEYS"
     stop "$M"
 done
+fi
 
 echo "== misses: httpmapd (cache off) -> nginx vs direct keep-alive HTTP to nginx ==" >&2
 start nginx "$NGINX" -p "$PWD/$T" -c "$PWD/$T/nginx.conf" -e "$PWD/$T/nginx.err"
@@ -180,14 +189,26 @@ daemon_conf "$T/miss.toml" 1 100000 0s 19081
 start httpmapd-miss "$DAEMON" -c "$T/miss.toml"
 D=$PID
 wait_port 19021
+if [ -n "$BEFORE" ]; then
+    daemon_conf "$T/miss-before.toml" 1 100000 0s 19081 100
+    start httpmapd-miss-before "$BEFORE" -c "$T/miss-before.toml"
+    B=$PID
+    wait_port 19121
+fi
 for c in 1 10; do
     run "direct http c=$c" "$N" http:127.0.0.1:19081/virtual -c "$c" -d "$DUR" --warmup 1s --keyspace "$KEYS"
+    if [ -n "$BEFORE" ]; then
+        run "before: httpmapd cache-off tcp c=$c" "$B" tcp:127.0.0.1:19121 -c "$c" -d "$DUR" --warmup 1s --keyspace "$KEYS"
+    fi
     run "httpmapd cache-off tcp c=$c" "$D" tcp:127.0.0.1:19021 -c "$c" -d "$DUR" --warmup 1s --keyspace "$KEYS"
 done
 stop "$D"
+if [ -n "$BEFORE" ]; then stop "$B"; fi
+if [ "$ONLY" = miss ]; then stop "$N"; fi
 
+if [ "$ONLY" != miss ]; then
 echo "== RSS: $BIG cached entries; $IDLE idle client connections ==" >&2
-daemon_conf "$T/big.toml" 2 $((BIG + BIG / 10)) 1h 19081
+daemon_conf "$T/big.toml" 2 $((BIG + BIG / 10)) 1h 19081 0 'max_memory = "4GiB"' 
 start httpmapd-big "$DAEMON" -c "$T/big.toml"
 D=$PID
 wait_port 19021
@@ -197,10 +218,11 @@ timeout 180 "$LOAD" tcp:127.0.0.1:19021 -c 64 --depth 4 -n "$BIG" --sequential -
 sleep 0.5
 rss1=$(rss_kib "$D")
 entries=$(curl -s http://127.0.0.1:19090/metrics | awk '/^httpmapd_cache_entries[ {]/ {s += $NF} END {print s + 0}')
-# Key and value bytes per entry, as stored (2-byte map id + key; value).
+# Key and value bytes per entry, as stored (2-byte map id, 4-byte generation
+# + key; value).
 kv=$(python3 -c "
 n=$BIG
-print(sum(2 + len(f'user{i}@example.com') + len(f'fwd-user{i}@example.com') for i in range(n)) / n)")
+print(sum(6 + len(f'user{i}@example.com') + len(f'fwd-user{i}@example.com') for i in range(n)) / n)")
 python3 - "$rss0" "$rss1" "$entries" "$kv" "$BIG" >>"$OUT/results.jsonl" <<'EOF'
 import json, sys
 rss0, rss1, entries, kv, big = map(float, sys.argv[1:])
@@ -249,6 +271,7 @@ print(json.dumps({"label": f"rss idle {who}", "rss_before_kib": r0, "rss_after_k
 EOF
     stop "$P"
 done
+fi
 
 python3 - "$OUT/results.jsonl" "$DUR" <<'EOF' | tee "$OUT/report.md"
 import json, sys
@@ -260,7 +283,7 @@ print(f"### Cache hits (depth 1 unless noted, {dur} per run, 1 load-generator th
 print("| run | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | server CPU µs/req | errors |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    if "throughput_rps" not in r or r["label"].startswith(("direct", "httpmapd cache-off")):
+    if "throughput_rps" not in r or r["label"].startswith(("direct", "httpmapd cache-off", "before: ")):
         continue
     print(f"| {r['label']} | {r['throughput_rps']:.0f} | {lat(r,'p50'):.1f} | {lat(r,'p90'):.1f} | {lat(r,'p99'):.1f} | {lat(r,'p999'):.1f} | {lat(r,'max'):.0f} | {r.get('cpu_us_per_req', 0):.2f} | {sum(r['errors'].values())} |")
 print("\n### Side by side: httpmapd / memcached at the same thread count\n")
@@ -278,6 +301,14 @@ for c in (1, 10):
     a, b = by.get(f"direct http c={c}"), by.get(f"httpmapd cache-off tcp c={c}")
     if a and b:
         print(f"| {c} | {lat(a,'p50'):.1f} | {lat(b,'p50'):.1f} | {lat(b,'p50')-lat(a,'p50'):.1f} | {lat(a,'p99'):.1f} | {lat(b,'p99'):.1f} | {a['throughput_rps']:.0f} | {b['throughput_rps']:.0f} |")
+if any(r["label"].startswith("before: ") for r in rows):
+    print("\n### Misses, the build in BEFORE vs this one (same run, alternating)\n")
+    print("| conns | before p50 µs | after p50 µs | before p99 | after p99 | before req/s | after req/s | after/before req/s | before CPU µs/req | after CPU µs/req |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in (1, 10):
+        a, b = by.get(f"before: httpmapd cache-off tcp c={c}"), by.get(f"httpmapd cache-off tcp c={c}")
+        if a and b:
+            print(f"| {c} | {lat(a,'p50'):.1f} | {lat(b,'p50'):.1f} | {lat(a,'p99'):.1f} | {lat(b,'p99'):.1f} | {a['throughput_rps']:.0f} | {b['throughput_rps']:.0f} | {b['throughput_rps']/a['throughput_rps']:.3f} | {a.get('cpu_us_per_req', 0):.2f} | {b.get('cpu_us_per_req', 0):.2f} |")
 print("\n### Memory\n")
 r = by.get("rss 1M entries")
 if r:
