@@ -567,6 +567,11 @@ impl Cache {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// The bound on entries.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries.load(Ordering::Relaxed)
+    }
+
     /// The byte budget.
     pub fn max_bytes(&self) -> usize {
         self.max_bytes.load(Ordering::Relaxed)

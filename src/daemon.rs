@@ -220,6 +220,7 @@ fn bind_all(
 /// Runs the daemon until SIGTERM/SIGINT. Errors are start-up failures.
 pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
     crate::log::set_level(cfg.daemon.log_level);
+    crate::log::init(cfg.daemon.log_timestamps);
     let signals = install_signals()?;
     let nofile = raise_nofile_limit();
     let cfg = Arc::new(cfg);
@@ -311,6 +312,7 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
         nofile
     );
 
+    crate::notify::ready(&format_status(&shared, true));
     let state = State {
         cfg_path,
         current: current.clone(),
@@ -354,8 +356,35 @@ fn describe(listens: &[(Listen, Proto)], shared: &Shared) -> String {
         .join(", ")
 }
 
-/// SIGHUP: load the config again and hand it to the workers, or refuse it.
+/// SIGHUP: load the config again and hand it to the workers, or refuse it;
+/// systemd hears `RELOADING=1` then `READY=1` either way.
 fn reload(state: &mut State) {
+    crate::notify::reloading();
+    let ok = try_reload(state);
+    let shared = state
+        .current
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    shared.stats.reloads.record(ok);
+    crate::notify::ready(&format_status(&shared, ok));
+}
+
+/// The `STATUS=` line systemd shows.
+fn format_status(shared: &Shared, last_reload_ok: bool) -> String {
+    format!(
+        "serving {} map(s){}",
+        shared.cfg.maps.len(),
+        if last_reload_ok {
+            ""
+        } else {
+            "; the last reload was refused (see the log)"
+        }
+    )
+}
+
+/// Loads and applies the file; false (logged) when it is refused.
+fn try_reload(state: &mut State) -> bool {
     let path = state.cfg_path.display().to_string();
     let mut cfg = match crate::config::load(&state.cfg_path) {
         Ok(c) => c,
@@ -363,7 +392,7 @@ fn reload(state: &mut State) {
             for e in &errs.0 {
                 crate::error!("reload refused, the old configuration keeps serving: {e}");
             }
-            return;
+            return false;
         }
     };
     let prev = state
@@ -385,7 +414,10 @@ fn reload(state: &mut State) {
     let mut ids = state.ids.clone();
     let map_ids = match assign_ids(&cfg, &mut ids) {
         Ok(v) => v,
-        Err(e) => return crate::error!("reload refused: {e}"),
+        Err(e) => {
+            crate::error!("reload refused: {e}");
+            return false;
+        }
     };
     let listens = listens_of(&cfg, &map_ids);
     let new_listens: Vec<(Listen, Proto)> = listens
@@ -395,9 +427,13 @@ fn reload(state: &mut State) {
         .collect();
     let mut sockets = match bind_all(&new_listens, &cfg, workers) {
         Ok(s) => s,
-        Err(e) => return crate::error!("reload refused, the old configuration keeps serving: {e}"),
+        Err(e) => {
+            crate::error!("reload refused, the old configuration keeps serving: {e}");
+            return false;
+        }
     };
     crate::log::set_level(cfg.daemon.log_level);
+    crate::log::init(cfg.daemon.log_timestamps);
     let cfg = Arc::new(cfg);
     let (shared, purge) = build_shared(
         cfg.clone(),
@@ -456,6 +492,7 @@ fn reload(state: &mut State) {
     *state.current.lock().unwrap_or_else(|e| e.into_inner()) = shared;
     state.ids = ids;
     state.listens = listens;
+    true
 }
 
 fn sum(
@@ -508,6 +545,53 @@ pub fn render_metrics(shared: &Shared) -> String {
 
     header(
         &mut o,
+        "httpmapd_build_info",
+        "gauge",
+        "The running httpmapd's version (always 1).",
+    );
+    let _ = writeln!(
+        o,
+        "httpmapd_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    let r = &shared.stats.reloads;
+    header(
+        &mut o,
+        "httpmapd_config_last_reload_successful",
+        "gauge",
+        "1 if the last reload (SIGHUP) took effect, or none was tried; 0 if it was refused (the previous configuration keeps serving).",
+    );
+    let _ = writeln!(
+        o,
+        "httpmapd_config_last_reload_successful {}",
+        u8::from(r.last_ok.load(Ordering::Relaxed))
+    );
+    header(
+        &mut o,
+        "httpmapd_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "When the configuration in force was loaded (start or reload), Unix time.",
+    );
+    let _ = writeln!(
+        o,
+        "httpmapd_config_last_reload_success_timestamp_seconds {}",
+        l(&r.last_success_unix)
+    );
+    header(
+        &mut o,
+        "httpmapd_config_reloads_total",
+        "counter",
+        "Reloads by result (success, failure).",
+    );
+    for (result, v) in [("success", &r.successes), ("failure", &r.failures)] {
+        let _ = writeln!(
+            o,
+            "httpmapd_config_reloads_total{{result=\"{result}\"}} {}",
+            l(v)
+        );
+    }
+    header(
+        &mut o,
         "httpmapd_lookups_total",
         "counter",
         "Lookups answered, by map and outcome (found, not_found, temporary, stale).",
@@ -541,18 +625,31 @@ pub fn render_metrics(shared: &Shared) -> String {
             &format!("map=\"{}\"", label(&m.cfg.name)),
         );
     }
-    let cs = &shared.cache.stats;
-    for (name, help, v) in [
+    for (name, help, f) in [
         (
             "httpmapd_cache_hits_total",
-            "Lookups answered from a fresh cache entry.",
-            &cs.hits,
+            "Lookups answered from a fresh cache entry, by map.",
+            (|c| &c.cache_hits)
+                as fn(&crate::metrics::MapCounters) -> &std::sync::atomic::AtomicU64,
         ),
         (
             "httpmapd_cache_misses_total",
-            "Lookups not answered from the cache.",
-            &cs.misses,
+            "Lookups not answered from the cache (fetched, joined a fetch, or refused), by map.",
+            |c| &c.cache_misses,
         ),
+    ] {
+        header(&mut o, name, "counter", help);
+        for (id, m) in &maps {
+            let _ = writeln!(
+                o,
+                "{name}{{map=\"{}\"}} {}",
+                label(&m.cfg.name),
+                l(f(&shared.stats.maps[*id as usize]))
+            );
+        }
+    }
+    let cs = &shared.cache.stats;
+    for (name, help, v) in [
         (
             "httpmapd_cache_coalesced_total",
             "Misses that joined a fetch already in flight.",
@@ -594,13 +691,13 @@ pub fn render_metrics(shared: &Shared) -> String {
     }
     header(
         &mut o,
-        "httpmapd_client_connections",
+        "httpmapd_client_connections_open",
         "gauge",
         "Client connections open.",
     );
     let _ = writeln!(
         o,
-        "httpmapd_client_connections {}",
+        "httpmapd_client_connections_open {}",
         l(&shared.stats.counters.connections_open)
     );
     header(
@@ -618,6 +715,11 @@ pub fn render_metrics(shared: &Shared) -> String {
         );
     }
     for (name, help, v) in [
+        (
+            "httpmapd_cache_max_entries",
+            "The cache's bound on entries ([cache] max_entries).",
+            shared.cache.max_entries(),
+        ),
         (
             "httpmapd_cache_bytes",
             "Bytes the cache holds: keys, values and per-entry overhead.",
@@ -721,6 +823,7 @@ pub fn render_metrics(shared: &Shared) -> String {
             .latency
             .render(&mut o, "httpmapd_server_request_duration_seconds", lb);
     }
+    crate::metrics::render_process(&mut o);
     o
 }
 
@@ -769,6 +872,7 @@ fn spawn_signal_thread(
                 let shared = state.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 match sig {
                     SIGTERM | SIGINT => {
+                        crate::notify::stopping();
                         crate::info!("signal {sig}: stopping: no new connections, finishing lookups in flight");
                         for (tx, waker) in shared.mailboxes.iter() {
                             let _ = tx.send(Msg::Shutdown);

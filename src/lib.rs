@@ -30,6 +30,7 @@
 //! - [`cache`]: the shared cache. [`backend`]: pools, fetches, failover, health.
 //! - [`worker`]: one event loop. [`net`]: listeners and streams.
 //! - [`daemon`]: start-up, reload, signals, shutdown. [`metrics`]: counters, /metrics.
+//!   [`notify`]: sd_notify to systemd.
 //! - [`client`]: the query client.
 //! - [`demo_backend`]: the bundled sample HTTP backend. [`log`]: log lines.
 
@@ -43,4 +44,5 @@ pub mod demo_backend;
 pub mod log;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod worker;

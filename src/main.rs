@@ -1,150 +1,199 @@
-//! The `httpmapd` command line: serve, check a config, run the demo, run the
+//! The `httpmapd` command line (clap): serve a configuration, check it, run
+//! the demo (the bundled backend with the daemon in front of it), run the
 //! sample backend alone, or query a table like `postmap -q`.
+//!
+//! Help and version go to stdout with exit 0; usage errors to stderr with
+//! exit 2. Output to a closed pipe (`httpmapd query ... | head -1`) ends the
+//! command quietly, never with a panic.
 
+use clap::{Args, Parser, Subcommand};
 use httpmapd::client::{self, Client, Reply};
 use httpmapd::{config, daemon, demo_backend};
-use std::io::BufRead;
-use std::path::PathBuf;
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage:
-  httpmapd -c FILE             serve in the foreground
-  httpmapd -c FILE --check     validate FILE; print FILE:LINE: message; exit 1 on problems
-  httpmapd demo [-c FILE] [--map FILE] [--backend ADDR]
-                               start the bundled sample backend (default conf/demo.map on
-                               127.0.0.1:8080) and serve conf/httpmapd.toml in front of it
-  httpmapd backend [--listen ADDR] [--map FILE]
-                               run only the sample dict_http backend
-  httpmapd query TABLE KEY...  look KEYs up like `postmap -q` (KEY `-`: one key per line
-                               on stdin); TABLE is tcp:HOST:PORT,
-                               socketmap:inet:HOST:PORT:NAME or socketmap:unix:PATH:NAME.
-                               Exit 0 found, 1 not found, 2 error
-  httpmapd --version";
+/// A Postfix lookup table (tcp_table and socketmap) answered by HTTP
+/// servers speaking dict_http, through an in-memory cache.
+#[derive(Parser)]
+#[command(
+    name = "httpmapd",
+    version,
+    propagate_version = true,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true,
+    after_help = "Serve:  httpmapd -c /etc/httpmapd/httpmapd.toml\n\
+                  Check:  httpmapd -c /etc/httpmapd/httpmapd.toml --check\n\
+                  Signals: HUP reloads the file, TERM/INT drain and stop, USR1 logs the counters.\n\
+                  See httpmapd(8) and httpmapd.toml(5)."
+)]
+struct Cli {
+    /// The configuration file (TOML); serve it in the foreground.
+    #[arg(short = 'c', long = "config", value_name = "FILE", required = true)]
+    config: Option<PathBuf>,
+    /// Only check FILE: print each problem as FILE:LINE: message on stderr
+    /// and exit 1 if there is any, else print "FILE: ok" and exit 0.
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Look keys up in a table, like `postmap -q` (for machines without Postfix).
+    Query(QueryArgs),
+    /// Start the bundled sample backend and serve a configuration in front of it.
+    Demo(DemoArgs),
+    /// Run only the bundled sample dict_http backend.
+    Backend(BackendArgs),
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Exit status: 0 found, 1 not found, 2 error (temporary error, \
+                        configuration error, connection refused)."
+)]
+struct QueryArgs {
+    /// The table as in main.cf: tcp:HOST:PORT, socketmap:inet:HOST:PORT:NAME
+    /// or socketmap:unix:PATH:NAME.
+    table: String,
+    /// Keys to look up; `-` reads keys from standard input, one per line, over
+    /// one connection. With several keys each found one prints KEY<TAB>VALUE.
+    #[arg(required = true, allow_hyphen_values = true)]
+    keys: Vec<String>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// The configuration to serve.
+    #[arg(short = 'c', long = "config", value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// The map the sample backend serves (`KEY VALUE` lines).
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_DEMO_MAP)]
+    map: PathBuf,
+    /// Where the sample backend listens; the configuration's servers at
+    /// 127.0.0.1:8080 are pointed here.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_BACKEND_ADDR)]
+    backend: SocketAddr,
+}
+
+#[derive(Args)]
+struct BackendArgs {
+    /// Where to listen.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_BACKEND_ADDR)]
+    listen: SocketAddr,
+    /// The map to serve (`KEY VALUE` lines).
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_DEMO_MAP)]
+    map: PathBuf,
+}
 
 const DEFAULT_CONFIG: &str = "conf/httpmapd.toml";
 const DEFAULT_DEMO_MAP: &str = "conf/demo.map";
 const DEFAULT_BACKEND_ADDR: &str = "127.0.0.1:8080";
 
+/// Exit status of a command that failed to run (start-up failure, bad file).
+const EXIT_FAILURE: u8 = 1;
+/// `query`: an error, not an answer.
+const EXIT_QUERY_ERROR: u8 = 2;
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
-        Ok(code) => code,
-        Err(msg) => {
-            eprintln!("httpmapd: {msg}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// Takes the value of a `-x VALUE` option.
-fn value<'a>(it: &mut impl Iterator<Item = &'a String>, opt: &str) -> Result<String, String> {
-    it.next()
-        .cloned()
-        .ok_or_else(|| format!("{opt} needs a value\n{USAGE}"))
-}
-
-fn run(args: &[String]) -> Result<ExitCode, String> {
-    match args.first().map(String::as_str) {
-        Some("demo") => return demo(&args[1..]),
-        Some("backend") => return backend(&args[1..]),
-        Some("query") => return query(&args[1..]),
-        Some("--version" | "-V") => {
-            println!("httpmapd {}", env!("CARGO_PKG_VERSION"));
-            return Ok(ExitCode::SUCCESS);
-        }
-        Some("--help" | "-h") => {
-            println!("{USAGE}");
-            return Ok(ExitCode::SUCCESS);
-        }
-        _ => {}
-    }
-    let mut cfg_path = None;
-    let mut check = false;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-c" | "--config" => cfg_path = Some(PathBuf::from(value(&mut it, a)?)),
-            "--check" => check = true,
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    let Some(cfg_path) = cfg_path else {
-        return Err(format!("missing -c FILE\n{USAGE}"));
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Query(q)) => query(&q),
+        Some(Command::Demo(d)) => demo(&d),
+        Some(Command::Backend(b)) => backend(&b),
+        None => match cli.config {
+            Some(path) => serve(&path, cli.check, None),
+            None => unreachable!("clap requires -c without a subcommand"),
+        },
     };
-    serve(&cfg_path, check)
+    result.unwrap_or_else(|(code, msg)| {
+        eprintln!("httpmapd: {msg}");
+        ExitCode::from(code)
+    })
 }
 
-fn serve(cfg_path: &std::path::Path, check: bool) -> Result<ExitCode, String> {
-    let cfg = match config::load(cfg_path) {
+type Outcome = Result<ExitCode, (u8, String)>;
+
+/// Writes one line to stdout; false when stdout is closed (the reader went
+/// away: the command ends quietly).
+fn print_line(line: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
+/// Serves (or with `check`, checks) the file at `path`. `point_at`: the
+/// demo's backend address, replacing the default one in every map.
+fn serve(path: &Path, check: bool, point_at: Option<SocketAddr>) -> Outcome {
+    let mut cfg = match config::load(path) {
         Ok(c) => c,
         Err(errs) => {
             for e in &errs.0 {
                 eprintln!("{e}");
             }
-            return Ok(ExitCode::from(1));
+            return Ok(ExitCode::from(EXIT_FAILURE));
         }
     };
     if check {
-        println!("{}: ok ({} map(s))", cfg_path.display(), cfg.maps.len());
+        print_line(&format!(
+            "{}: ok ({} map(s))",
+            path.display(),
+            cfg.maps.len()
+        ));
         return Ok(ExitCode::SUCCESS);
     }
-    daemon::run(cfg, cfg_path.to_path_buf())?;
+    if let Some(addr) = point_at {
+        point_servers_at(&mut cfg, addr);
+    }
+    daemon::run(cfg, path.to_path_buf()).map_err(|e| (EXIT_FAILURE, e))?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn demo(args: &[String]) -> Result<ExitCode, String> {
-    let mut cfg_path = PathBuf::from(DEFAULT_CONFIG);
-    let mut map = PathBuf::from(DEFAULT_DEMO_MAP);
-    let mut addr = DEFAULT_BACKEND_ADDR.to_string();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-c" | "--config" => cfg_path = PathBuf::from(value(&mut it, a)?),
-            "--map" => map = PathBuf::from(value(&mut it, a)?),
-            "--backend" => addr = value(&mut it, a)?,
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+/// Points every server at the default backend address to `addr` instead
+/// (the demo's `--backend`).
+fn point_servers_at(cfg: &mut config::Config, addr: SocketAddr) {
+    let default: SocketAddr = DEFAULT_BACKEND_ADDR.parse().expect("a valid address");
+    if addr == default {
+        return;
+    }
+    for s in cfg.maps.iter_mut().flat_map(|m| m.servers.iter_mut()) {
+        if s.addr == default {
+            s.addr = addr;
+            s.host = addr.to_string();
+            s.url = s.url.replacen(DEFAULT_BACKEND_ADDR, &s.host, 1);
         }
     }
-    let m = demo_backend::DemoMap::load(&map)?;
-    demo_backend::spawn(&addr, m).map_err(|e| format!("demo backend on {addr}: {e}"))?;
-    serve(&cfg_path, false)
 }
 
-fn backend(args: &[String]) -> Result<ExitCode, String> {
-    let mut map = PathBuf::from(DEFAULT_DEMO_MAP);
-    let mut addr = DEFAULT_BACKEND_ADDR.to_string();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--map" => map = PathBuf::from(value(&mut it, a)?),
-            "--listen" => addr = value(&mut it, a)?,
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    let m = demo_backend::DemoMap::load(&map)?;
-    demo_backend::spawn(&addr, m).map_err(|e| format!("demo backend on {addr}: {e}"))?;
+fn demo(d: &DemoArgs) -> Outcome {
+    let m = demo_backend::DemoMap::load(&d.map).map_err(|e| (EXIT_FAILURE, e))?;
+    demo_backend::spawn(&d.backend.to_string(), m)
+        .map_err(|e| (EXIT_FAILURE, format!("demo backend on {}: {e}", d.backend)))?;
+    serve(&d.config, false, Some(d.backend))
+}
+
+fn backend(b: &BackendArgs) -> Outcome {
+    let m = demo_backend::DemoMap::load(&b.map).map_err(|e| (EXIT_FAILURE, e))?;
+    demo_backend::spawn(&b.listen.to_string(), m)
+        .map_err(|e| (EXIT_FAILURE, format!("demo backend on {}: {e}", b.listen)))?;
     loop {
         std::thread::park();
     }
 }
 
-fn query(args: &[String]) -> Result<ExitCode, String> {
-    let [table, keys @ ..] = args else {
-        return Err(format!("query needs a TABLE and at least one KEY\n{USAGE}"));
-    };
-    if keys.is_empty() {
-        return Err(format!("query needs at least one KEY\n{USAGE}"));
-    }
-    let table = client::parse_table(table)?;
-    let mut c =
-        Client::connect(table.clone()).map_err(|e| format!("cannot connect to {table:?}: {e}"))?;
+fn query(q: &QueryArgs) -> Outcome {
+    let err = |msg: String| (EXIT_QUERY_ERROR, msg);
+    let table = client::parse_table(&q.table).map_err(err)?;
+    let mut c = Client::connect(table.clone())
+        .map_err(|e| err(format!("cannot connect to {table}: {e}")))?;
     let mut all: Vec<String> = Vec::new();
-    let many = keys.len() > 1 || keys[0] == "-";
-    for k in keys {
+    let many = q.keys.len() > 1 || q.keys[0] == "-";
+    for k in &q.keys {
         if k == "-" {
             for line in std::io::stdin().lock().lines() {
-                all.push(line.map_err(|e| format!("stdin: {e}"))?);
+                all.push(line.map_err(|e| err(format!("stdin: {e}")))?);
             }
         } else {
             all.push(k.clone());
@@ -154,20 +203,25 @@ fn query(args: &[String]) -> Result<ExitCode, String> {
     for key in &all {
         match c
             .query(key.as_bytes())
-            .map_err(|e| format!("query error: {key}: {e}"))?
+            .map_err(|e| err(format!("query error: {key}: {e}")))?
         {
             Reply::Found(v) => {
                 found_any = true;
                 let v = String::from_utf8_lossy(&v);
-                if many {
-                    println!("{key}\t{v}");
+                let line = if many {
+                    format!("{key}\t{v}")
                 } else {
-                    println!("{v}");
+                    v.into_owned()
+                };
+                if !print_line(&line) {
+                    break; // the reader went away
                 }
             }
             Reply::NotFound => {}
-            Reply::Temp(t) => return Err(format!("query error: {key}: temporary error: {t}")),
-            Reply::Perm(t) => return Err(format!("query error: {key}: configuration error: {t}")),
+            Reply::Temp(t) => return Err(err(format!("query error: {key}: temporary error: {t}"))),
+            Reply::Perm(t) => {
+                return Err(err(format!("query error: {key}: configuration error: {t}")))
+            }
         }
     }
     Ok(if found_any {

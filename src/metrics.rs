@@ -16,8 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Upper bounds of the latency buckets, in seconds.
-pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+/// Upper bounds of the latency buckets, in seconds: from 100 µs (a loopback
+/// miss) to 100 s, past the largest `lookup_timeout` a map may have (it must
+/// stay under Postfix's 100 s), so a slow lookup never hides in `+Inf`.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 100.0,
 ];
 /// Largest request head the endpoint reads.
 const MAX_REQUEST_BYTES: usize = 8192;
@@ -66,6 +70,46 @@ impl Histogram {
     }
 }
 
+/// Reloads (SIGHUP) and how the last one went.
+pub struct ReloadStats {
+    /// The last reload took effect (true at start).
+    pub last_ok: std::sync::atomic::AtomicBool,
+    /// When the configuration in force was loaded (start or reload), Unix seconds.
+    pub last_success_unix: AtomicU64,
+    pub successes: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+impl Default for ReloadStats {
+    fn default() -> ReloadStats {
+        ReloadStats {
+            last_ok: std::sync::atomic::AtomicBool::new(true),
+            last_success_unix: AtomicU64::new(unix_now()),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ReloadStats {
+    pub fn record(&self, ok: bool) {
+        self.last_ok.store(ok, Ordering::Relaxed);
+        if ok {
+            self.successes.fetch_add(1, Ordering::Relaxed);
+            self.last_success_unix.store(unix_now(), Ordering::Relaxed);
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Lookups of one map by outcome.
 #[derive(Default)]
 pub struct MapCounters {
@@ -73,6 +117,9 @@ pub struct MapCounters {
     pub not_found: AtomicU64,
     pub temporary: AtomicU64,
     pub stale: AtomicU64,
+    /// Lookups answered from a fresh cache entry, and the others.
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
     /// Time from a fetch's start to its end (misses only).
     pub fetch_latency: Histogram,
 }
@@ -92,6 +139,100 @@ pub struct ServerCounters {
     pub echo_mismatch: AtomicU64,
     pub echo_missing: AtomicU64,
     pub latency: Histogram,
+}
+
+/// The standard `process_*` metrics of this process (Linux `/proc`):
+/// resident and virtual memory, CPU seconds, open and maximum file
+/// descriptors, start time.
+pub fn render_process(out: &mut String) {
+    let page = page_size_bytes();
+    // SAFETY: sysconf with a valid name.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // /proc/PID/stat fields, counted from 1: utime 14, stime 15, starttime 22,
+    // vsize 23, rss 24; `fields` starts at field 3.
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let boot_time = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    // SAFETY: getrlimit with a valid, initialised struct.
+    let max_fds = unsafe {
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
+            rl.rlim_cur as f64
+        } else {
+            0.0
+        }
+    };
+    for (name, kind, help, v) in [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (field(14) + field(15)) / ticks,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            field(24) * page as f64,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            field(23),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            open_fds as f64,
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max_fds,
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            boot_time + field(22) / ticks,
+        ),
+    ] {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+}
+
+fn page_size_bytes() -> usize {
+    // SAFETY: sysconf with a valid name.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
 }
 
 /// Escapes a Prometheus label value.
@@ -170,12 +311,13 @@ fn serve_one(mut s: std::net::TcpStream, render: &Render, health: &HealthFn) {
         }
     };
     let (status, ctype, body) = match path.as_ref().map(|(m, p)| (m.as_str(), p.as_str())) {
-        Some(("GET", "/metrics")) => (
+        // HEAD is answered like GET, without the body (below).
+        Some(("GET" | "HEAD", "/metrics")) => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
             render(),
         ),
-        Some(("GET", "/health")) => {
+        Some(("GET" | "HEAD", "/health")) => {
             let (ok, text) = health();
             (
                 if ok {
@@ -199,7 +341,9 @@ fn serve_one(mut s: std::net::TcpStream, render: &Render, health: &HealthFn) {
         body.len()
     );
     let _ = s.write_all(head.as_bytes());
-    let _ = s.write_all(body.as_bytes());
+    if path.as_ref().is_none_or(|(m, _)| m != "HEAD") {
+        let _ = s.write_all(body.as_bytes());
+    }
 }
 
 #[cfg(test)]

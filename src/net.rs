@@ -122,12 +122,12 @@ impl Bound {
 
 impl Listener {
     /// Accepts one connection: the stream and, for TCP, the peer's address.
-    pub fn accept(&self) -> io::Result<(Stream, Option<std::net::IpAddr>)> {
+    pub fn accept(&self) -> io::Result<(Stream, Option<std::net::SocketAddr>)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
-                Ok((Stream::Tcp(s), Some(peer.ip())))
+                Ok((Stream::Tcp(s), Some(peer)))
             }
             Listener::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), None)),
         }

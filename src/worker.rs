@@ -49,7 +49,10 @@ const NETSTRING_OVERHEAD_BYTES: usize = 22;
 static LOG_TOO_LONG: RateLimit = RateLimit::new(Duration::from_secs(10));
 static LOG_TEMP: RateLimit = RateLimit::new(Duration::from_secs(10));
 static LOG_STALE: RateLimit = RateLimit::new(Duration::from_secs(60));
-static LOG_BAD_REQUEST: RateLimit = RateLimit::new(Duration::from_secs(10));
+/// Malformed requests, one limiter per protocol (a noisy tcp_table client
+/// does not hide a broken socketmap one).
+static LOG_BAD_TCP_TABLE: RateLimit = RateLimit::new(Duration::from_secs(10));
+static LOG_BAD_SOCKETMAP: RateLimit = RateLimit::new(Duration::from_secs(10));
 static LOG_ACCEPT: RateLimit = RateLimit::new(Duration::from_secs(60));
 static LOG_MAX_CLIENTS: RateLimit = RateLimit::new(Duration::from_secs(60));
 static LOG_DENIED: RateLimit = RateLimit::new(Duration::from_secs(10));
@@ -106,6 +109,7 @@ pub struct Stats {
     pub counters: Counters,
     /// By map id (ids are stable across reloads).
     pub maps: Box<[MapCounters]>,
+    pub reloads: crate::metrics::ReloadStats,
 }
 
 impl Default for Stats {
@@ -115,6 +119,7 @@ impl Default for Stats {
             maps: (0..crate::config::MAX_MAPS)
                 .map(|_| MapCounters::default())
                 .collect(),
+            reloads: crate::metrics::ReloadStats::default(),
         }
     }
 }
@@ -180,6 +185,8 @@ enum SessionState {
 struct Session {
     stream: Stream,
     proto: Proto,
+    /// The client's address (None: a Unix socket client), for log lines.
+    peer: Option<std::net::SocketAddr>,
     gen: u64,
     state: SessionState,
     rbuf: Vec<u8>,
@@ -483,7 +490,7 @@ impl Worker {
             let proto = *proto;
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    if let Some(ip) = peer {
+                    if let Some(ip) = peer.map(|p| p.ip()) {
                         let allow = match proto {
                             Proto::TcpTable { map } => self
                                 .shared
@@ -499,7 +506,7 @@ impl Worker {
                             continue; // dropping the stream closes it
                         }
                     }
-                    self.add_session(stream, proto)
+                    self.add_session(stream, proto, peer)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -520,7 +527,7 @@ impl Worker {
         self.accept_paused_until = Some(Instant::now());
     }
 
-    fn add_session(&mut self, mut stream: Stream, proto: Proto) {
+    fn add_session(&mut self, mut stream: Stream, proto: Proto, peer: Option<std::net::SocketAddr>) {
         let entry = self.sessions.vacant_entry();
         let token = Token(entry.key());
         if let Err(e) = self.poll.registry().register(
@@ -536,6 +543,7 @@ impl Worker {
         entry.insert(Session {
             stream,
             proto,
+            peer,
             gen,
             state: SessionState::Open,
             rbuf: Vec::new(),
@@ -779,9 +787,23 @@ impl Worker {
             .counters
             .bad_requests
             .fetch_add(1, Ordering::Relaxed);
-        if let Some(n) = LOG_BAD_REQUEST.check() {
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        let (limit, what) = match s.proto {
+            Proto::TcpTable { .. } => (&LOG_BAD_TCP_TABLE, "tcp_table"),
+            Proto::Socketmap { .. } => (&LOG_BAD_SOCKETMAP, "socketmap"),
+        };
+        if let Some(n) = limit.check() {
+            let from = s
+                .peer
+                .map_or_else(|| "a Unix socket client".to_string(), |p| p.to_string());
             crate::warn!(
-                "bad request from a client: {why}{} ({n} similar not logged)",
+                "bad {what} request from {from}{}: {why}{} ({n} similar not logged)",
+                match s.proto {
+                    Proto::TcpTable { map } => format!(" (map {})", self.shared.map_name(map)),
+                    Proto::Socketmap { .. } => String::new(),
+                },
                 if fatal {
                     "; closing the connection"
                 } else {
@@ -789,9 +811,6 @@ impl Worker {
                 }
             );
         }
-        let Some(s) = self.sessions.get(sid) else {
-            return;
-        };
         match s.proto {
             Proto::TcpTable { .. } => self.answer_now(sid, AnswerRef::Temp(why.as_bytes())),
             Proto::Socketmap { .. } if !fatal => {
@@ -871,6 +890,10 @@ impl Worker {
             };
             s.emit(|out| encode_answer(proto, a, out, &mcfg.name));
         });
+        match r {
+            Lookup::Hit { .. } => counters.cache_hits.fetch_add(1, Ordering::Relaxed),
+            _ => counters.cache_misses.fetch_add(1, Ordering::Relaxed),
+        };
         match r {
             Lookup::Hit { refresh } => {
                 if refresh {

@@ -466,13 +466,16 @@ fn lines_that_are_not_requests_get_400_and_the_next_line_is_served() {
         let reply = c.line(Duration::from_secs(10)).expect("a reply");
         assert_eq!(show(&reply), *w);
     }
-    // 22 bad requests within seconds: one log line (rate-limited), naming why.
+    // 22 bad requests within seconds: one log line (rate-limited), naming
+    // the client and its map.
     let log = d.stderr();
     assert_eq!(
-        count_lines(&log, "bad request from a client"),
+        count_lines(&log, "bad tcp_table request from 127.0.0.1:"),
         1,
         "stderr:\n{log}"
     );
+    assert_eq!(count_lines(&log, "bad "), 1, "stderr:\n{log}");
+    assert!(log.contains("(map virtual): "), "stderr:\n{log}");
 }
 
 /// A daemon with a socketmap listener; returns (daemon, socketmap port).
@@ -537,10 +540,10 @@ fn socketmap_malformed_or_absurd_netstrings_close_the_connection() {
     // Others are still served.
     let mut c = LineClient::connect(port);
     assert_eq!(c.socketmap_query("virtual", b"alice"), b"OK v-alice");
-    // Thirteen bad connections within seconds: one log line.
+    // Thirteen bad connections within seconds: one log line, naming the client.
     let log = d.stderr();
     assert_eq!(
-        count_lines(&log, "bad request from a client"),
+        count_lines(&log, "bad socketmap request from 127.0.0.1:"),
         1,
         "stderr:\n{log}"
     );

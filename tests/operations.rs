@@ -259,6 +259,16 @@ impl HttpResponse {
 }
 
 /// `GET path` over a plain std TcpStream; reads until the server closes.
+/// A `HEAD` request's whole answer, as text.
+fn http_head(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to stats_listen");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the stats response");
+    String::from_utf8(raw).unwrap()
+}
+
 fn http_get(port: u16, path: &str) -> HttpResponse {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to stats_listen");
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -404,7 +414,7 @@ fn check_prints_each_problem_with_its_line() {
         err,
         format!(
             "{p}:6: servers: \"ftp://x/\": server URL must start with http://\n\
-             {p}:7: http_timeout: invalid duration \"3 parsecs\": unknown unit \"parsecs\" (use ms, s, m, h or d)\n"
+             {p}:7: http_timeout: invalid duration \"3 parsecs\": unknown unit \"parsecs\" (use ms, s, m, h or d, e.g. \"1m30s\")\n"
         )
     );
 
@@ -487,13 +497,14 @@ fn check_missing_file_exits_1_with_a_clear_message() {
     assert_eq!(out, "");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(
-        lines[0].starts_with(&format!("{}:", path.display())),
-        "names the file: {err}"
-    );
-    assert!(
-        lines[0].contains("cannot read") && lines[0].contains("No such file or directory"),
-        "says why: {err}"
+    // The file and why, without a line number (there is no line to point at).
+    assert_eq!(
+        lines[0],
+        format!(
+            "{}: cannot read: No such file or directory (os error 2)",
+            path.display()
+        ),
+        "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -996,7 +1007,33 @@ fn assert_families_documented(text: &str) {
         }
     }
     assert_eq!(help.len(), types.len(), "every HELP has a TYPE");
+    // OpenMetrics names: a counter family is NAME_total, and no other
+    // family may take NAME (a gauge `x` beside a counter `x_total` clashes).
+    for (name, kind) in &types {
+        if kind == "counter" {
+            assert!(name.ends_with("_total"), "counter {name} without _total");
+            let base = name.strip_suffix("_total").unwrap();
+            assert!(
+                !types.iter().any(|(n, _)| n == base),
+                "family {base} clashes with counter {name}"
+            );
+        }
+    }
     for want in [
+        "httpmapd_build_info",
+        "httpmapd_config_last_reload_successful",
+        "httpmapd_config_last_reload_success_timestamp_seconds",
+        "httpmapd_config_reloads_total",
+        "httpmapd_cache_bytes",
+        "httpmapd_cache_max_bytes",
+        "httpmapd_cache_max_entries",
+        "httpmapd_server_protocol_errors_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
         "httpmapd_lookups_total",
         "httpmapd_cache_hits_total",
         "httpmapd_cache_misses_total",
@@ -1008,7 +1045,8 @@ fn assert_families_documented(text: &str) {
         "httpmapd_server_up",
         "httpmapd_fetch_duration_seconds",
         "httpmapd_server_request_duration_seconds",
-        "httpmapd_client_connections",
+        "httpmapd_client_connections_open",
+        "httpmapd_client_connections_total",
         "httpmapd_requests_total",
         "httpmapd_bad_requests_total",
     ] {
@@ -1037,7 +1075,10 @@ fn assert_histogram(text: &str, name: &str, labels: &str, count: u64) {
             (le.to_string(), v.parse().unwrap())
         })
         .collect();
-    assert_eq!(buckets.len(), 15, "{name}{{{labels}}} buckets:\n{text}");
+    // 18 bounds up to 100 s (past any lookup_timeout, which stays under
+    // Postfix's 100 s) and +Inf.
+    assert_eq!(buckets.len(), 19, "{name}{{{labels}}} buckets:\n{text}");
+    assert_eq!(buckets[17].0, "100", "the top bound: {buckets:?}");
     assert_eq!(buckets.last().unwrap(), &("+Inf".to_string(), count));
     assert!(
         buckets.windows(2).all(|w| w[0].1 <= w[1].1),
@@ -1128,14 +1169,22 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
         "httpmapd_lookups_total{map=\"virtual\",outcome=\"not_found\"} 2".to_string(),
         "httpmapd_lookups_total{map=\"virtual\",outcome=\"temporary\"} 1".to_string(),
         "httpmapd_lookups_total{map=\"virtual\",outcome=\"stale\"} 0".to_string(),
-        "httpmapd_cache_hits_total 1".to_string(),
-        "httpmapd_cache_misses_total 6".to_string(),
+        "httpmapd_cache_hits_total{map=\"virtual\"} 1".to_string(),
+        "httpmapd_cache_misses_total{map=\"virtual\"} 6".to_string(),
         "httpmapd_cache_coalesced_total 0".to_string(),
         "httpmapd_cache_evictions_total 0".to_string(),
         "httpmapd_cache_refreshes_total 0".to_string(),
         "httpmapd_requests_total 7".to_string(),
         "httpmapd_bad_requests_total 0".to_string(),
-        "httpmapd_client_connections 1".to_string(),
+        "httpmapd_client_connections_open 1".to_string(),
+        "httpmapd_client_connections_total 1".to_string(),
+        format!(
+            "httpmapd_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "httpmapd_config_last_reload_successful 1".to_string(),
+        "httpmapd_config_reloads_total{result=\"success\"} 0".to_string(),
+        "httpmapd_config_reloads_total{result=\"failure\"} 0".to_string(),
         // 3 found + 2 not found; a temporary error is not cached.
         "httpmapd_cache_entries{map=\"virtual\"} 5".to_string(),
         format!("httpmapd_server_requests_total{{{srv},outcome=\"ok\"}} 5"),
@@ -1145,6 +1194,40 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
     ] {
         assert_line(t, &line);
     }
+    // The process: this daemon's pid, started within the last minutes.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = sample(t, "process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 600.0,
+        "started {started}, now {now}"
+    );
+    let rss = sample(t, "process_resident_memory_bytes");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let vm_rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        (rss / 1024.0 - vm_rss_kib).abs() < vm_rss_kib / 2.0,
+        "process_resident_memory_bytes {rss} vs VmRSS {vm_rss_kib} KiB"
+    );
+    let fds = sample(t, "process_open_fds");
+    let open_now = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count() as f64;
+    assert!(
+        (fds - open_now).abs() <= 4.0,
+        "process_open_fds {fds}, /proc says {open_now}"
+    );
+    assert!(sample(t, "process_max_fds") >= fds);
+    // HEAD: the same head, no body.
+    let head = http_head(stats, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head:?}");
+    assert!(head.ends_with("\r\n\r\n"), "no body after a HEAD: {head:?}");
     // One fetch per miss (the 503 included); one server request each.
     assert_histogram(t, "httpmapd_fetch_duration_seconds", "map=\"virtual\"", 6);
     assert_histogram(t, "httpmapd_server_request_duration_seconds", &srv, 6);
@@ -1200,6 +1283,19 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
     d.signal(libc::SIGHUP);
     let log = wait_log(&d, "reload refused");
     assert!(!log.contains(SECRET), "{log}");
+    // The refused reload shows in the metrics (recorded right after its log line).
+    let deadline = std::time::Instant::now() + WAIT;
+    let t = loop {
+        let t = http_get(stats, "/metrics").body;
+        if t.contains("httpmapd_config_last_reload_successful 0")
+            || std::time::Instant::now() > deadline
+        {
+            break t;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_line(&t, "httpmapd_config_last_reload_successful 0");
+    assert_line(&t, "httpmapd_config_reloads_total{result=\"failure\"} 1");
     assert!(d.child.try_wait().unwrap().is_none(), "still running");
 }
 

@@ -1,0 +1,153 @@
+//! The `[daemon]` section: threads, listeners, client limits, Unix socket
+//! permissions, logging. Values are checked here and errors reported with
+//! their line; nothing is bound or opened.
+
+use super::raw::{Ctx, OneOrMany, RawDaemon};
+use super::values::{lookup_id, parse_listen};
+use super::{Daemon, Listen, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_REQUEST_BYTES};
+
+/// The `[daemon]` section, and where its `socketmap_listen` is (for errors
+/// about the addresses it lists).
+pub(super) fn daemon(cx: &mut Ctx<'_>, d: Option<RawDaemon>) -> (Daemon, usize) {
+    let d = d.unwrap_or(RawDaemon {
+        workers: None,
+        socketmap_listen: None,
+        stats_listen: None,
+        max_request_bytes: None,
+        log_level: None,
+        log_timestamps: None,
+        unix_socket_mode: None,
+        unix_socket_owner: None,
+        unix_socket_group: None,
+        max_clients: None,
+        max_query_size: None,
+        max_reply_size: None,
+        allow_from: None,
+    });
+    let mut workers = cx.count("workers", d.workers, 0, 1024, 0);
+    if workers == 0 {
+        workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
+    let mut socketmap_listen = Vec::new();
+    let mut socketmap_at = 0;
+    if let Some(v) = d.socketmap_listen {
+        let at = v.span().start;
+        socketmap_at = at;
+        let list = match v.into_inner() {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(l) => l,
+        };
+        for s in list {
+            match parse_listen(&s) {
+                Ok(l) => socketmap_listen.push(l),
+                Err(e) => cx.err(at, format!("socketmap_listen: {e}")),
+            }
+        }
+    }
+    let stats_listen = d.stats_listen.and_then(|v| {
+        let at = v.span().start;
+        match parse_listen(v.get_ref()) {
+            Ok(Listen::Tcp(a)) => Some(a),
+            Ok(Listen::Unix(_)) => {
+                cx.err(at, "stats_listen: must be IP:PORT");
+                None
+            }
+            Err(e) => {
+                cx.err(at, format!("stats_listen: {e}"));
+                None
+            }
+        }
+    });
+    let max_request_bytes = cx.count(
+        "max_request_bytes",
+        d.max_request_bytes,
+        64,
+        1 << 20,
+        DEFAULT_MAX_REQUEST_BYTES,
+    );
+    let log_level = match d.log_level {
+        None => crate::log::Level::Info,
+        Some(v) => match crate::log::Level::parse(v.get_ref()) {
+            Some(l) => l,
+            None => {
+                cx.err(
+                    v.span().start,
+                    "log_level: expected \"error\", \"warn\", \"info\" or \"debug\"",
+                );
+                crate::log::Level::Info
+            }
+        },
+    };
+
+    let max_clients = cx.count(
+        "max_clients",
+        d.max_clients,
+        1,
+        10_000_000,
+        DEFAULT_MAX_CLIENTS,
+    );
+    let allow_from = d.allow_from.map(|v| cx.cidrs(v)).unwrap_or_default();
+    let max_query_size = cx.count(
+        "max_query_size",
+        d.max_query_size,
+        16,
+        1 << 20,
+        crate::codec::netstring::DEFAULT_MAX_QUERY_BYTES,
+    );
+    let max_reply_size = cx.count(
+        "max_reply_size",
+        d.max_reply_size,
+        16,
+        1 << 24,
+        crate::codec::netstring::DEFAULT_MAX_REPLY_BYTES,
+    );
+    let unix_socket_mode = match d.unix_socket_mode {
+        None => 0o666,
+        Some(v) => match u32::from_str_radix(v.get_ref().trim_start_matches("0o"), 8) {
+            Ok(m) if m <= 0o7777 => m,
+            _ => {
+                cx.err(
+                    v.span().start,
+                    "unix_socket_mode: expected octal permissions such as \"0660\"",
+                );
+                0o666
+            }
+        },
+    };
+    let unix_socket_owner = d
+        .unix_socket_owner
+        .and_then(|v| match lookup_id(v.get_ref(), false) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                cx.err(v.span().start, format!("unix_socket_owner: {e}"));
+                None
+            }
+        });
+    let unix_socket_group = d
+        .unix_socket_group
+        .and_then(|v| match lookup_id(v.get_ref(), true) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                cx.err(v.span().start, format!("unix_socket_group: {e}"));
+                None
+            }
+        });
+    (
+        Daemon {
+            workers,
+            socketmap_listen,
+            stats_listen,
+            max_request_bytes,
+            log_level,
+            log_timestamps: d.log_timestamps.unwrap_or(false),
+            unix_socket_mode,
+            unix_socket_owner,
+            unix_socket_group,
+            max_clients,
+            max_query_size,
+            max_reply_size,
+            allow_from,
+        },
+        socketmap_at,
+    )
+}

@@ -1,0 +1,199 @@
+//! The `[maps.NAME]` sections: each map's servers, result mode, timeouts,
+//! limits and cache lifetimes (defaults from `[cache]`), and the check that
+//! no two listeners share an address.
+
+use super::raw::{Ctx, RawMap};
+use super::values::{parse_listen, parse_server_url};
+use super::*;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+/// Every `[maps.NAME]`, in name order, each with where its `tcp_listen` is.
+pub(super) fn maps(
+    cx: &mut Ctx<'_>,
+    raw_maps: BTreeMap<String, Spanned<RawMap>>,
+    cache: &Cache,
+) -> Vec<(MapConfig, Option<usize>)> {
+    let mut maps = Vec::new();
+    if raw_maps.len() > MAX_MAPS {
+        cx.err_file(format!("more than {MAX_MAPS} maps"));
+    }
+    if raw_maps.is_empty() {
+        cx.err_file("no maps: add a [maps.NAME] section with servers = [...]");
+    }
+    for (name, m) in raw_maps {
+        maps.push(map(cx, name, m, cache));
+    }
+    maps
+}
+
+fn map(
+    cx: &mut Ctx<'_>,
+    name: String,
+    m: Spanned<RawMap>,
+    cache: &Cache,
+) -> (MapConfig, Option<usize>) {
+    let map_at = m.span().start;
+    let m = m.into_inner();
+    if name.is_empty() || name.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+        cx.err(map_at, format!("map name {name:?}: must be printable ASCII without spaces (it is the socketmap name)"));
+    }
+    let tcp_listen_at = m.tcp_listen.as_ref().map(|v| v.span().start);
+    let tcp_listen = m.tcp_listen.and_then(|v| match parse_listen(v.get_ref()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            cx.err(v.span().start, format!("tcp_listen: {e}"));
+            None
+        }
+    });
+    let mut servers = Vec::new();
+    match m.servers {
+        None => cx.err(map_at, format!("maps.{name}: servers is required")),
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                cx.err(list.span().start, format!("maps.{name}: servers is empty"));
+            }
+            for s in list.into_inner() {
+                match parse_server_url(s.get_ref()) {
+                    Ok(sc) => servers.push(sc),
+                    Err(e) => cx.err(s.span().start, format!("servers: {e}")),
+                }
+            }
+        }
+    }
+    let result = match m.result {
+        None => ResultMode::Header,
+        Some(v) => match v.get_ref().as_str() {
+            "header" => ResultMode::Header,
+            "body" => ResultMode::Body,
+            other if other.starts_with("json:") => {
+                let ptr = &other["json:".len()..];
+                if !(ptr.is_empty() || ptr.starts_with('/')) {
+                    cx.err(
+                        v.span().start,
+                        format!("result: {other:?}: a JSON pointer is empty or starts with '/' (e.g. \"json:/result\")"),
+                    );
+                }
+                ResultMode::Json(ptr.to_string())
+            }
+            other => {
+                cx.err(
+                    v.span().start,
+                    format!("result: unknown mode {other:?} (use \"header\", \"body\" or \"json:/pointer\")"),
+                );
+                ResultMode::Header
+            }
+        },
+    };
+    let mut headers = Vec::new();
+    if let Some(h) = m.headers {
+        let at = h.span().start;
+        for (k, v) in h.into_inner() {
+            let bad_name = k.is_empty()
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            let bad_value = v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0);
+            let reserved = [
+                "host",
+                "connection",
+                "postfix-dict-email",
+                "content-length",
+                "transfer-encoding",
+            ]
+            .contains(&k.to_ascii_lowercase().as_str());
+            if bad_name || bad_value || reserved {
+                cx.err(
+                    at,
+                    format!("headers: {k:?} is not an allowed request header"),
+                );
+            } else {
+                headers.push((k, v));
+            }
+        }
+    }
+    // Where each timeout is written (the map's header when it is not).
+    let span_of = |v: &Option<Spanned<toml::Value>>| v.as_ref().map_or(map_at, |v| v.span().start);
+    let timeout_at = [
+        span_of(&m.connect_timeout),
+        span_of(&m.http_timeout),
+        span_of(&m.lookup_timeout),
+    ];
+    let connect_timeout = cx.duration(
+        "connect_timeout",
+        m.connect_timeout,
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let http_timeout = cx.duration("http_timeout", m.http_timeout, DEFAULT_HTTP_TIMEOUT);
+    let lookup_timeout = cx.duration("lookup_timeout", m.lookup_timeout, DEFAULT_LOOKUP_TIMEOUT);
+    for ((k, d), at) in [
+        ("connect_timeout", connect_timeout),
+        ("http_timeout", http_timeout),
+        ("lookup_timeout", lookup_timeout),
+    ]
+    .into_iter()
+    .zip(timeout_at)
+    {
+        if d.is_zero() {
+            cx.err(at, format!("maps.{name}: {k} must be more than 0"));
+        }
+    }
+    if lookup_timeout >= Duration::from_secs(100) {
+        cx.err(
+            timeout_at[2],
+            format!("maps.{name}: lookup_timeout must stay under Postfix's 100s client timeout"),
+        );
+    }
+    let map = MapConfig {
+        tcp_listen,
+        servers,
+        result,
+        connect_timeout,
+        http_timeout,
+        lookup_timeout,
+        retry_interval: cx.duration("retry_interval", m.retry_interval, DEFAULT_RETRY_INTERVAL),
+        max_connections: cx.count(
+            "max_connections",
+            m.max_connections,
+            1,
+            65536,
+            DEFAULT_MAX_CONNECTIONS,
+        ),
+        max_attempts: cx.count(
+            "max_attempts",
+            m.max_attempts,
+            1,
+            100,
+            DEFAULT_MAX_ATTEMPTS as usize,
+        ) as u32,
+        max_queue: cx.count("max_queue", m.max_queue, 0, 1 << 20, DEFAULT_MAX_QUEUE),
+        max_result_bytes: cx.count(
+            "max_result_bytes",
+            m.max_result_bytes,
+            1,
+            16 << 20,
+            DEFAULT_MAX_RESULT_BYTES,
+        ),
+        fold_case: m.fold_case.unwrap_or(true),
+        ttl: cx.duration("ttl", m.ttl, cache.ttl),
+        negative_ttl: cx.duration("negative_ttl", m.negative_ttl, cache.negative_ttl),
+        stale_ttl: cx.duration("stale_ttl", m.stale_ttl, cache.stale_ttl),
+        stale_negative: m.stale_negative.unwrap_or(cache.stale_negative),
+        require_key_echo: m.require_key_echo.unwrap_or(false),
+        headers,
+        separator: m.separator.unwrap_or_else(|| ", ".to_string()),
+        allow_from: m.allow_from.map(|v| cx.cidrs(v)),
+        name,
+    };
+    (map, tcp_listen_at)
+}
+
+/// Listener addresses must be distinct: each repeat is reported on its own
+/// line. `listens`: every address with where it is written.
+pub(super) fn check_listens(cx: &mut Ctx<'_>, listens: &[(&Listen, usize)]) {
+    for (i, (l, at)) in listens.iter().enumerate() {
+        if listens[..i].iter().any(|(o, _)| o == l) {
+            cx.err(*at, format!("listen address {l} is used twice"));
+        }
+    }
+}
