@@ -93,8 +93,12 @@ const DEFAULT_CONFIG: &str = "conf/httpmapd.toml";
 const DEFAULT_DEMO_MAP: &str = "conf/demo.map";
 const DEFAULT_BACKEND_ADDR: &str = "127.0.0.1:8080";
 
-/// Exit status of a command that failed to run (start-up failure, bad file).
+/// Exit status for an invalid configuration file (as `--check` gives), or a
+/// demo map that cannot be read.
 const EXIT_FAILURE: u8 = 1;
+/// Exit status when the daemon cannot start (an address in use, no
+/// permission...), as since the first release.
+const EXIT_START_FAILURE: u8 = 2;
 /// `query`: an error, not an answer.
 const EXIT_QUERY_ERROR: u8 = 2;
 
@@ -147,7 +151,7 @@ fn serve(path: &Path, check: bool, point_at: Option<SocketAddr>) -> Outcome {
     if let Some(addr) = point_at {
         point_servers_at(&mut cfg, addr);
     }
-    daemon::run(cfg, path.to_path_buf()).map_err(|e| (EXIT_FAILURE, e))?;
+    daemon::run(cfg, path.to_path_buf()).map_err(|e| (EXIT_START_FAILURE, e))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -170,14 +174,14 @@ fn point_servers_at(cfg: &mut config::Config, addr: SocketAddr) {
 fn demo(d: &DemoArgs) -> Outcome {
     let m = demo_backend::DemoMap::load(&d.map).map_err(|e| (EXIT_FAILURE, e))?;
     demo_backend::spawn(&d.backend.to_string(), m)
-        .map_err(|e| (EXIT_FAILURE, format!("demo backend on {}: {e}", d.backend)))?;
+        .map_err(|e| (EXIT_START_FAILURE, format!("demo backend on {}: {e}", d.backend)))?;
     serve(&d.config, false, Some(d.backend))
 }
 
 fn backend(b: &BackendArgs) -> Outcome {
     let m = demo_backend::DemoMap::load(&b.map).map_err(|e| (EXIT_FAILURE, e))?;
     demo_backend::spawn(&b.listen.to_string(), m)
-        .map_err(|e| (EXIT_FAILURE, format!("demo backend on {}: {e}", b.listen)))?;
+        .map_err(|e| (EXIT_START_FAILURE, format!("demo backend on {}: {e}", b.listen)))?;
     loop {
         std::thread::park();
     }

@@ -23,7 +23,7 @@
 
 mod common;
 
-use common::{free_port, postmap_q, Daemon, LineClient, Reply, TestServer};
+use common::{free_port, postmap_q, rss_kib, wait_until, Daemon, LineClient, Reply, TestServer};
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -113,19 +113,6 @@ fn port() -> u16 {
         }
     }
     free_port()
-}
-
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn sleep_until(t: Instant) {
@@ -290,16 +277,6 @@ fn reload(d: &Daemon, config: &str, done: usize) {
         "reload {} not done within {WAIT:?}:\n{log}",
         done + 1
     );
-}
-
-/// VmRSS of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 /// What many sequential lookups got.

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{free_port, Daemon, LineClient, Reply, Request, TestServer};
+use common::{free_port, rss_kib, Daemon, LineClient, Reply, Request, TestServer};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,16 +85,6 @@ fn echo_server() -> TestServer {
         v.extend_from_slice(key);
         Reply::found(&v)
     })
-}
-
-/// Reads /proc/PID/status's VmRSS, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
 }
 
 /// User + system CPU time of PID, in clock ticks (/proc/PID/stat fields 14, 15).

@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{free_port, unique_temp_dir, Daemon, LineClient, Reply, TestServer};
+use common::{
+    free_port, rss_kib, unique_temp_dir, wait_until, Daemon, LineClient, Reply, TestServer,
+};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -41,20 +43,6 @@ fn check(path: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Polls `cond` every 10 ms until it holds; false after `timeout`.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Waits until the daemon's stderr contains `needle`; returns the stderr.
@@ -1205,12 +1193,7 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
         "started {started}, now {now}"
     );
     let rss = sample(t, "process_resident_memory_bytes");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
-    let vm_rss_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let vm_rss_kib = rss_kib(d.pid()) as f64;
     assert!(
         (rss / 1024.0 - vm_rss_kib).abs() < vm_rss_kib / 2.0,
         "process_resident_memory_bytes {rss} vs VmRSS {vm_rss_kib} KiB"
