@@ -67,12 +67,14 @@ struct QueryArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// The configuration to serve.
-    #[arg(short = 'c', long = "config", value_name = "FILE", default_value = DEFAULT_CONFIG)]
-    config: PathBuf,
-    /// The map the sample backend serves (`KEY VALUE` lines).
-    #[arg(long, value_name = "FILE", default_value = DEFAULT_DEMO_MAP)]
-    map: PathBuf,
+    /// The configuration to serve [default: conf/httpmapd.toml, or
+    /// /etc/httpmapd/httpmapd.toml where there is no conf/ (the package)].
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The map the sample backend serves (`KEY VALUE` lines) [default:
+    /// conf/demo.map, or /usr/share/httpmapd/demo.map where there is no conf/].
+    #[arg(long, value_name = "FILE")]
+    map: Option<PathBuf>,
     /// Where the sample backend listens; the configuration's servers at
     /// 127.0.0.1:8080 are pointed here.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_BACKEND_ADDR)]
@@ -84,13 +86,23 @@ struct BackendArgs {
     /// Where to listen.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_BACKEND_ADDR)]
     listen: SocketAddr,
-    /// The map to serve (`KEY VALUE` lines).
-    #[arg(long, value_name = "FILE", default_value = DEFAULT_DEMO_MAP)]
-    map: PathBuf,
+    /// The map to serve (`KEY VALUE` lines) [default: conf/demo.map, or
+    /// /usr/share/httpmapd/demo.map where there is no conf/].
+    #[arg(long, value_name = "FILE")]
+    map: Option<PathBuf>,
 }
 
-const DEFAULT_CONFIG: &str = "conf/httpmapd.toml";
-const DEFAULT_DEMO_MAP: &str = "conf/demo.map";
+/// The demo's files in this repository, and where the package installs them.
+const DEFAULT_CONFIG: [&str; 2] = ["conf/httpmapd.toml", "/etc/httpmapd/httpmapd.toml"];
+const DEFAULT_DEMO_MAP: [&str; 2] = ["conf/demo.map", "/usr/share/httpmapd/demo.map"];
+
+/// `given`, or the first of `defaults` that exists (else the first).
+fn or_default(given: &Option<PathBuf>, defaults: [&str; 2]) -> PathBuf {
+    given.clone().unwrap_or_else(|| {
+        let found = defaults.iter().find(|p| Path::new(p).exists());
+        PathBuf::from(found.unwrap_or(&defaults[0]))
+    })
+}
 const DEFAULT_BACKEND_ADDR: &str = "127.0.0.1:8080";
 
 /// Exit status for an invalid configuration file (as `--check` gives), or a
@@ -172,14 +184,16 @@ fn point_servers_at(cfg: &mut config::Config, addr: SocketAddr) {
 }
 
 fn demo(d: &DemoArgs) -> Outcome {
-    let m = demo_backend::DemoMap::load(&d.map).map_err(|e| (EXIT_FAILURE, e))?;
+    let map = or_default(&d.map, DEFAULT_DEMO_MAP);
+    let m = demo_backend::DemoMap::load(&map).map_err(|e| (EXIT_FAILURE, e))?;
     demo_backend::spawn(&d.backend.to_string(), m)
         .map_err(|e| (EXIT_START_FAILURE, format!("demo backend on {}: {e}", d.backend)))?;
-    serve(&d.config, false, Some(d.backend))
+    serve(&or_default(&d.config, DEFAULT_CONFIG), false, Some(d.backend))
 }
 
 fn backend(b: &BackendArgs) -> Outcome {
-    let m = demo_backend::DemoMap::load(&b.map).map_err(|e| (EXIT_FAILURE, e))?;
+    let map = or_default(&b.map, DEFAULT_DEMO_MAP);
+    let m = demo_backend::DemoMap::load(&map).map_err(|e| (EXIT_FAILURE, e))?;
     demo_backend::spawn(&b.listen.to_string(), m)
         .map_err(|e| (EXIT_START_FAILURE, format!("demo backend on {}: {e}", b.listen)))?;
     loop {
