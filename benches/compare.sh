@@ -80,7 +80,7 @@ run() {
     local t0=0 t1=0
     [ "$pid" != - ] && t0=$(ticks "$pid")
     local j
-    j=$(timeout 120 "$LOAD" "$@" --json | tail -n1)
+    j=$(timeout 120 "$LOAD" -q "$@" --json | tail -n1)
     [ "$pid" != - ] && t1=$(ticks "$pid")
     python3 - "$label" "$j" "$t0" "$t1" "$HZ" "$pid" >>"$OUT/results.jsonl" <<'EOF'
 import json, sys
@@ -160,7 +160,7 @@ for w in 1 2; do
     D=$PID
     wait_port 19021
     # Fill the cache: every key once.
-    timeout 60 "$LOAD" tcp:127.0.0.1:19021 -c 10 -n "$KEYS" --sequential --keyspace "$KEYS" >/dev/null
+    timeout 60 "$LOAD" -q tcp:127.0.0.1:19021 -c 10 -n "$KEYS" --sequential --keyspace "$KEYS" >/dev/null
     for c in $CONNS; do
         run "httpmapd w=$w tcp c=$c" "$D" tcp:127.0.0.1:19021 -c "$c" -d "$DUR" --keyspace "$KEYS"
     done
@@ -172,7 +172,7 @@ for t in 1 2; do
     start memcached-t$t "$MEMCACHED" -u nobody -l 127.0.0.1 -p 19211 -U 0 -t "$t" -m 1024 -c 20000
     M=$PID
     wait_port 19211
-    timeout 60 "$LOAD" memcached:127.0.0.1:19211 --populate-only -c 8 --keyspace "$KEYS" >/dev/null
+    timeout 60 "$LOAD" -q memcached:127.0.0.1:19211 --populate-only -c 8 --keyspace "$KEYS" >/dev/null
     for c in $CONNS; do
         run "memcached -t $t c=$c" "$M" memcached:127.0.0.1:19211 -c "$c" -d "$DUR" --keyspace "$KEYS"
     done
@@ -214,7 +214,7 @@ D=$PID
 wait_port 19021
 sleep 0.5
 rss0=$(rss_kib "$D")
-timeout 180 "$LOAD" tcp:127.0.0.1:19021 -c 64 --depth 4 -n "$BIG" --sequential --keyspace "$BIG" --timeout 20s --json >"$T/fill.json"
+timeout 180 "$LOAD" -q tcp:127.0.0.1:19021 -c 64 --depth 4 -n "$BIG" --sequential --keyspace "$BIG" --timeout 20s --json >"$T/fill.json"
 sleep 0.5
 rss1=$(rss_kib "$D")
 entries=$(curl -s http://127.0.0.1:19090/metrics | awk '/^httpmapd_cache_entries[ {]/ {s += $NF} END {print s + 0}')
@@ -250,7 +250,7 @@ for who in httpmapd memcached; do
     wait_port $port
     sleep 0.5
     r0=$(rss_kib "$P")
-    timeout 90 "$LOAD" "$target" --idle -c "$IDLE" -d 8s --json >"$T/idle-$who.json" &
+    timeout 90 "$LOAD" -q "$target" --idle -c "$IDLE" -d 8s --json >"$T/idle-$who.json" &
     L=$!
     PIDS+=("$L")
     # Wait until every connection is open (or 30 s), then read RSS.

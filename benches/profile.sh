@@ -68,7 +68,7 @@ strace_run() {
     strace -c -f -p "$pid" -o "$T/strace-$label.txt" 2>/dev/null &
     local s=$!
     sleep 0.5
-    timeout 120 "$LOAD" "$@" -n "$N" >"$T/load-$label.txt"
+    timeout 120 "$LOAD" -q "$@" -n "$N" >"$T/load-$label.txt"
     kill -INT "$s"
     wait "$s" 2>/dev/null || true
     python3 - "$label" "$T/strace-$label.txt" "$N" <<'EOF' | tee -a "$OUT/report.md"
@@ -88,7 +88,7 @@ echo | tee -a "$OUT/report.md"
 start httpmapd "$DAEMON" -c "$T/hit.toml"
 D=$PID
 wait_port 19121
-timeout 60 "$LOAD" tcp:127.0.0.1:19121 -c 10 -n $KEYS --sequential --keyspace $KEYS >/dev/null
+timeout 60 "$LOAD" -q tcp:127.0.0.1:19121 -c 10 -n $KEYS --sequential --keyspace $KEYS >/dev/null
 strace_run "hit tcp c=10 depth=1" "$D" tcp:127.0.0.1:19121 -c 10 --keyspace $KEYS
 strace_run "hit tcp c=10 depth=16" "$D" tcp:127.0.0.1:19121 -c 10 --depth 16 --keyspace $KEYS
 strace_run "hit socketmap c=10 depth=1" "$D" socketmap:inet:127.0.0.1:19120:virtual -c 10 --keyspace $KEYS
@@ -113,10 +113,10 @@ cg() {
     wait_port 19121
     sleep 1
     if [ "$warm" = yes ]; then
-        timeout 120 "$LOAD" tcp:127.0.0.1:19121 -c 10 -n $KEYS --sequential --keyspace $KEYS --timeout 30s >/dev/null
+        timeout 120 "$LOAD" -q tcp:127.0.0.1:19121 -c 10 -n $KEYS --sequential --keyspace $KEYS --timeout 30s >/dev/null
     fi
     callgrind_control -z "$D" >/dev/null 2>&1 || true
-    timeout 120 "$LOAD" "$target" -c 10 -n "$N" --keyspace $KEYS --timeout 30s >"$dir/load.txt"
+    timeout 120 "$LOAD" -q "$target" -c 10 -n "$N" --keyspace $KEYS --timeout 30s >"$dir/load.txt"
     callgrind_control -d "$D" >/dev/null 2>&1 || true
     kill "$D"
     wait "$D" 2>/dev/null || true

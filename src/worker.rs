@@ -527,7 +527,12 @@ impl Worker {
         self.accept_paused_until = Some(Instant::now());
     }
 
-    fn add_session(&mut self, mut stream: Stream, proto: Proto, peer: Option<std::net::SocketAddr>) {
+    fn add_session(
+        &mut self,
+        mut stream: Stream,
+        proto: Proto,
+        peer: Option<std::net::SocketAddr>,
+    ) {
         let entry = self.sessions.vacant_entry();
         let token = Token(entry.key());
         if let Err(e) = self.poll.registry().register(
