@@ -143,18 +143,39 @@ fn build_shared(
                 purge.push(id);
             }
         }
+        // The same TLS inputs: keep the old client, and with it the TLS
+        // sessions new connections resume.
+        let mut m = m.clone();
+        let same_tls = match (old.and_then(|o| o.cfg.tls.as_ref()), &m.tls) {
+            (Some(o), Some(n)) if o.fingerprint == n.fingerprint => {
+                m.tls = Some(o.clone());
+                true
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        let m = &m;
         let servers = m
             .servers
             .iter()
             .map(|s| {
                 let reuse = old
                     .filter(|o| {
-                        o.cfg.retry_interval == m.retry_interval
+                        same_tls
+                            && o.cfg.retry_interval == m.retry_interval
                             && o.cfg.max_connections == m.max_connections
                     })
-                    .and_then(|o| o.servers.iter().find(|x| x.cfg == *s));
+                    .and_then(|o| {
+                        o.servers.iter().find(|x| {
+                            x.cfg.url == s.url && x.cfg.host == s.host && x.cfg.tls == s.tls
+                        })
+                    });
                 match reuse {
-                    Some(x) => x.clone(),
+                    Some(x) => {
+                        // Health and counters kept; the addresses of this load.
+                        x.set_addrs(s.addrs.clone());
+                        x.clone()
+                    }
                     None => Arc::new(SharedServer::new(s.clone(), m)),
                 }
             })
@@ -312,6 +333,8 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
         nofile
     );
 
+    crate::resolver::spawn(current.clone())
+        .map_err(|e| format!("cannot start the resolver thread: {e}"))?;
     crate::notify::ready(&format_status(&shared, true));
     let state = State {
         cfg_path,

@@ -44,5 +44,8 @@ pub mod demo_backend;
 pub mod log;
 pub mod metrics;
 pub mod net;
+pub mod resolver;
+pub mod tls;
+pub mod transport;
 pub mod notify;
 pub mod worker;

@@ -175,8 +175,10 @@ fn point_servers_at(cfg: &mut config::Config, addr: SocketAddr) {
         return;
     }
     for s in cfg.maps.iter_mut().flat_map(|m| m.servers.iter_mut()) {
-        if s.addr == default {
-            s.addr = addr;
+        if !s.tls && s.addrs == [default] {
+            s.addrs = vec![addr];
+            s.host_name = addr.ip().to_string();
+            s.port = addr.port();
             s.host = addr.to_string();
             s.url = s.url.replacen(DEFAULT_BACKEND_ADDR, &s.host, 1);
         }

@@ -401,7 +401,7 @@ fn check_prints_each_problem_with_its_line() {
     assert_eq!(
         err,
         format!(
-            "{p}:6: servers: \"ftp://x/\": server URL must start with http://\n\
+            "{p}:6: servers: \"ftp://x/\": server URL must start with http:// or https://\n\
              {p}:7: http_timeout: invalid duration \"3 parsecs\": unknown unit \"parsecs\" (use ms, s, m, h or d, e.g. \"1m30s\")\n"
         )
     );

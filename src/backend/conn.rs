@@ -13,6 +13,11 @@
 //! same server once, then the other servers), counted as a protocol error of
 //! the server but not a reason to rest it.
 //!
+//! The bytes travel over a [`Transport`]: plain TCP, or TLS on the same
+//! socket (the handshake is a state of its own, within `connect_timeout`).
+//! A connect or handshake that fails on one of the server's addresses rests
+//! that address and tries the next; the server fails only when all did.
+//!
 //! Everything here is `impl Backend`: the connections live in the backend's
 //! slab, and an attempt's end is reported to its fetch ([`super`]).
 
@@ -21,9 +26,11 @@ use super::{Backend, FetchRef, Outcome};
 use crate::codec::http::{self, BodyDecoder, Head, HttpError, NoReuse, MAX_HEAD_BYTES};
 use crate::config::ResultMode;
 use crate::log::RateLimit;
+use crate::transport::{self, Idle, Transport};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::io;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -32,7 +39,10 @@ static LOG_PROTOCOL: RateLimit = RateLimit::new(Duration::from_secs(10));
 const STRAY_QUOTE_BYTES: usize = 40;
 
 pub(super) enum ConnState {
+    /// The TCP connect is in progress.
     Connecting,
+    /// TLS: the handshake is in progress (still within `connect_timeout`).
+    Handshaking,
     Sending,
     Head,
     Body { head: Head, dec: BodyDecoder },
@@ -40,7 +50,9 @@ pub(super) enum ConnState {
 }
 
 pub(super) struct Conn {
-    pub(super) stream: TcpStream,
+    pub(super) io: Transport,
+    /// The server address this connection went to.
+    addr: SocketAddr,
     pub(super) server: usize,
     pub(super) state: ConnState,
     /// Served a request before: an early EOF may just be the server's idle close.
@@ -102,23 +114,40 @@ impl Backend {
         server: usize,
         now: Instant,
     ) {
-        let addr = self.servers[server].shared.cfg.addr;
-        let mut stream = match TcpStream::connect(addr) {
+        let now_ms = self.ms_at(now);
+        let shared = self.servers[server].shared.clone();
+        let tried = self
+            .fetch_mut(f)
+            .map(|x| x.addrs_tried.clone())
+            .unwrap_or_default();
+        let Some(addr) = shared.pick_addr(now_ms, &tried) else {
+            // Every address failed in this attempt.
+            self.server_failed(server, "no address left to try", now);
+            self.retry_elsewhere(f, format!("{}: every address failed", shared.cfg.url));
+            return;
+        };
+        let stream = match TcpStream::connect(addr) {
             Ok(s) => s,
             Err(e) => {
-                self.server_failed(server, &format!("connect: {e}"), now);
-                self.retry_elsewhere(
-                    f,
-                    format!("{}: connect: {e}", self.servers[server].shared.cfg.url),
-                );
+                self.connect_failed(registry, f, server, addr, format!("connect: {e}"), now);
                 return;
             }
         };
         let _ = stream.set_nodelay(true);
+        let mut io = match &shared.tls {
+            None => Transport::Plain(stream),
+            Some(t) => match Transport::tls(stream, t.config.clone(), t.name.clone()) {
+                Ok(io) => io,
+                Err(e) => {
+                    self.connect_failed(registry, f, server, addr, format!("TLS: {e}"), now);
+                    return;
+                }
+            },
+        };
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
         if let Err(e) = registry.register(
-            &mut stream,
+            io.socket(),
             Token(self.token_base + idx),
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -127,7 +156,8 @@ impl Backend {
             return;
         }
         entry.insert(Conn {
-            stream,
+            io,
+            addr,
             server,
             state: ConnState::Connecting,
             reused: false,
@@ -219,63 +249,35 @@ impl Backend {
     }
 
     /// Whether idle connection `idx` holds no unread byte and no EOF (one
-    /// non-blocking peek). If it does, it is closed (and not in the pool).
+    /// non-blocking peek; on TLS, records without data are taken in). If it
+    /// does, it is closed (and not in the pool), stray bytes counted.
     fn idle_is_clean(&mut self, registry: &Registry, idx: usize, now: Instant) -> bool {
-        let c = &self.conns[idx];
+        let c = &mut self.conns[idx];
         if c.peer_closed {
             self.close_conn(registry, idx, now);
             return false;
         }
-        let mut one = [0u8; 1];
-        match c.stream.peek(&mut one) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-            Ok(n) if n > 0 => {
-                self.idle_readable(registry, idx, now);
+        match c.io.idle(&mut self.read_buf, MAX_HEAD_BYTES) {
+            Idle::Clean => true,
+            Idle::Closed => {
+                // EOF (the server's idle close), close_notify, or an error.
+                self.close_conn(registry, idx, now);
                 false
             }
-            _ => {
-                // EOF (the server's idle close) or an error: just gone.
+            Idle::Stray { bytes, first } => {
+                let server = c.server;
+                self.protocol_error(
+                    server,
+                    ProtocolError::StrayBytes,
+                    &format!(
+                        "{bytes} unexpected byte(s) on an idle connection ({}): a duplicated or unsolicited reply; closed it",
+                        quote(&first)
+                    ),
+                );
                 self.close_conn(registry, idx, now);
                 false
             }
         }
-    }
-
-    /// Idle connection `idx` is readable: EOF is the server's idle close;
-    /// bytes are a reply nobody asked for (a duplicate, an unsolicited one),
-    /// counted and logged. Either way the connection is closed.
-    fn idle_readable(&mut self, registry: &Registry, idx: usize, now: Instant) {
-        let c = &mut self.conns[idx];
-        let mut stray = 0;
-        let mut first = Vec::new();
-        loop {
-            match c.stream.read(&mut self.read_buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if first.is_empty() {
-                        first.extend_from_slice(&self.read_buf[..n.min(STRAY_QUOTE_BYTES + 1)]);
-                    }
-                    stray += n;
-                    if stray >= MAX_HEAD_BYTES {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        let server = c.server;
-        if stray > 0 {
-            self.protocol_error(
-                server,
-                ProtocolError::StrayBytes,
-                &format!(
-                    "{stray} unexpected byte(s) on an idle connection ({}): a duplicated or unsolicited reply; closed it",
-                    quote(&first)
-                ),
-            );
-        }
-        self.close_conn(registry, idx, now);
     }
 
     /// Counts and logs a protocol error of `server`.
@@ -318,22 +320,17 @@ impl Backend {
             let c = &mut self.conns[idx];
             match c.state {
                 ConnState::Connecting => {
-                    match c.stream.take_error() {
+                    let sock = c.io.socket_ref();
+                    match sock.take_error() {
                         Ok(Some(e)) | Err(e) => {
                             let why = Failure::Server(format!("connect: {e}"));
                             return self.fail(registry, idx, why, now);
                         }
                         Ok(None) => {}
                     }
-                    match c.stream.peer_addr() {
-                        Ok(_) => {
-                            c.state = ConnState::Sending;
-                            let server = c.server;
-                            let http_timeout = self.map_of(server).http_timeout;
-                            if let Some(f) = self.conns[idx].fetch {
-                                self.activate(f, idx, now + http_timeout);
-                            }
-                        }
+                    match sock.peer_addr() {
+                        Ok(_) if c.io.is_tls() => c.state = ConnState::Handshaking,
+                        Ok(_) => self.connected(idx, now),
                         Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
                         Err(e) => {
                             let why = Failure::Server(format!("connect: {e}"));
@@ -341,9 +338,17 @@ impl Backend {
                         }
                     }
                 }
+                ConnState::Handshaking => match c.io.handshake() {
+                    Ok(true) => self.connected(idx, now),
+                    Ok(false) => return,
+                    Err(e) => {
+                        let why = Failure::Server(self.tls_failure(idx, &e));
+                        return self.fail(registry, idx, why, now);
+                    }
+                },
                 ConnState::Sending => {
                     while c.wpos < c.wbuf.len() {
-                        match c.stream.write(&c.wbuf[c.wpos..]) {
+                        match c.io.write(&c.wbuf[c.wpos..]) {
                             Ok(0) => {
                                 let why = self.early_failure(idx, "write: connection closed");
                                 return self.fail(registry, idx, why, now);
@@ -360,20 +365,45 @@ impl Backend {
                     c.state = ConnState::Head;
                 }
                 ConnState::Head | ConnState::Body { .. } => {
-                    return self.read_reply(registry, idx, now)
+                    // TLS: what rustls still holds of the request goes first.
+                    if let Err(e) = c.io.flush() {
+                        let why = self.early_failure(idx, &format!("write: {e}"));
+                        return self.fail(registry, idx, why, now);
+                    }
+                    return self.read_reply(registry, idx, now);
                 }
-                ConnState::Idle => return self.idle_readable_if_any(registry, idx, now),
+                ConnState::Idle => {
+                    // Readable while idle: a spurious wake-up or a TLS record
+                    // without data keeps it pooled; anything else ends it.
+                    self.idle_is_clean(registry, idx, now);
+                    return;
+                }
             }
         }
     }
 
-    /// An event on an idle connection: read it only if something is there
-    /// (a spurious wake-up leaves it in the pool).
-    fn idle_readable_if_any(&mut self, registry: &Registry, idx: usize, now: Instant) {
-        let mut one = [0u8; 1];
-        match self.conns[idx].stream.peek(&mut one) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            _ => self.idle_readable(registry, idx, now),
+    /// The connection (and its TLS handshake) is up: the request's own
+    /// `http_timeout` starts.
+    fn connected(&mut self, idx: usize, now: Instant) {
+        let c = &mut self.conns[idx];
+        c.state = ConnState::Sending;
+        let server = c.server;
+        let http_timeout = self.map_of(server).http_timeout;
+        if let Some(f) = self.conns[idx].fetch {
+            self.activate(f, idx, now + http_timeout);
+        }
+    }
+
+    /// Why a TLS handshake failed, in words (certificate expired, name
+    /// mismatch...).
+    fn tls_failure(&self, idx: usize, e: &io::Error) -> String {
+        let c = &self.conns[idx];
+        match (transport::tls_error(e), &self.servers[c.server].shared.tls) {
+            (Some(t), Some(tls)) => crate::tls::describe(t, &tls.name),
+            _ if e.kind() == io::ErrorKind::UnexpectedEof => {
+                "TLS: the server closed the connection during the handshake".into()
+            }
+            _ => format!("TLS handshake: {e}"),
         }
     }
 
@@ -395,7 +425,7 @@ impl Backend {
     fn read_reply(&mut self, registry: &Registry, idx: usize, now: Instant) {
         loop {
             let c = &mut self.conns[idx];
-            let n = match c.stream.read(&mut self.read_buf) {
+            let n = match c.io.read(&mut self.read_buf) {
                 Ok(0) => {
                     // EOF.
                     return match &mut c.state {
@@ -572,6 +602,17 @@ impl Backend {
         let server = self.conns[idx].server;
         let f = self.conns[idx].fetch.take();
         let started = self.conns[idx].started;
+        let addr = self.conns[idx].addr;
+        let connecting = matches!(
+            self.conns[idx].state,
+            ConnState::Connecting | ConnState::Handshaking
+        );
+        if let (Failure::Server(why), true, Some(f)) = (&failure, connecting, f) {
+            // A connect or handshake: another address of the server may do.
+            let why = why.clone();
+            self.close_conn(registry, idx, now);
+            return self.connect_failed(registry, f, server, addr, why, now);
+        }
         if let Failure::Server(why) = &failure {
             // Rest it first, so the slot freed below goes to no one queued here.
             self.server_failed(server, why, now);
@@ -626,6 +667,42 @@ impl Backend {
         }
     }
 
+    /// A connect (or TLS handshake) of fetch `f` to `addr` of `server`
+    /// failed: the address rests `retry_interval`; the next address is
+    /// tried at once, and when every address failed in this attempt the
+    /// server fails (it rests, the lookup goes to another server).
+    fn connect_failed(
+        &mut self,
+        registry: &Registry,
+        f: FetchRef,
+        server: usize,
+        addr: SocketAddr,
+        why: String,
+        now: Instant,
+    ) {
+        let shared = self.servers[server].shared.clone();
+        let rest_ms = self.map_of(server).retry_interval.as_millis() as u64;
+        shared.addr_failed(addr, self.ms_at(now), rest_ms);
+        let more = match self.fetch_mut(f) {
+            Some(fetch) if now < fetch.deadline => {
+                fetch.addrs_tried.push(addr);
+                fetch.addrs_tried.len() < shared.addr_count()
+            }
+            _ => false,
+        };
+        if more {
+            crate::debug!(
+                "server {} (map {}): {addr}: {why}; trying its next address",
+                shared.cfg.url,
+                shared.map_name
+            );
+            return self.connect(registry, f, server, now);
+        }
+        self.server_failed(server, &why, now);
+        self.release_probe(f, server);
+        self.retry_elsewhere(f, format!("{}: {why}", shared.cfg.url));
+    }
+
     /// Returns `idx` to its server's pool, or hands it to a queued fetch.
     fn make_idle(&mut self, registry: &Registry, idx: usize, now: Instant) {
         let c = &mut self.conns[idx];
@@ -651,7 +728,7 @@ impl Backend {
         let Some(mut c) = self.conns.try_remove(idx) else {
             return;
         };
-        let _ = registry.deregister(&mut c.stream);
+        let _ = registry.deregister(c.io.socket());
         let srv = &mut self.servers[c.server];
         srv.open = srv.open.saturating_sub(1);
         srv.shared.open.fetch_sub(1, Ordering::Relaxed);

@@ -19,17 +19,19 @@
 pub mod conn;
 pub mod health;
 pub mod result;
+pub mod server;
 
-use crate::config::{MapConfig, ServerConfig};
-use crate::metrics::ServerCounters;
+pub use server::SharedServer;
+
+use crate::config::MapConfig;
 use conn::{Conn, ConnState, Failure};
-use health::{Availability, Health};
+use health::Availability;
 use mio::event::Event;
 use mio::{Registry, Token};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -57,28 +59,6 @@ pub struct Completion {
     pub outcome: Outcome,
     /// From the fetch's start to its end.
     pub elapsed: std::time::Duration,
-}
-
-/// One server as every worker sees it.
-pub struct SharedServer {
-    pub cfg: ServerConfig,
-    pub map_name: String,
-    pub health: Health,
-    pub counters: ServerCounters,
-    /// Connections open to this server, all workers together (a gauge).
-    pub open: AtomicUsize,
-}
-
-impl SharedServer {
-    pub fn new(cfg: ServerConfig, map: &MapConfig) -> SharedServer {
-        SharedServer {
-            cfg,
-            map_name: map.name.clone(),
-            health: Health::new(map.retry_interval, crate::config::MAX_RETRY_INTERVAL_FACTOR),
-            counters: ServerCounters::default(),
-            open: AtomicUsize::new(0),
-        }
-    }
 }
 
 /// Worker `worker`'s share of a daemon-wide `max_connections` among
@@ -142,6 +122,9 @@ struct Fetch {
     stage: Stage,
     /// The once-per-attempt retry on a fresh connection (a pooled one the server had closed) is used.
     fresh_retry_used: bool,
+    /// Addresses of the current attempt's server that failed to connect
+    /// (the next one is tried, like another mirror).
+    addrs_tried: Vec<std::net::SocketAddr>,
     /// This fetch holds `server`'s probe slot.
     probing: Option<usize>,
     last_error: String,
@@ -295,6 +278,7 @@ impl Backend {
             deadline,
             attempts: 0,
             tried: Vec::new(),
+            addrs_tried: Vec::new(),
             stage: Stage::Choosing,
             fresh_retry_used: false,
             probing: None,
@@ -417,6 +401,7 @@ impl Backend {
         fetch.attempts += 1;
         fetch.tried.push(server);
         fetch.fresh_retry_used = false;
+        fetch.addrs_tried.clear();
         if let Some(old) = fetch.probing.take() {
             self.servers[old].shared.health.end_probe();
         }

@@ -85,33 +85,51 @@ fn map(
             }
         },
     };
-    let mut headers = Vec::new();
+    let mut headers: Vec<(String, String)> = Vec::new();
     if let Some(h) = m.headers {
         let at = h.span().start;
         for (k, v) in h.into_inner() {
-            let bad_name = k.is_empty()
-                || !k
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            let bad_value = v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0);
-            let reserved = [
-                "host",
-                "connection",
-                "postfix-dict-email",
-                "content-length",
-                "transfer-encoding",
-            ]
-            .contains(&k.to_ascii_lowercase().as_str());
-            if bad_name || bad_value || reserved {
-                cx.err(
-                    at,
-                    format!("headers: {k:?} is not an allowed request header"),
-                );
+            if let Err(e) = check_header("headers", &k, &v, &headers) {
+                cx.err(at, e);
             } else {
                 headers.push((k, v));
             }
         }
     }
+    // Secrets kept out of this file: each value is a file's content,
+    // trimmed (systemd's LoadCredential= puts them in such files).
+    if let Some(h) = m.header_files {
+        let at = h.span().start;
+        for (k, path) in h.into_inner() {
+            let value = match std::fs::read_to_string(&path) {
+                Ok(v) => v.trim().to_string(),
+                Err(e) => {
+                    cx.err(at, format!("header_files: {k}: cannot read {path}: {e}"));
+                    continue;
+                }
+            };
+            if value.is_empty() {
+                cx.err(at, format!("header_files: {k}: {path} is empty"));
+            } else if let Err(e) = check_header("header_files", &k, &value, &headers) {
+                // The message names the header, never its value.
+                cx.err(at, e);
+            } else {
+                headers.push((k, value));
+            }
+        }
+    }
+    let tls = tls_client(
+        cx,
+        &name,
+        map_at,
+        [
+            &m.tls_ca_file,
+            &m.tls_server_name,
+            &m.tls_client_cert,
+            &m.tls_client_key,
+        ],
+        servers.iter().any(|s| s.tls),
+    );
     // Where each timeout is written (the map's header when it is not).
     let span_of = |v: &Option<Spanned<toml::Value>>| v.as_ref().map_or(map_at, |v| v.span().start);
     let timeout_at = [
@@ -179,6 +197,12 @@ fn map(
         negative_ttl: cx.duration("negative_ttl", m.negative_ttl, cache.negative_ttl),
         stale_ttl: cx.duration("stale_ttl", m.stale_ttl, cache.stale_ttl),
         stale_negative: m.stale_negative.unwrap_or(cache.stale_negative),
+        tls,
+        resolve_interval: cx.duration(
+            "resolve_interval",
+            m.resolve_interval,
+            DEFAULT_RESOLVE_INTERVAL,
+        ),
         require_key_echo: m.require_key_echo.unwrap_or(false),
         headers,
         separator: m.separator.unwrap_or_else(|| ", ".to_string()),
@@ -186,6 +210,81 @@ fn map(
         name,
     };
     (map, tcp_listen_at)
+}
+
+/// Whether `name: value` may be sent as an extra request header. The error
+/// names the header and the key it came from, never the value (a secret).
+fn check_header(
+    key: &str,
+    name: &str,
+    value: &str,
+    so_far: &[(String, String)],
+) -> Result<(), String> {
+    let bad_name = name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let bad_value = value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0);
+    let reserved = [
+        "host",
+        "connection",
+        "postfix-dict-email",
+        "content-length",
+        "transfer-encoding",
+    ]
+    .contains(&name.to_ascii_lowercase().as_str());
+    if bad_name || reserved {
+        Err(format!("{key}: {name:?} is not an allowed request header"))
+    } else if bad_value {
+        Err(format!("{key}: the value of {name:?} holds a line break or NUL"))
+    } else if so_far.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        Err(format!("{key}: {name:?} is set twice"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The map's TLS client, loaded when a server is `https://` or a `tls_*`
+/// key is set (`keys`: tls_ca_file, tls_server_name, tls_client_cert,
+/// tls_client_key); problems are reported on the key's line.
+fn tls_client(
+    cx: &mut Ctx<'_>,
+    name: &str,
+    map_at: usize,
+    keys: [&Option<Spanned<String>>; 4],
+    any_https: bool,
+) -> Option<crate::tls::TlsClient> {
+    use crate::tls::{load, Setting, TlsSettings};
+    let [ca, server_name, cert, key] = keys;
+    let path = |v: &Option<Spanned<String>>| v.as_ref().map(|v| PathBuf::from(v.get_ref()));
+    let settings = TlsSettings {
+        ca_file: path(ca),
+        server_name: server_name.as_ref().map(|v| v.get_ref().clone()),
+        client_cert: path(cert),
+        client_key: path(key),
+    };
+    if !any_https && settings == TlsSettings::default() {
+        return None;
+    }
+    match load(&settings) {
+        Ok(c) => Some(c),
+        Err((setting, e)) => {
+            let (v, what) = match setting {
+                Setting::CaFile => (ca, "tls_ca_file"),
+                Setting::ServerName => (server_name, "tls_server_name"),
+                Setting::ClientCert => (cert, "tls_client_cert"),
+                Setting::ClientKey => (key, "tls_client_key"),
+            };
+            let at = v.as_ref().map_or(map_at, |v| v.span().start);
+            let what = if v.is_none() && setting == Setting::CaFile {
+                format!("maps.{name}: the system trust store")
+            } else {
+                what.to_string()
+            };
+            cx.err(at, format!("{what}: {e}"));
+            None
+        }
+    }
 }
 
 /// Listener addresses must be distinct: each repeat is reported on its own

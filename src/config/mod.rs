@@ -11,7 +11,9 @@ mod maps;
 mod raw;
 mod values;
 
-pub use values::{allowed, parse_duration, parse_listen, parse_server_url, parse_size, Cidr};
+pub use values::{
+    allowed, parse_duration, parse_listen, parse_server_url, parse_size, resolve, Cidr,
+};
 
 use raw::{Ctx, RawConfig, MAX_REPORTED_ERRORS};
 use std::fmt;
@@ -47,6 +49,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_MAX_QUEUE: usize = 1024;
 /// Default limit on a tcp_table request line, newline included.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4096;
+/// Default interval between resolutions of a server's host name.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 /// Default limit on a result taken from a server (header or body), in bytes.
 pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
 /// Default byte budget of the cache (keys, values and per-entry overhead).
@@ -161,6 +165,11 @@ pub struct MapConfig {
     pub headers: Vec<(String, String)>,
     /// Joins several results into one value (Postfix lists use ", ").
     pub separator: String,
+    /// The TLS client for the map's `https://` servers (loaded when any
+    /// server is `https://` or a `tls_*` key is set).
+    pub tls: Option<crate::tls::TlsClient>,
+    /// How often host names of servers are resolved again.
+    pub resolve_interval: Duration,
     /// Client addresses allowed on `tcp_listen` (None: `[daemon] allow_from`).
     pub allow_from: Option<Vec<Cidr>>,
 }
@@ -170,7 +179,15 @@ pub struct MapConfig {
 pub struct ServerConfig {
     /// The URL as written, for logs.
     pub url: String,
-    pub addr: SocketAddr,
+    /// `https://`: TLS to the server.
+    pub tls: bool,
+    /// The URL's host (a name or an IP, no brackets, no port): what is
+    /// resolved, and what TLS verifies unless `tls_server_name` says otherwise.
+    pub host_name: String,
+    pub port: u16,
+    /// Every address the host resolved to when the file was loaded (the
+    /// resolver thread keeps them current: [`crate::backend::SharedServer`]).
+    pub addrs: Vec<SocketAddr>,
     /// `Host` header value.
     pub host: String,
     /// Request target split at each `{key}`: the key goes between the parts.
@@ -336,7 +353,10 @@ fold_case = false
         assert_eq!(m.servers[0].target_parts, vec!["/virtual"]);
         assert_eq!(m.servers[0].host, "127.0.0.1:8080");
         assert_eq!(m.servers[1].target_parts, vec!["/q?k=", ""]);
-        assert_eq!(m.servers[1].addr.port(), 8081);
+        assert_eq!(m.servers[1].port, 8081);
+        assert!(m.servers[1].addrs.iter().all(|a| a.port() == 8081));
+        assert_eq!(m.servers[1].host_name, "localhost");
+        assert!(!m.servers[1].tls);
     }
 
     fn first_error(text: &str) -> String {

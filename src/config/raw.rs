@@ -75,6 +75,12 @@ pub(super) struct RawMap {
     pub(super) stale_negative: Option<bool>,
     pub(super) require_key_echo: Option<bool>,
     pub(super) headers: Option<Spanned<BTreeMap<String, String>>>,
+    pub(super) header_files: Option<Spanned<BTreeMap<String, String>>>,
+    pub(super) tls_ca_file: Option<Spanned<String>>,
+    pub(super) tls_server_name: Option<Spanned<String>>,
+    pub(super) tls_client_cert: Option<Spanned<String>>,
+    pub(super) tls_client_key: Option<Spanned<String>>,
+    pub(super) resolve_interval: Option<Spanned<toml::Value>>,
     pub(super) separator: Option<String>,
     pub(super) allow_from: Option<Spanned<Vec<String>>>,
 }

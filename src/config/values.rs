@@ -110,14 +110,14 @@ pub fn parse_listen(s: &str) -> Result<Listen, String> {
 
 /// Parses an `http://host[:port]/path` server URL and resolves its host.
 pub fn parse_server_url(url: &str) -> Result<ServerConfig, String> {
-    let rest = match url.strip_prefix("http://") {
-        Some(r) => r,
-        None if url.starts_with("https://") => {
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(r), _) => (false, r),
+        (_, Some(r)) => (true, r),
+        _ => {
             return Err(format!(
-                "{url:?}: https is not supported; put a TLS-terminating proxy on the loopback"
+                "{url:?}: server URL must start with http:// or https://"
             ))
         }
-        None => return Err(format!("{url:?}: server URL must start with http://")),
     };
     let (authority, target) = match rest.find(['/', '?']) {
         Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
@@ -130,22 +130,59 @@ pub fn parse_server_url(url: &str) -> Result<ServerConfig, String> {
     if target.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(format!("{url:?}: spaces or control characters in the path"));
     }
-    let with_port = if authority.ends_with(']') || !authority.contains(':') {
-        format!("{authority}:80")
-    } else {
-        authority.to_string()
-    };
-    let addr = with_port
-        .to_socket_addrs()
-        .map_err(|e| format!("{url:?}: cannot resolve {authority:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{url:?}: {authority:?} resolves to no address"))?;
+    let default_port = if tls { 443 } else { 80 };
+    let (host_name, port) = split_authority(authority, default_port)
+        .ok_or_else(|| format!("{url:?}: bad host or port in {authority:?}"))?;
+    let addrs = resolve(&host_name, port).map_err(|e| format!("{url:?}: {e}"))?;
     Ok(ServerConfig {
         url: url.to_string(),
-        addr,
+        tls,
+        host_name,
+        port,
+        addrs,
         host: authority.to_string(),
         target_parts: target.split("{key}").map(str::to_string).collect(),
     })
+}
+
+/// `host[:port]` or `[v6][:port]` → (host without brackets, port).
+fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() => Some((h.to_string(), p.parse().ok()?)),
+        Some(_) => None,
+        None => Some((authority.to_string(), default_port)),
+    }
+}
+
+/// Every address `host` resolves to (an IP literal is itself), at port
+/// `port`, in the resolver's order without repeats. Blocking: never called
+/// on an event loop.
+pub fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+    {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("{host:?} resolves to no address"));
+    }
+    Ok(out)
 }
 
 /// A user (or with `group`, a group) name or number → its id.

@@ -1,0 +1,268 @@
+//! A client connection's byte stream, plain TCP or TLS, under the HTTP codec
+//! (and later the Redis one): one small type whose `read`, `write` and
+//! checks the connection state machines use, so TLS is a transport and not a
+//! second client.
+//!
+//! TLS is rustls' `ClientConnection` on the same non-blocking mio socket,
+//! driven by the event loop that owns it: [`Transport::handshake`] moves
+//! the handshake as far as the socket allows (`read_tls` /
+//! `process_new_packets` / `write_tls`, interest both ways, edge-triggered),
+//! [`Transport::write`] hands plaintext to rustls and writes what it can,
+//! [`Transport::flush`] writes the rest when the socket is writable again,
+//! [`Transport::read`] gives plaintext, reading and decrypting records as
+//! needed. Nothing blocks and no thread is spawned. A TLS failure surfaces as
+//! an `io::Error` of kind `InvalidData` holding the `rustls::Error`
+//! ([`tls_error`] gets it back for the log line).
+//!
+//! An idle pooled connection must hold no unread byte ([`Transport::idle`]):
+//! on TLS, records that carry no application data (a TLS 1.3 session ticket,
+//! a key update) are consumed and the connection stays pooled; a
+//! `close_notify` is a clean close; any plaintext is a stray reply.
+
+use mio::net::TcpStream;
+use rustls::pki_types::ServerName;
+use rustls::ClientConnection;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+/// What an idle connection holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idle {
+    /// Nothing waiting: safe to reuse.
+    Clean,
+    /// The server closed it (EOF, `close_notify`) or it failed: drop it quietly.
+    Closed,
+    /// Data nobody asked for (a duplicated or unsolicited reply): how many
+    /// bytes, and the first of them.
+    Stray { bytes: usize, first: Vec<u8> },
+}
+
+pub enum Transport {
+    Plain(TcpStream),
+    Tls(TcpStream, Box<ClientConnection>),
+}
+
+/// Wraps a TLS error as an `io::Error` (kind `InvalidData`).
+fn io_tls(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The rustls error inside an `io::Error` made by this module, if any.
+pub fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+impl Transport {
+    /// A TLS client connection on `sock`, verifying `name`.
+    pub fn tls(
+        sock: TcpStream,
+        config: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<Transport> {
+        let conn = ClientConnection::new(config, name).map_err(io_tls)?;
+        Ok(Transport::Tls(sock, Box::new(conn)))
+    }
+
+    /// The socket, to register with the event loop.
+    pub fn socket(&mut self) -> &mut TcpStream {
+        match self {
+            Transport::Plain(s) | Transport::Tls(s, _) => s,
+        }
+    }
+
+    pub fn socket_ref(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(s) | Transport::Tls(s, _) => s,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(..))
+    }
+
+    /// Moves the TLS handshake on; `Ok(true)` once it is done (always for
+    /// plain TCP), `Ok(false)` when the socket has to wait.
+    pub fn handshake(&mut self) -> io::Result<bool> {
+        let Transport::Tls(sock, conn) = self else {
+            return Ok(true);
+        };
+        loop {
+            let mut progress = false;
+            while conn.wants_write() {
+                match conn.write_tls(sock) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => progress = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if !conn.is_handshaking() {
+                return Ok(true);
+            }
+            if conn.wants_read() {
+                match conn.read_tls(sock) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed during the TLS handshake",
+                        ))
+                    }
+                    Ok(_) => {
+                        conn.process_new_packets().map_err(io_tls)?;
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                    Err(e) => return Err(e),
+                }
+            }
+            if !progress {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Writes encrypted bytes rustls holds; `Ok(true)` when none are left.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        let Transport::Tls(sock, conn) = self else {
+            return Ok(true);
+        };
+        while conn.wants_write() {
+            match conn.write_tls(sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes plaintext: on TLS all of `buf` is taken (rustls buffers it)
+    /// and as much as the socket takes is written; [`Transport::flush`]
+    /// writes the rest.
+    pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.write(buf),
+            Transport::Tls(..) => {
+                let Transport::Tls(_, conn) = self else {
+                    unreachable!()
+                };
+                conn.writer().write_all(buf)?;
+                self.flush()?;
+                Ok(buf.len())
+            }
+        }
+    }
+
+    /// Reads plaintext: `Ok(0)` is the end of the stream (EOF, or a TLS
+    /// `close_notify`), `WouldBlock` means nothing more for now.
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Transport::Tls(sock, conn) = self else {
+            let Transport::Plain(s) = self else {
+                unreachable!()
+            };
+            return s.read(buf);
+        };
+        loop {
+            match conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The server closed without close_notify: an EOF like any
+                // other (the HTTP framing tells a cut reply from a whole one).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            match conn.read_tls(sock) {
+                Ok(0) => {
+                    conn.process_new_packets().map_err(io_tls)?;
+                    // Loop once more: buffered plaintext first, then EOF.
+                    return match conn.reader().read(buf) {
+                        Ok(n) => Ok(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                        Err(e) => Err(e),
+                    };
+                }
+                Ok(_) => {
+                    conn.process_new_packets().map_err(io_tls)?;
+                    // Alerts or key updates rustls answers.
+                    while conn.wants_write() {
+                        match conn.write_tls(sock) {
+                            Ok(_) => {}
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// What an idle connection holds now, without blocking: on plain TCP
+    /// one `recv(MSG_PEEK)` when nothing waits; on TLS the records that
+    /// arrived are processed. Stray data is read (up to `max` bytes, through
+    /// `scratch`) so the caller can count and quote it.
+    pub fn idle(&mut self, scratch: &mut [u8], max: usize) -> Idle {
+        let mut one = [0u8; 1];
+        match self.socket_ref().peek(&mut one) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Idle::Clean,
+            Ok(n) if n > 0 => {}
+            _ => return Idle::Closed,
+        }
+        if let Transport::Tls(sock, conn) = self {
+            // Records arrived: take them in, then see whether any carried data.
+            loop {
+                match conn.read_tls(sock) {
+                    Ok(0) => return Idle::Closed,
+                    Ok(_) => {
+                        if conn.process_new_packets().is_err() {
+                            return Idle::Closed;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Idle::Closed,
+                }
+            }
+            match conn.reader().read(&mut one) {
+                // A session ticket, a key update: nothing for anybody.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Idle::Clean,
+                Ok(0) | Err(_) => return Idle::Closed,
+                Ok(_) => {
+                    let (n, mut first) = self.drain(scratch, max);
+                    first.insert(0, one[0]);
+                    return Idle::Stray {
+                        bytes: n + 1,
+                        first,
+                    };
+                }
+            }
+        }
+        let (bytes, first) = self.drain(scratch, max);
+        Idle::Stray { bytes, first }
+    }
+
+    /// Reads what is there (up to `max` bytes): the count and the first read.
+    fn drain(&mut self, scratch: &mut [u8], max: usize) -> (usize, Vec<u8>) {
+        let mut total = 0;
+        let mut first = Vec::new();
+        while total < max {
+            match self.read(scratch) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if first.is_empty() {
+                        first.extend_from_slice(&scratch[..n]);
+                    }
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        (total, first)
+    }
+}
