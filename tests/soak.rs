@@ -531,6 +531,19 @@ max_connections = {MAX_CONNECTIONS}
     eprintln!("soak: daemon sockets after warm-up {sockets_baseline:?}");
     eprintln!("soak: daemon sockets after the clients closed {sockets_after:?}");
     eprintln!(
+        "soak: connections accepted: mirrors {} {} {} {}, broken {}; requests: {} {} {} {}, broken {}",
+        s1.connections(),
+        s2.connections(),
+        s3.as_ref().map_or(0, |s| s.connections()),
+        s4.connections(),
+        broken.connections(),
+        s1.requests(),
+        s2.requests(),
+        s3.as_ref().map_or(0, |s| s.requests()),
+        s4.requests(),
+        broken.requests(),
+    );
+    eprintln!(
         "soak: mirrors :{} :{} :{} :{}, broken :{}",
         s1.port(),
         s4.port(),

@@ -242,14 +242,19 @@ struct Shared {
     stop: AtomicBool,
     requests: AtomicUsize,
     connections: AtomicUsize,
+    /// Keys and requests in arrival order: the first [`MAX_LOGGED_REQUESTS`]
+    /// (a soak sends millions; the counts stay exact).
     keys: Mutex<Vec<Vec<u8>>>,
-    /// Every request, in arrival order.
     log: Mutex<Vec<Request>>,
     /// Close a keep-alive connection silently after this long without a request.
     idle_close: Mutex<Option<Duration>>,
-    /// Clones of every accepted stream, so `drop` can shut them all down.
-    streams: Mutex<Vec<TcpStream>>,
+    /// Clones of the connections still open (by serial), so `drop` can shut
+    /// them all down; a connection's thread removes its own when it ends.
+    streams: Mutex<std::collections::HashMap<usize, TcpStream>>,
 }
+
+/// Requests a test server keeps in its log (see [`TestServer::request_log`]).
+pub const MAX_LOGGED_REQUESTS: usize = 100_000;
 
 /// A scriptable HTTP/1.1 server on 127.0.0.1: one thread per connection,
 /// keep-alive, request bodies read and discarded. Dropping it stops
@@ -282,7 +287,7 @@ impl TestServer {
             keys: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             idle_close: Mutex::new(None),
-            streams: Mutex::new(Vec::new()),
+            streams: Mutex::new(std::collections::HashMap::new()),
         });
         let accept_shared = Arc::clone(&shared);
         let accept_thread = thread::Builder::new()
@@ -377,7 +382,7 @@ impl Drop for TestServer {
         }
         // Shut every connection down: blocked reads (NeverAnswer, idle
         // keep-alive) return EOF and their threads end; clients see EOF.
-        for s in self.shared.streams.lock().unwrap().drain(..) {
+        for (_, s) in self.shared.streams.lock().unwrap().drain() {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -390,7 +395,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         let stream = match stream {
             Ok(s) => s,
-            Err(_) => continue,
+            // EMFILE and friends: do not spin.
+            Err(_) => {
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
         };
         let serial = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
         {
@@ -400,12 +409,13 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 return;
             }
             if let Ok(clone) = stream.try_clone() {
-                streams.push(clone);
+                streams.insert(serial, clone);
             }
         }
         let conn_shared = Arc::clone(&shared);
         thread::spawn(move || {
             let _ = serve_connection(stream, &conn_shared, serial);
+            conn_shared.streams.lock().unwrap().remove(&serial);
         });
     }
 }
@@ -529,9 +539,14 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared, serial: usize) -> io
         seq += 1;
         request.connection = serial;
         request.seq_on_connection = seq;
-        shared.log.lock().unwrap().push(request.clone());
-        if let Some(key) = &request.key {
-            shared.keys.lock().unwrap().push(key.clone());
+        {
+            let mut log = shared.log.lock().unwrap();
+            if log.len() < MAX_LOGGED_REQUESTS {
+                log.push(request.clone());
+                if let Some(key) = &request.key {
+                    shared.keys.lock().unwrap().push(key.clone());
+                }
+            }
         }
         // Counted last, so a test that saw the count also sees the logs.
         shared.requests.fetch_add(1, Ordering::SeqCst);
