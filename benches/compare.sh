@@ -124,6 +124,13 @@ max_connections = 64
 EOF
 }
 
+# HTTPS: a private CA and a certificate for 127.0.0.1; nginx answers the
+# same dict_http on 19443 with TLS (sessions cached and ticketed).
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$T/ca.key" -out "$T/ca.pem" -days 2 -subj "/CN=bench CA" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout "$T/srv.key" -out "$T/srv.csr" -subj "/CN=127.0.0.1" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$T/srv.ext"
+openssl x509 -req -in "$T/srv.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" -CAcreateserial -out "$T/srv.pem" -days 2 -extfile "$T/srv.ext" 2>/dev/null
+
 cat >"$T/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -142,6 +149,17 @@ http {
     server {
         listen 127.0.0.1:19081;
         # dict_http: every key is found, its value derived from the key.
+        location / {
+            add_header POSTFIX-DICT-RESULTS "fwd-\$http_postfix_dict_email";
+            return 200 "";
+        }
+    }
+    server {
+        listen 127.0.0.1:19443 ssl;
+        ssl_certificate $PWD/$T/srv.pem;
+        ssl_certificate_key $PWD/$T/srv.key;
+        ssl_session_cache shared:SSL:1m;
+        ssl_session_tickets on;
         location / {
             add_header POSTFIX-DICT-RESULTS "fwd-\$http_postfix_dict_email";
             return 200 "";
@@ -189,6 +207,12 @@ daemon_conf "$T/miss.toml" 1 100000 0s 19081
 start httpmapd-miss "$DAEMON" -c "$T/miss.toml"
 D=$PID
 wait_port 19021
+# The same, with the server over HTTPS (ports 19220-19290).
+daemon_conf "$T/miss-tls.toml" 1 100000 0s 19081 200
+sed -i "s#http://127.0.0.1:19081/virtual\"\]#https://127.0.0.1:19443/virtual\"]\ntls_ca_file = \"$PWD/$T/ca.pem\"#" "$T/miss-tls.toml"
+start httpmapd-miss-tls "$DAEMON" -c "$T/miss-tls.toml"
+DT=$PID
+wait_port 19221
 if [ -n "$BEFORE" ]; then
     daemon_conf "$T/miss-before.toml" 1 100000 0s 19081 100
     start httpmapd-miss-before "$BEFORE" -c "$T/miss-before.toml"
@@ -201,7 +225,27 @@ for c in 1 10; do
         run "before: httpmapd cache-off tcp c=$c" "$B" tcp:127.0.0.1:19121 -c "$c" -d "$DUR" --warmup 1s --keyspace "$KEYS"
     fi
     run "httpmapd cache-off tcp c=$c" "$D" tcp:127.0.0.1:19021 -c "$c" -d "$DUR" --warmup 1s --keyspace "$KEYS"
+    run "httpmapd cache-off https tcp c=$c" "$DT" tcp:127.0.0.1:19221 -c "$c" -d "$DUR" --warmup 1s --keyspace "$KEYS"
 done
+# TLS handshakes (full and resumed) per 10,000 lookups over the runs above.
+curl -s http://127.0.0.1:19290/metrics >"$T/miss-tls.metrics"
+python3 - "$T/miss-tls.metrics" >>"$OUT/results.jsonl" <<'EOF'
+import json, sys
+full = resumed = lookups = connects = 0
+for line in open(sys.argv[1]):
+    if line.startswith("httpmapd_server_tls_handshakes_total"):
+        v = float(line.split()[-1])
+        if 'resumed="true"' in line: resumed += v
+        else: full += v
+    elif line.startswith("httpmapd_lookups_total"):
+        lookups += float(line.split()[-1])
+    elif line.startswith("httpmapd_server_connects_total"):
+        connects += float(line.split()[-1])
+print(json.dumps({"label": "tls handshakes", "full": full, "resumed": resumed,
+    "connects": connects, "lookups": lookups,
+    "per_10k": (full + resumed) * 10000 / lookups if lookups else 0}))
+EOF
+stop "$DT"
 stop "$D"
 if [ -n "$BEFORE" ]; then stop "$B"; fi
 if [ "$ONLY" = miss ]; then stop "$N"; fi
@@ -301,6 +345,17 @@ for c in (1, 10):
     a, b = by.get(f"direct http c={c}"), by.get(f"httpmapd cache-off tcp c={c}")
     if a and b:
         print(f"| {c} | {lat(a,'p50'):.1f} | {lat(b,'p50'):.1f} | {lat(b,'p50')-lat(a,'p50'):.1f} | {lat(a,'p99'):.1f} | {lat(b,'p99'):.1f} | {a['throughput_rps']:.0f} | {b['throughput_rps']:.0f} |")
+if by.get("httpmapd cache-off https tcp c=1"):
+    print("\n### Misses over HTTPS vs plain HTTP (same nginx, same run)\n")
+    print("| conns | plain req/s | https req/s | https/plain req/s | plain p50 µs | https p50 µs | https/plain p50 | plain p99 | https p99 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in (1, 10):
+        a, b = by.get(f"httpmapd cache-off tcp c={c}"), by.get(f"httpmapd cache-off https tcp c={c}")
+        if a and b:
+            print(f"| {c} | {a['throughput_rps']:.0f} | {b['throughput_rps']:.0f} | {b['throughput_rps']/a['throughput_rps']:.3f} | {lat(a,'p50'):.1f} | {lat(b,'p50'):.1f} | {lat(b,'p50')/lat(a,'p50'):.3f} | {lat(a,'p99'):.1f} | {lat(b,'p99'):.1f} |")
+    h = by.get("tls handshakes")
+    if h:
+        print(f"\nTLS handshakes over those runs: {h['full']:.0f} full + {h['resumed']:.0f} resumed for {h['lookups']:.0f} lookups ({h['connects']:.0f} connections opened): {h['per_10k']:.2f} per 10,000 lookups.")
 if any(r["label"].startswith("before: ") for r in rows):
     print("\n### Misses, the build in BEFORE vs this one (same run, alternating)\n")
     print("| conns | before p50 µs | after p50 µs | before p99 | after p99 | before req/s | after req/s | after/before req/s | before CPU µs/req | after CPU µs/req |")

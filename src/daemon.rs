@@ -811,6 +811,34 @@ pub fn render_metrics(shared: &Shared) -> String {
     }
     header(
         &mut o,
+        "httpmapd_server_connects_total",
+        "counter",
+        "Connections opened to the server.",
+    );
+    for (lb, s) in &servers {
+        let _ = writeln!(
+            o,
+            "httpmapd_server_connects_total{{{lb}}} {}",
+            l(&s.counters.connects)
+        );
+    }
+    header(
+        &mut o,
+        "httpmapd_server_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed with the server, by whether they resumed an earlier session (resumed=\"true\") or were full.",
+    );
+    for (lb, s) in &servers {
+        for (resumed, v) in [("false", &s.counters.tls_full), ("true", &s.counters.tls_resumed)] {
+            let _ = writeln!(
+                o,
+                "httpmapd_server_tls_handshakes_total{{{lb},resumed=\"{resumed}\"}} {}",
+                l(v)
+            );
+        }
+    }
+    header(
+        &mut o,
         "httpmapd_server_up",
         "gauge",
         "1 if the server is healthy, 0 while it rests after failures.",

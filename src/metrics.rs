@@ -138,6 +138,11 @@ pub struct ServerCounters {
     pub stray_bytes: AtomicU64,
     pub echo_mismatch: AtomicU64,
     pub echo_missing: AtomicU64,
+    /// Connections opened (TCP connects started).
+    pub connects: AtomicU64,
+    /// TLS handshakes completed: full ones, and resumed sessions.
+    pub tls_full: AtomicU64,
+    pub tls_resumed: AtomicU64,
     pub latency: Histogram,
 }
 

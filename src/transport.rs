@@ -80,6 +80,16 @@ impl Transport {
         matches!(self, Transport::Tls(..))
     }
 
+    /// After a TLS handshake: whether it resumed an earlier session.
+    pub fn resumed(&self) -> Option<bool> {
+        match self {
+            Transport::Tls(_, c) => c
+                .handshake_kind()
+                .map(|k| k == rustls::HandshakeKind::Resumed),
+            Transport::Plain(_) => None,
+        }
+    }
+
     /// Moves the TLS handshake on; `Ok(true)` once it is done (always for
     /// plain TCP), `Ok(false)` when the socket has to wait.
     pub fn handshake(&mut self) -> io::Result<bool> {

@@ -171,6 +171,7 @@ impl Backend {
             peer_closed: false,
         });
         self.servers[server].open += 1;
+        shared.counters.connects.fetch_add(1, Ordering::Relaxed);
         self.servers[server]
             .shared
             .open
@@ -339,7 +340,15 @@ impl Backend {
                     }
                 }
                 ConnState::Handshaking => match c.io.handshake() {
-                    Ok(true) => self.connected(idx, now),
+                    Ok(true) => {
+                        let counters = &self.servers[c.server].shared.counters;
+                        match c.io.resumed() {
+                            Some(true) => &counters.tls_resumed,
+                            _ => &counters.tls_full,
+                        }
+                        .fetch_add(1, Ordering::Relaxed);
+                        self.connected(idx, now)
+                    }
                     Ok(false) => return,
                     Err(e) => {
                         let why = Failure::Server(self.tls_failure(idx, &e));
