@@ -194,6 +194,15 @@ pub enum Lookup {
     Fetch,
 }
 
+/// One entry's lifetime, in milliseconds: fresh, then stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Life {
+    pub fresh_ms: u64,
+    pub stale_ms: u64,
+    /// Percent of `fresh_ms`, at its end, in which a hit triggers a refresh.
+    pub refresh_percent: u32,
+}
+
 /// Lifetimes for storing a result (per map).
 #[derive(Debug, Clone, Copy)]
 pub struct Ttls {
@@ -421,12 +430,47 @@ impl Cache {
         } else {
             ttls.negative_ttl
         };
+        let life = Life {
+            fresh_ms: ttl.as_millis() as u64,
+            stale_ms: ttls.stale_ttl.as_millis() as u64,
+            refresh_percent: ttls.refresh_ahead_percent,
+        };
+        self.store(key, value, life, now_ms, true)
+    }
+
+    /// An answer from the shared cache, with the lifetime it has left
+    /// (`life.fresh_ms`, then `life.stale_ms` more): stored and its waiters
+    /// returned, as [`Cache::complete_ok`] does. A `fresh_ms` of zero stores
+    /// an entry already expired, good only for stale answers, and leaves the
+    /// lookup in flight (a fetch from the servers follows).
+    pub fn complete_with(
+        &self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        life: Life,
+        now_ms: u64,
+    ) -> Vec<Waiter> {
+        self.store(key, value, life, now_ms, life.fresh_ms > 0)
+    }
+
+    fn store(
+        &self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        life: Life,
+        now_ms: u64,
+        finish: bool,
+    ) -> Vec<Waiter> {
         let (h, shard) = self.shard(key);
         let mut guard = shard.lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *guard;
-        let waiters = shard.inflight.remove(key).unwrap_or_default();
+        let waiters = if finish {
+            shard.inflight.remove(key).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         self.remove(shard, h);
-        if ttl.is_zero() {
+        if life.fresh_ms == 0 && (finish || life.stale_ms == 0) {
             return waiters;
         }
         let cost = entry_cost(key.len(), value.map_or(0, <[u8]>::len));
@@ -447,13 +491,11 @@ impl Cache {
                 return waiters;
             }
         }
-        let ttl_ms = ttl.as_millis() as u64;
         let clamp = |ms: u128| ms.min(u128::from(u32::MAX)) as u32;
-        let stale_ms = clamp(ttls.stale_ttl.as_millis());
         let times = Times {
-            fresh_until_ms: now_ms + ttl_ms,
-            refresh_ms: clamp(u128::from(ttl_ms) * u128::from(ttls.refresh_ahead_percent) / 100),
-            stale_ms,
+            fresh_until_ms: now_ms + life.fresh_ms,
+            refresh_ms: clamp(u128::from(life.fresh_ms) * u128::from(life.refresh_percent) / 100),
+            stale_ms: clamp(u128::from(life.stale_ms)),
         };
         let entry = Entry {
             stored: Stored::new(key, value),
@@ -468,6 +510,64 @@ impl Cache {
         self.bytes.fetch_add(cost, Ordering::Relaxed);
         self.count(key, true);
         waiters
+    }
+
+    /// Drops `key`'s entry (a purge, an invalidation); lookups in flight stay.
+    /// True if there was one.
+    pub fn drop_key(&self, key: &[u8]) -> bool {
+        let (h, shard) = self.shard(key);
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        match shard.lru.peek(&h) {
+            Some(e) if e.stored.key() == key => {
+                self.remove(&mut shard, h);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What the cache holds for `key`: the value (`None`: not found) and
+    /// the milliseconds it stays fresh (negative: expired that long ago).
+    pub fn peek(&self, key: &[u8], now_ms: u64) -> Option<(Option<Vec<u8>>, i64)> {
+        let (h, shard) = self.shard(key);
+        let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let e = shard.lru.peek(&h).filter(|e| e.stored.key() == key)?;
+        Some((
+            e.stored.value().map(<[u8]>::to_vec),
+            e.times.fresh_until_ms as i64 - now_ms as i64,
+        ))
+    }
+
+    /// Calls `f` with the entries of each shard in turn whose key starts
+    /// with `prefix` (key, value, milliseconds left fresh), copied out of
+    /// the shard so no lock is held while `f` runs: memory stays one
+    /// shard's share. `f` returning false stops.
+    #[allow(clippy::type_complexity)]
+    pub fn for_each(
+        &self,
+        prefix: &[u8],
+        now_ms: u64,
+        mut f: impl FnMut(&[(Vec<u8>, Option<Vec<u8>>, i64)]) -> bool,
+    ) {
+        for s in self.shards.iter() {
+            let batch: Vec<(Vec<u8>, Option<Vec<u8>>, i64)> = {
+                let s = s.lock().unwrap_or_else(|e| e.into_inner());
+                s.lru
+                    .iter()
+                    .filter(|(_, e)| e.stored.key().starts_with(prefix))
+                    .map(|(_, e)| {
+                        (
+                            e.stored.key().to_vec(),
+                            e.stored.value().map(<[u8]>::to_vec),
+                            e.times.fresh_until_ms as i64 - now_ms as i64,
+                        )
+                    })
+                    .collect()
+            };
+            if !batch.is_empty() && !f(&batch) {
+                return;
+            }
+        }
     }
 
     /// A fetch failed (every server): returns the waiters and, when an
@@ -730,6 +830,62 @@ mod tests {
             get(&c, &new, 2, 3),
             (Lookup::Hit { refresh: false }, Some(Some(b"new".to_vec())))
         );
+    }
+
+    #[test]
+    fn shared_cache_lifetimes_peek_drop_and_walk() {
+        let c = Cache::new(100, usize::MAX);
+        let life = Life {
+            fresh_ms: 500,
+            stale_ms: 1000,
+            refresh_percent: 0,
+        };
+        assert_eq!(get(&c, b"\0\0\0\0\0\0a", 0, 1).0, Lookup::Fetch);
+        // From L2 with 500 ms left: answers its waiter, fresh for 500 ms.
+        assert_eq!(
+            c.complete_with(b"\0\0\0\0\0\0a", Some(b"v"), life, 10),
+            vec![w(1)]
+        );
+        assert_eq!(
+            c.peek(b"\0\0\0\0\0\0a", 110),
+            Some((Some(b"v".to_vec()), 400))
+        );
+        assert_eq!(
+            get(&c, b"\0\0\0\0\0\0a", 509, 2).0,
+            Lookup::Hit { refresh: false }
+        );
+        assert_eq!(get(&c, b"\0\0\0\0\0\0a", 510, 3).0, Lookup::Fetch);
+        // A stale value from L2: stored expired, the lookup stays in flight,
+        // and it answers if the servers fail.
+        let stale = Life {
+            fresh_ms: 0,
+            ..life
+        };
+        assert_eq!(
+            c.complete_with(b"\0\0\0\0\0\0a", Some(b"old"), stale, 600),
+            vec![]
+        );
+        assert_eq!(get(&c, b"\0\0\0\0\0\0a", 601, 4).0, Lookup::Joined);
+        let (ws, v) = c.complete_err(b"\0\0\0\0\0\0a", 700, false);
+        assert_eq!(
+            (ws, v),
+            (
+                vec![w(3), w(4)],
+                Some(Some(b"old".to_vec().into_boxed_slice()))
+            )
+        );
+        let mut seen = Vec::new();
+        c.for_each(&[0, 0], 700, |b| {
+            seen.extend(b.iter().map(|(k, v, _)| (k.clone(), v.clone())));
+            true
+        });
+        assert_eq!(
+            seen,
+            vec![(b"\0\0\0\0\0\0a".to_vec(), Some(b"old".to_vec()))]
+        );
+        assert!(c.drop_key(b"\0\0\0\0\0\0a"));
+        assert!(!c.drop_key(b"\0\0\0\0\0\0a"));
+        assert_eq!((c.len(), c.bytes()), (0, 0));
     }
 
     #[test]

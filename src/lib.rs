@@ -45,6 +45,7 @@ pub mod log;
 pub mod metrics;
 pub mod net;
 pub mod resolver;
+pub mod shared_cache;
 pub mod tls;
 pub mod transport;
 pub mod notify;

@@ -40,6 +40,8 @@ pub enum Idle {
 pub enum Transport {
     Plain(TcpStream),
     Tls(TcpStream, Box<ClientConnection>),
+    /// A Unix stream socket (the shared cache's `unix:/path`).
+    Unix(mio::net::UnixStream),
 }
 
 /// Wraps a TLS error as an `io::Error` (kind `InvalidData`).
@@ -49,7 +51,8 @@ fn io_tls(e: rustls::Error) -> io::Error {
 
 /// The rustls error inside an `io::Error` made by this module, if any.
 pub fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 impl Transport {
@@ -64,15 +67,30 @@ impl Transport {
     }
 
     /// The socket, to register with the event loop.
-    pub fn socket(&mut self) -> &mut TcpStream {
+    pub fn socket(&mut self) -> &mut dyn mio::event::Source {
         match self {
             Transport::Plain(s) | Transport::Tls(s, _) => s,
+            Transport::Unix(s) => s,
         }
     }
 
-    pub fn socket_ref(&self) -> &TcpStream {
-        match self {
-            Transport::Plain(s) | Transport::Tls(s, _) => s,
+    /// After a non-blocking connect: `Ok(true)` once connected, `Ok(false)`
+    /// while it is still in progress, `Err` when it failed.
+    pub fn connected(&self) -> io::Result<bool> {
+        let (err, peer) = match self {
+            Transport::Plain(s) | Transport::Tls(s, _) => {
+                (s.take_error(), s.peer_addr().map(|_| ()))
+            }
+            Transport::Unix(s) => (s.take_error(), s.peer_addr().map(|_| ())),
+        };
+        match err {
+            Ok(Some(e)) | Err(e) => return Err(e),
+            Ok(None) => {}
+        }
+        match peer {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -86,7 +104,7 @@ impl Transport {
             Transport::Tls(_, c) => c
                 .handshake_kind()
                 .map(|k| k == rustls::HandshakeKind::Resumed),
-            Transport::Plain(_) => None,
+            Transport::Plain(_) | Transport::Unix(_) => None,
         }
     }
 
@@ -156,6 +174,7 @@ impl Transport {
     pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Transport::Plain(s) => s.write(buf),
+            Transport::Unix(s) => s.write(buf),
             Transport::Tls(..) => {
                 let Transport::Tls(_, conn) = self else {
                     unreachable!()
@@ -171,10 +190,11 @@ impl Transport {
     /// `close_notify`), `WouldBlock` means nothing more for now.
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Transport::Tls(sock, conn) = self else {
-            let Transport::Plain(s) = self else {
-                unreachable!()
+            return match self {
+                Transport::Plain(s) => s.read(buf),
+                Transport::Unix(s) => s.read(buf),
+                Transport::Tls(..) => unreachable!(),
             };
-            return s.read(buf);
         };
         loop {
             match conn.reader().read(buf) {
@@ -218,7 +238,12 @@ impl Transport {
     /// `scratch`) so the caller can count and quote it.
     pub fn idle(&mut self, scratch: &mut [u8], max: usize) -> Idle {
         let mut one = [0u8; 1];
-        match self.socket_ref().peek(&mut one) {
+        let peeked = match self {
+            Transport::Plain(s) | Transport::Tls(s, _) => s.peek(&mut one),
+            // Not pooled by the HTTP side; nothing to check.
+            Transport::Unix(_) => return Idle::Clean,
+        };
+        match peeked {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Idle::Clean,
             Ok(n) if n > 0 => {}
             _ => return Idle::Closed,

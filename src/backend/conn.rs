@@ -29,8 +29,8 @@ use crate::log::RateLimit;
 use crate::transport::{self, Idle, Transport};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use std::net::SocketAddr;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,10 @@ pub(super) enum ConnState {
     Handshaking,
     Sending,
     Head,
-    Body { head: Head, dec: BodyDecoder },
+    Body {
+        head: Head,
+        dec: BodyDecoder,
+    },
     Idle,
 }
 
@@ -320,25 +323,15 @@ impl Backend {
         loop {
             let c = &mut self.conns[idx];
             match c.state {
-                ConnState::Connecting => {
-                    let sock = c.io.socket_ref();
-                    match sock.take_error() {
-                        Ok(Some(e)) | Err(e) => {
-                            let why = Failure::Server(format!("connect: {e}"));
-                            return self.fail(registry, idx, why, now);
-                        }
-                        Ok(None) => {}
+                ConnState::Connecting => match c.io.connected() {
+                    Ok(true) if c.io.is_tls() => c.state = ConnState::Handshaking,
+                    Ok(true) => self.connected(idx, now),
+                    Ok(false) => return,
+                    Err(e) => {
+                        let why = Failure::Server(format!("connect: {e}"));
+                        return self.fail(registry, idx, why, now);
                     }
-                    match sock.peer_addr() {
-                        Ok(_) if c.io.is_tls() => c.state = ConnState::Handshaking,
-                        Ok(_) => self.connected(idx, now),
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                        Err(e) => {
-                            let why = Failure::Server(format!("connect: {e}"));
-                            return self.fail(registry, idx, why, now);
-                        }
-                    }
-                }
+                },
                 ConnState::Handshaking => match c.io.handshake() {
                     Ok(true) => {
                         let counters = &self.servers[c.server].shared.counters;

@@ -31,9 +31,10 @@ pub struct Health {
     rest_until_ms: AtomicU64,
     /// A probe request is in flight.
     probing: AtomicBool,
-    /// When the current run of failures began (ms); requests started before
-    /// it do not count as a recovery.
-    down_since_ms: AtomicU64,
+    /// When the current run of failures began (µs: a lookup answered by a
+    /// server restarted within the same millisecond must still count);
+    /// requests started before it do not count as a recovery.
+    down_since_us: AtomicU64,
 }
 
 impl Health {
@@ -44,7 +45,7 @@ impl Health {
             failures: AtomicU32::new(0),
             rest_until_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
-            down_since_ms: AtomicU64::new(0),
+            down_since_us: AtomicU64::new(0),
         }
     }
 
@@ -76,20 +77,22 @@ impl Health {
 
     /// A request succeeded. Returns the number of failures it ends (> 0: the
     /// server just came back). The probe slot is its holder's to free.
-    /// `started_ms`: when the request was sent. A request sent before the
+    /// `started_us`: when the request was sent. A request sent before the
     /// server went down proves nothing about it now and changes nothing.
-    pub fn success(&self, started_ms: u64) -> u32 {
+    pub fn success(&self, started_us: u64) -> u32 {
         if self.failures.load(Ordering::Acquire) == 0
-            || started_ms <= self.down_since_ms.load(Ordering::Acquire)
+            || started_us <= self.down_since_us.load(Ordering::Acquire)
         {
             return 0;
         }
         self.failures.swap(0, Ordering::AcqRel)
     }
 
-    /// A request failed at the transport level. Returns the rest imposed and
-    /// whether the server was up until now (the caller logs that once).
-    pub fn failure(&self, now_ms: u64) -> (Duration, bool) {
+    /// A request failed at the transport level (at `now_us`). Returns the
+    /// rest imposed and whether the server was up until now (the caller
+    /// logs that once).
+    pub fn failure(&self, now_us: u64) -> (Duration, bool) {
+        let now_ms = now_us / 1000;
         let n = self
             .failures
             .fetch_add(1, Ordering::AcqRel)
@@ -100,7 +103,7 @@ impl Health {
         self.rest_until_ms
             .store(now_ms.saturating_add(rest_ms), Ordering::Release);
         if n == 1 {
-            self.down_since_ms.store(now_ms, Ordering::Release);
+            self.down_since_us.store(now_us, Ordering::Release);
         }
         (Duration::from_millis(rest_ms), n == 1)
     }
@@ -115,20 +118,21 @@ mod tests {
         let h = Health::new(Duration::from_millis(100), 4);
         assert_eq!(h.availability(0), Availability::Up);
         assert_eq!(h.failure(0), (Duration::from_millis(100), true));
+        assert_eq!(h.success(0), 0, "sent in the same µs: proves nothing");
         assert_eq!(h.availability(99), Availability::Resting);
         assert_eq!(h.availability(100), Availability::Probe);
         assert!(h.try_probe());
         assert!(!h.try_probe());
-        assert_eq!(h.failure(100), (Duration::from_millis(200), false));
+        assert_eq!(h.failure(100_000), (Duration::from_millis(200), false));
         assert!(!h.try_probe(), "only the holder frees the probe slot");
         h.end_probe();
-        assert_eq!(h.failure(300), (Duration::from_millis(400), false));
-        assert_eq!(h.failure(700), (Duration::from_millis(400), false)); // capped at 4x
+        assert_eq!(h.failure(300_000), (Duration::from_millis(400), false));
+        assert_eq!(h.failure(700_000), (Duration::from_millis(400), false)); // capped at 4x
         assert!(h.try_probe());
         assert_eq!(h.success(0), 0, "sent when the server went down (at 0)");
-        assert_eq!(h.success(700), 4);
+        assert_eq!(h.success(1), 4, "sent 1 µs after it went down");
         h.end_probe();
         assert_eq!(h.availability(0), Availability::Up);
-        assert_eq!(h.success(800), 0);
+        assert_eq!(h.success(800_000), 0);
     }
 }

@@ -563,9 +563,9 @@ impl Backend {
             .counters
             .failure
             .fetch_add(1, Ordering::Relaxed);
-        let now_ms = self.ms_at(now);
         let shared = &self.servers[server].shared;
-        let (rest, went_down) = shared.health.failure(now_ms);
+        let now_us = now.saturating_duration_since(self.epoch).as_micros() as u64;
+        let (rest, went_down) = shared.health.failure(now_us);
         // Lookups queued for this server's connections go elsewhere now.
         let queued: Vec<FetchRef> = self.servers[server].queue.drain(..).collect();
         for f in queued {
@@ -586,8 +586,8 @@ impl Backend {
     /// The server answered a request sent at `started`.
     fn server_answered(&mut self, server: usize, started: Instant) {
         let shared = &self.servers[server].shared;
-        let started_ms = started.saturating_duration_since(self.epoch).as_millis() as u64;
-        let failures = shared.health.success(started_ms);
+        let started_us = started.saturating_duration_since(self.epoch).as_micros() as u64;
+        let failures = shared.health.success(started_us);
         if failures > 0 {
             crate::info!(
                 "server {} (map {}) is up again after {} failure(s)",

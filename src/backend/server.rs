@@ -103,7 +103,9 @@ impl SharedServer {
         let a = self.addrs();
         let n = a.list.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let candidates = (0..n).map(|k| (start + k) % n).filter(|&i| !skip.contains(&a.list[i]));
+        let candidates = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| !skip.contains(&a.list[i]));
         let mut fallback = None;
         for i in candidates {
             if a.resting_until_ms[i].load(Ordering::Relaxed) <= now_ms {
@@ -155,7 +157,11 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(s.pick_addr(10, &[]), Some(b), "a rests");
         }
-        assert_eq!(s.pick_addr(10, &[b]), Some(a), "only a left: tried though resting");
+        assert_eq!(
+            s.pick_addr(10, &[b]),
+            Some(a),
+            "only a left: tried though resting"
+        );
         assert_eq!(s.pick_addr(10, &[a, b]), None);
         assert_eq!(s.pick_addr(1000, &[b]), Some(a), "rested");
         assert!(!s.set_addrs(vec![b, a]), "the same set");

@@ -5,6 +5,7 @@
 use super::raw::{Ctx, OneOrMany, RawDaemon};
 use super::values::{lookup_id, parse_listen};
 use super::{Daemon, Listen, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_REQUEST_BYTES};
+use toml::Spanned;
 
 /// The `[daemon]` section, and where its `socketmap_listen` is (for errors
 /// about the addresses it lists).
@@ -23,6 +24,10 @@ pub(super) fn daemon(cx: &mut Ctx<'_>, d: Option<RawDaemon>) -> (Daemon, usize) 
         max_query_size: None,
         max_reply_size: None,
         allow_from: None,
+        admin_socket: None,
+        admin_socket_mode: None,
+        admin_socket_owner: None,
+        admin_socket_group: None,
     });
     let mut workers = cx.count("workers", d.workers, 0, 1024, 0);
     if workers == 0 {
@@ -101,37 +106,27 @@ pub(super) fn daemon(cx: &mut Ctx<'_>, d: Option<RawDaemon>) -> (Daemon, usize) 
         1 << 24,
         crate::codec::netstring::DEFAULT_MAX_REPLY_BYTES,
     );
-    let unix_socket_mode = match d.unix_socket_mode {
-        None => 0o666,
-        Some(v) => match u32::from_str_radix(v.get_ref().trim_start_matches("0o"), 8) {
-            Ok(m) if m <= 0o7777 => m,
-            _ => {
-                cx.err(
-                    v.span().start,
-                    "unix_socket_mode: expected octal permissions such as \"0660\"",
-                );
-                0o666
-            }
-        },
+    let unix_socket_mode = mode(cx, "unix_socket_mode", d.unix_socket_mode, 0o666);
+    let unix_socket_owner = id(cx, "unix_socket_owner", d.unix_socket_owner, false);
+    let unix_socket_group = id(cx, "unix_socket_group", d.unix_socket_group, true);
+    let admin_socket = d.admin_socket.and_then(|v| {
+        let p = std::path::PathBuf::from(v.get_ref());
+        if p.is_absolute() {
+            Some(p)
+        } else {
+            cx.err(
+                v.span().start,
+                "admin_socket: an absolute path, e.g. \"/run/httpmapd/admin.sock\"",
+            );
+            None
+        }
+    });
+    let admin = crate::config::AdminSocket {
+        path: admin_socket,
+        mode: mode(cx, "admin_socket_mode", d.admin_socket_mode, 0o600),
+        owner: id(cx, "admin_socket_owner", d.admin_socket_owner, false),
+        group: id(cx, "admin_socket_group", d.admin_socket_group, true),
     };
-    let unix_socket_owner = d
-        .unix_socket_owner
-        .and_then(|v| match lookup_id(v.get_ref(), false) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                cx.err(v.span().start, format!("unix_socket_owner: {e}"));
-                None
-            }
-        });
-    let unix_socket_group = d
-        .unix_socket_group
-        .and_then(|v| match lookup_id(v.get_ref(), true) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                cx.err(v.span().start, format!("unix_socket_group: {e}"));
-                None
-            }
-        });
     (
         Daemon {
             workers,
@@ -147,7 +142,35 @@ pub(super) fn daemon(cx: &mut Ctx<'_>, d: Option<RawDaemon>) -> (Daemon, usize) 
             max_query_size,
             max_reply_size,
             allow_from,
+            admin,
         },
         socketmap_at,
     )
+}
+
+/// Octal permissions such as `"0660"`.
+fn mode(cx: &mut Ctx<'_>, key: &str, v: Option<Spanned<String>>, default: u32) -> u32 {
+    let Some(v) = v else { return default };
+    match u32::from_str_radix(v.get_ref().trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o7777 => m,
+        _ => {
+            cx.err(
+                v.span().start,
+                format!("{key}: expected octal permissions such as \"0660\""),
+            );
+            default
+        }
+    }
+}
+
+/// A user (`group`: a group) name or number, resolved now.
+fn id(cx: &mut Ctx<'_>, key: &str, v: Option<Spanned<String>>, group: bool) -> Option<u32> {
+    let v = v?;
+    match lookup_id(v.get_ref(), group) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            cx.err(v.span().start, format!("{key}: {e}"));
+            None
+        }
+    }
 }

@@ -236,7 +236,9 @@ fn check_header(
     if bad_name || reserved {
         Err(format!("{key}: {name:?} is not an allowed request header"))
     } else if bad_value {
-        Err(format!("{key}: the value of {name:?} holds a line break or NUL"))
+        Err(format!(
+            "{key}: the value of {name:?} holds a line break or NUL"
+        ))
     } else if so_far.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
         Err(format!("{key}: {name:?} is set twice"))
     } else {

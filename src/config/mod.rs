@@ -9,6 +9,7 @@ mod cache;
 mod daemon;
 mod maps;
 mod raw;
+mod shared_cache;
 mod values;
 
 pub use values::{
@@ -61,6 +62,7 @@ pub const DEFAULT_MAX_MEMORY_BYTES: usize = 256 << 20;
 pub struct Config {
     pub daemon: Daemon,
     pub cache: Cache,
+    pub shared_cache: Option<SharedCache>,
     /// Maps in name order; a map's index here is its id.
     pub maps: Vec<MapConfig>,
 }
@@ -89,6 +91,86 @@ pub struct Daemon {
     /// Client addresses allowed on TCP listeners (empty = any); a map's own
     /// `allow_from` overrides it for its `tcp_listen`.
     pub allow_from: Vec<Cidr>,
+    pub admin: AdminSocket,
+}
+
+/// `admin_socket` and its permissions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSocket {
+    pub path: Option<PathBuf>,
+    pub mode: u32,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+}
+
+/// `[shared_cache]`: the second-level cache shared by a fleet.
+#[derive(Clone, PartialEq)]
+pub struct SharedCache {
+    pub target: RedisTarget,
+    /// Prepended to every key (fleets and maps on one server never collide).
+    pub prefix: String,
+    /// One round trip; past it the shared cache counts as a miss.
+    pub timeout: Duration,
+    /// A cold key another node is already fetching is waited for this long
+    /// (its value read from the shared cache) before this node fetches it
+    /// too; zero: never wait (and take no claim).
+    pub claim_wait: Duration,
+    /// `rediss://`: TLS with these settings.
+    pub tls: Option<crate::tls::TlsClient>,
+    /// The server's addresses, resolved when the file was loaded (a TCP
+    /// target; the workers never resolve).
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Where the shared cache is and how to log in. The password is never
+/// printed (see the `Debug` impl and [`RedisTarget::describe`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    pub addr: RedisAddr,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisAddr {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+impl RedisTarget {
+    /// The URL without the password, for logs and errors.
+    pub fn describe(&self) -> String {
+        let user = match (&self.user, &self.password) {
+            (Some(u), Some(_)) => format!("{u}:***@"),
+            (Some(u), None) => format!("{u}@"),
+            (None, Some(_)) => ":***@".to_string(),
+            (None, None) => String::new(),
+        };
+        match &self.addr {
+            RedisAddr::Tcp { host, port } => format!("redis://{user}{host}:{port}/{}", self.db),
+            RedisAddr::Unix(p) => format!("unix:{} (db {})", p.display(), self.db),
+        }
+    }
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl fmt::Debug for SharedCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SharedCache({}, prefix {:?}, timeout {:?}, tls {})",
+            self.target.describe(),
+            self.prefix,
+            self.timeout,
+            self.tls.is_some()
+        )
+    }
 }
 
 /// Default bound on client connections.
@@ -281,6 +363,9 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 
     let (daemon, socketmap_at) = daemon::daemon(&mut cx, raw.daemon);
     let cache = cache::cache(&mut cx, raw.cache);
+    let shared_cache = raw
+        .shared_cache
+        .and_then(|s| shared_cache::shared_cache(&mut cx, s));
     let (maps, tcp_at): (Vec<MapConfig>, Vec<Option<usize>>) =
         maps::maps(&mut cx, raw.maps.unwrap_or_default(), &cache)
             .into_iter()
@@ -313,6 +398,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     Ok(Config {
         daemon,
         cache,
+        shared_cache,
         maps,
     })
 }

@@ -15,6 +15,20 @@ pub(super) struct RawConfig {
     pub(super) daemon: Option<RawDaemon>,
     pub(super) cache: Option<RawCache>,
     pub(super) maps: Option<BTreeMap<String, Spanned<RawMap>>>,
+    pub(super) shared_cache: Option<Spanned<RawSharedCache>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSharedCache {
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<toml::Value>>,
+    pub(super) claim_wait: Option<Spanned<toml::Value>>,
+    pub(super) tls_ca_file: Option<Spanned<String>>,
+    pub(super) tls_server_name: Option<Spanned<String>>,
+    pub(super) tls_client_cert: Option<Spanned<String>>,
+    pub(super) tls_client_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -33,6 +47,10 @@ pub(super) struct RawDaemon {
     pub(super) max_query_size: Option<Spanned<i64>>,
     pub(super) max_reply_size: Option<Spanned<i64>>,
     pub(super) allow_from: Option<Spanned<Vec<String>>>,
+    pub(super) admin_socket: Option<Spanned<String>>,
+    pub(super) admin_socket_mode: Option<Spanned<String>>,
+    pub(super) admin_socket_owner: Option<Spanned<String>>,
+    pub(super) admin_socket_group: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
