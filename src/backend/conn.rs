@@ -54,8 +54,10 @@ pub(super) enum ConnState {
 
 pub(super) struct Conn {
     pub(super) io: Transport,
-    /// The server address this connection went to.
+    /// The server address this connection went to, and the generation of
+    /// the server's addresses it was last checked against.
     addr: SocketAddr,
+    addrs_gen: u64,
     pub(super) server: usize,
     pub(super) state: ConnState,
     /// Served a request before: an early EOF may just be the server's idle close.
@@ -161,6 +163,7 @@ impl Backend {
         entry.insert(Conn {
             io,
             addr,
+            addrs_gen: shared.addrs_gen(),
             server,
             state: ConnState::Connecting,
             reused: false,
@@ -257,7 +260,11 @@ impl Backend {
     /// does, it is closed (and not in the pool), stray bytes counted.
     fn idle_is_clean(&mut self, registry: &Registry, idx: usize, now: Instant) -> bool {
         let c = &mut self.conns[idx];
-        if c.peer_closed {
+        let moved = !self.servers[c.server]
+            .shared
+            .still_serves(c.addr, &mut c.addrs_gen);
+        if c.peer_closed || moved {
+            // Closed by the server, or its name no longer leads here.
             self.close_conn(registry, idx, now);
             return false;
         }

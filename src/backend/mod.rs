@@ -656,7 +656,8 @@ impl Backend {
                 continue;
             }
             let why = match self.conns[conn].state {
-                ConnState::Connecting => "connect timed out",
+                // The TLS handshake counts within connect_timeout.
+                ConnState::Connecting | ConnState::Handshaking => "connect timed out",
                 _ => "no reply within http_timeout",
             };
             self.fail(registry, conn, Failure::Server(why.to_string()), now);

@@ -52,6 +52,9 @@ pub struct SharedServer {
     /// `Some` for `https://`.
     pub tls: Option<ServerTls>,
     addrs: RwLock<Arc<Addrs>>,
+    /// Bumped when the addresses change: a pooled connection made under an
+    /// older generation checks that its address is still one of them.
+    addrs_gen: AtomicU64,
     /// Round-robin position over the addresses.
     next: AtomicUsize,
 }
@@ -73,6 +76,7 @@ impl SharedServer {
             counters: ServerCounters::default(),
             open: AtomicUsize::new(0),
             tls,
+            addrs_gen: AtomicU64::new(0),
             next: AtomicUsize::new(0),
         }
     }
@@ -93,7 +97,25 @@ impl SharedServer {
             return false;
         }
         *cur = Arc::new(Addrs::new(list));
+        self.addrs_gen.fetch_add(1, Ordering::Release);
         true
+    }
+
+    /// The generation of the addresses (see [`SharedServer::still_serves`]).
+    pub fn addrs_gen(&self) -> u64 {
+        self.addrs_gen.load(Ordering::Acquire)
+    }
+
+    /// Whether `addr` is still one of the server's addresses; `gen` is the
+    /// generation the caller last checked, updated. Cheap when nothing
+    /// changed (one atomic load).
+    pub fn still_serves(&self, addr: SocketAddr, gen: &mut u64) -> bool {
+        let now = self.addrs_gen();
+        if now == *gen {
+            return true;
+        }
+        *gen = now;
+        self.addrs().list.contains(&addr)
     }
 
     /// The address for a new connection: the next in turn that is not
