@@ -205,6 +205,7 @@ fn build_shared(
     let gens = (0..len as u16)
         .map(|id| cache.gen(id).wrapping_add(u32::from(purge.contains(&id))))
         .collect();
+    let own_writes = prev.map_or_else(Arc::default, |p| p.own_writes.clone());
     let shared = Shared {
         cfg,
         gens,
@@ -214,6 +215,7 @@ fn build_shared(
         ttls,
         map_by_name,
         mailboxes,
+        own_writes,
     };
     (shared, purge)
 }
@@ -238,6 +240,24 @@ fn bind_all(
     Ok(per_worker)
 }
 
+/// Binds the admin socket (blocking; created with no permission beyond
+/// `mode`, then owner and group set).
+fn bind_admin(
+    path: &std::path::Path,
+    a: &crate::config::AdminSocket,
+) -> Result<std::os::unix::net::UnixListener, String> {
+    // SAFETY: umask only changes this process's file creation mask; it is
+    // restored at once, before any other thread creates files.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = crate::net::bind_unix(path, a.mode, a.owner, a.group);
+    unsafe { libc::umask(old) };
+    let l =
+        bound.map_err(|e| format!("cannot listen on {} (admin_socket): {e}", path.display()))?;
+    l.set_nonblocking(false)
+        .map_err(|e| format!("admin_socket: {e}"))?;
+    Ok(l)
+}
+
 /// Runs the daemon until SIGTERM/SIGINT. Errors are start-up failures.
 pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
     crate::log::set_level(cfg.daemon.log_level);
@@ -259,6 +279,10 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
             );
         }
     }
+    let admin_listener = match &cfg.daemon.admin.path {
+        Some(p) => Some(bind_admin(p, &cfg.daemon.admin)?),
+        None => None,
+    };
     let stats_listener = match cfg.daemon.stats_listen {
         Some(a) => Some(
             std::net::TcpListener::bind(a)
@@ -335,6 +359,10 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
 
     crate::resolver::spawn(current.clone())
         .map_err(|e| format!("cannot start the resolver thread: {e}"))?;
+    if let Some(l) = admin_listener {
+        crate::admin::spawn(l, current.clone())
+            .map_err(|e| format!("cannot start the admin thread: {e}"))?;
+    }
     crate::notify::ready(&format_status(&shared, true));
     let state = State {
         cfg_path,
@@ -348,6 +376,9 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
     }
     // Unix socket files of the configuration in force at the end.
     let last = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(p) = &cfg.daemon.admin.path {
+        let _ = std::fs::remove_file(p);
+    }
     for l in last
         .cfg
         .daemon
@@ -433,6 +464,10 @@ fn try_reload(state: &mut State) -> bool {
     }
     if cfg.daemon.stats_listen != prev.cfg.daemon.stats_listen {
         crate::warn!("reload: stats_listen changed; that takes a restart");
+    }
+    if cfg.daemon.admin != prev.cfg.daemon.admin {
+        crate::warn!("reload: admin_socket changed; that takes a restart");
+        cfg.daemon.admin = prev.cfg.daemon.admin.clone();
     }
     let mut ids = state.ids.clone();
     let map_ids = match assign_ids(&cfg, &mut ids) {
@@ -829,7 +864,10 @@ pub fn render_metrics(shared: &Shared) -> String {
         "TLS handshakes completed with the server, by whether they resumed an earlier session (resumed=\"true\") or were full.",
     );
     for (lb, s) in &servers {
-        for (resumed, v) in [("false", &s.counters.tls_full), ("true", &s.counters.tls_resumed)] {
+        for (resumed, v) in [
+            ("false", &s.counters.tls_full),
+            ("true", &s.counters.tls_resumed),
+        ] {
             let _ = writeln!(
                 o,
                 "httpmapd_server_tls_handshakes_total{{{lb},resumed=\"{resumed}\"}} {}",
@@ -874,8 +912,90 @@ pub fn render_metrics(shared: &Shared) -> String {
             .latency
             .render(&mut o, "httpmapd_server_request_duration_seconds", lb);
     }
+    if shared.cfg.shared_cache.is_some() {
+        render_shared_cache(&mut o, shared);
+    }
     crate::metrics::render_process(&mut o);
     o
+}
+
+/// The shared cache's counters (only with `[shared_cache]`).
+fn render_shared_cache(o: &mut String, shared: &Shared) {
+    let s = &shared.stats.l2;
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, v) in [
+        (
+            "httpmapd_shared_cache_hits_total",
+            "Lookups answered by the shared cache (a fresh value).",
+            &s.hits,
+        ),
+        (
+            "httpmapd_shared_cache_stale_total",
+            "Shared-cache values past their freshness, kept for a stale answer while the servers were asked.",
+            &s.stale_hits,
+        ),
+        (
+            "httpmapd_shared_cache_misses_total",
+            "Lookups the shared cache had no value for.",
+            &s.misses,
+        ),
+        (
+            "httpmapd_shared_cache_writes_total",
+            "Values written to the shared cache.",
+            &s.writes,
+        ),
+        (
+            "httpmapd_shared_cache_invalidations_total",
+            "Keys the shared cache said another connection changed.",
+            &s.invalidations,
+        ),
+        (
+            "httpmapd_shared_cache_purges_total",
+            "Purges received on the admin socket.",
+            &s.purges,
+        ),
+    ] {
+        header(o, name, "counter", help);
+        let _ = writeln!(o, "{name} {}", l(v));
+    }
+    header(
+        o,
+        "httpmapd_shared_cache_claims_total",
+        "counter",
+        "Claims on cold keys, by result: won (this node fetched), lost (another node was fetching).",
+    );
+    for (r, v) in [("won", &s.claims_won), ("lost", &s.claims_lost)] {
+        let _ = writeln!(
+            o,
+            "httpmapd_shared_cache_claims_total{{result=\"{r}\"}} {}",
+            l(v)
+        );
+    }
+    header(
+        o,
+        "httpmapd_shared_cache_errors_total",
+        "counter",
+        "Shared-cache trouble, each a miss or a skipped write: unavailable (no connection), timeout, reply (an error reply), protocol (not RESP).",
+    );
+    for (k, v) in [
+        ("unavailable", &s.err_unavailable),
+        ("timeout", &s.err_timeout),
+        ("reply", &s.err_reply),
+        ("protocol", &s.err_protocol),
+    ] {
+        let _ = writeln!(
+            o,
+            "httpmapd_shared_cache_errors_total{{kind=\"{k}\"}} {}",
+            l(v)
+        );
+    }
+    header(
+        o,
+        "httpmapd_shared_cache_connections",
+        "gauge",
+        "Workers whose connection to the shared cache is up.",
+    );
+    let _ = writeln!(o, "httpmapd_shared_cache_connections {}", l(&s.connected));
 }
 
 /// `/health`: healthy while every map has a server up.

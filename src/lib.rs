@@ -34,6 +34,7 @@
 //! - [`client`]: the query client.
 //! - [`demo_backend`]: the bundled sample HTTP backend. [`log`]: log lines.
 
+pub mod admin;
 pub mod backend;
 pub mod cache;
 pub mod client;

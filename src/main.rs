@@ -48,6 +48,64 @@ enum Command {
     Demo(DemoArgs),
     /// Run only the bundled sample dict_http backend.
     Backend(BackendArgs),
+    /// Drop keys or whole maps from the cache of a running daemon (and from
+    /// the shared cache, so every node of a fleet drops them).
+    Purge(PurgeArgs),
+    /// Show what the caches hold for a key.
+    Show(ShowArgs),
+    /// Every entry of the in-process cache as tab-separated lines: map, key,
+    /// value (empty: not found), seconds left fresh (negative: expired).
+    Dump(DumpArgs),
+}
+
+/// Where a running daemon's admin socket is: the configuration file's
+/// `[daemon] admin_socket`.
+#[derive(Args)]
+struct AdminTarget {
+    /// The daemon's configuration file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "FILE",
+        default_value = "/etc/httpmapd/httpmapd.toml"
+    )]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+#[command(after_help = "purge -c FILE MAP KEY...   drop these keys\n\
+                        purge -c FILE MAP --all    drop a map\n\
+                        purge -c FILE --all        drop every map\n\
+                        Prints how many entries were dropped; exit 1 when the daemon, or with a \
+                        shared cache Redis, cannot be reached.")]
+struct PurgeArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    /// The map (its name in the configuration).
+    map: Option<String>,
+    /// Keys to drop (folded as the map folds them).
+    #[arg(allow_hyphen_values = true)]
+    keys: Vec<String>,
+    /// Drop every entry of MAP, or of every map without MAP.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    map: String,
+    #[arg(allow_hyphen_values = true)]
+    key: String,
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    /// Only this map.
+    map: Option<String>,
 }
 
 #[derive(Args)]
@@ -120,6 +178,19 @@ fn main() -> ExitCode {
         Some(Command::Query(q)) => query(&q),
         Some(Command::Demo(d)) => demo(&d),
         Some(Command::Backend(b)) => backend(&b),
+        Some(Command::Purge(p)) => purge(&p),
+        Some(Command::Show(s)) => admin(
+            &s.target,
+            &[b"show", s.map.as_bytes(), s.key.as_bytes()],
+            |_| String::new(),
+        ),
+        Some(Command::Dump(d)) => {
+            let mut f: Vec<&[u8]> = vec![b"dump"];
+            if let Some(m) = &d.map {
+                f.push(m.as_bytes());
+            }
+            admin(&d.target, &f, |_| String::new())
+        }
         None => match cli.config {
             Some(path) => serve(&path, cli.check, None),
             None => unreachable!("clap requires -c without a subcommand"),
@@ -188,19 +259,116 @@ fn point_servers_at(cfg: &mut config::Config, addr: SocketAddr) {
 fn demo(d: &DemoArgs) -> Outcome {
     let map = or_default(&d.map, DEFAULT_DEMO_MAP);
     let m = demo_backend::DemoMap::load(&map).map_err(|e| (EXIT_FAILURE, e))?;
-    demo_backend::spawn(&d.backend.to_string(), m)
-        .map_err(|e| (EXIT_START_FAILURE, format!("demo backend on {}: {e}", d.backend)))?;
-    serve(&or_default(&d.config, DEFAULT_CONFIG), false, Some(d.backend))
+    demo_backend::spawn(&d.backend.to_string(), m).map_err(|e| {
+        (
+            EXIT_START_FAILURE,
+            format!("demo backend on {}: {e}", d.backend),
+        )
+    })?;
+    serve(
+        &or_default(&d.config, DEFAULT_CONFIG),
+        false,
+        Some(d.backend),
+    )
 }
 
 fn backend(b: &BackendArgs) -> Outcome {
     let map = or_default(&b.map, DEFAULT_DEMO_MAP);
     let m = demo_backend::DemoMap::load(&map).map_err(|e| (EXIT_FAILURE, e))?;
-    demo_backend::spawn(&b.listen.to_string(), m)
-        .map_err(|e| (EXIT_START_FAILURE, format!("demo backend on {}: {e}", b.listen)))?;
+    demo_backend::spawn(&b.listen.to_string(), m).map_err(|e| {
+        (
+            EXIT_START_FAILURE,
+            format!("demo backend on {}: {e}", b.listen),
+        )
+    })?;
     loop {
         std::thread::park();
     }
+}
+
+fn purge(p: &PurgeArgs) -> Outcome {
+    let usage = |m: &str| -> Outcome {
+        use clap::CommandFactory;
+        Cli::command()
+            .find_subcommand_mut("purge")
+            .expect("purge")
+            .clone()
+            .bin_name("httpmapd purge")
+            .error(clap::error::ErrorKind::MissingRequiredArgument, m)
+            .exit()
+    };
+    let mut f: Vec<&[u8]> = Vec::new();
+    match (&p.map, p.keys.is_empty(), p.all) {
+        (None, _, true) => f.push(b"purge-all"),
+        (Some(m), true, true) => f.extend([&b"purge-map"[..], m.as_bytes()]),
+        (Some(m), false, false) => {
+            f.extend([&b"purge"[..], m.as_bytes()]);
+            f.extend(p.keys.iter().map(String::as_bytes));
+        }
+        (Some(_), false, true) => return usage("give KEYs or --all, not both"),
+        _ => return usage("give MAP and KEYs, MAP --all, or --all"),
+    }
+    admin(&p.target, &f, |ok| {
+        let mut it = ok.split('\t');
+        let l1 = it.next().unwrap_or("0");
+        match it.next() {
+            Some(l2) => format!(
+                "dropped {l1} entries from the in-process cache and {l2} from the shared cache"
+            ),
+            None => format!("dropped {l1} entries from the in-process cache"),
+        }
+    })
+}
+
+/// The admin socket named in the configuration file (read without the
+/// rest of the validation: the file's other parts may need privileges).
+fn admin_socket(config: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| format!("{}: cannot read: {e}", config.display()))?;
+    let v: toml::Value =
+        toml::from_str(&text).map_err(|e| format!("{}: {}", config.display(), e.message()))?;
+    v.get("daemon")
+        .and_then(|d| d.get("admin_socket"))
+        .and_then(|s| s.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{}: no admin_socket in [daemon]", config.display()))
+}
+
+/// Sends one request to the daemon's admin socket, prints the data lines,
+/// and the `ok` line as `done` words it.
+fn admin(target: &AdminTarget, fields: &[&[u8]], done: impl Fn(&str) -> String) -> Outcome {
+    use std::io::BufRead;
+    let fail = |m: String| (EXIT_FAILURE, m);
+    let path = admin_socket(&target.config).map_err(fail)?;
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        fail(format!(
+            "cannot reach the daemon at {}: {e}",
+            path.display()
+        ))
+    })?;
+    s.set_read_timeout(Some(httpmapd::admin::IO_TIMEOUT * 3))
+        .ok();
+    s.write_all(&httpmapd::admin::encode_fields(fields))
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    for line in std::io::BufReader::new(s).split(b'\n') {
+        let line = line.map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        if let Some(d) = line.strip_prefix(b"d\t") {
+            if !print_line(&String::from_utf8_lossy(d)) {
+                return Ok(ExitCode::SUCCESS);
+            }
+        } else if let Some(ok) = line.strip_prefix(b"ok\t") {
+            let text = done(&String::from_utf8_lossy(ok));
+            if !text.is_empty() {
+                print_line(&text);
+            }
+            return Ok(ExitCode::SUCCESS);
+        } else if let Some(e) = line.strip_prefix(b"error\t") {
+            return Err(fail(String::from_utf8_lossy(e).into_owned()));
+        }
+    }
+    Err(fail(
+        "the daemon closed the connection without an answer".into(),
+    ))
 }
 
 fn query(q: &QueryArgs) -> Outcome {

@@ -168,6 +168,19 @@ impl L2 {
         }
     }
 
+    /// Closes the connection (a reload replaced it).
+    pub fn close(&mut self, registry: &Registry) {
+        if let Some(mut io) = self.io.take() {
+            let _ = registry.deregister(io.socket());
+        }
+        if self.is_ready() {
+            self.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.state = State::Down {
+            retry_at: Instant::now() + MAX_BACKOFF,
+        };
+    }
+
     pub fn config(&self) -> &Arc<SharedCache> {
         &self.cfg
     }

@@ -68,9 +68,7 @@ impl Worker {
             Lookup::Joined => s.pending.push_back(Slot::Waiting),
             Lookup::Fetch => {
                 s.pending.push_back(Slot::Waiting);
-                let registry = self.poll.registry();
-                self.backend
-                    .start(registry, map, &self.fold_buf, &self.ckey_buf, now);
+                self.fetch(map, now);
             }
         }
         if crate::log::enabled(crate::log::Level::Debug) {
@@ -90,6 +88,7 @@ impl Worker {
 
     /// Stores finished fetches in the cache and answers their waiters.
     pub(super) fn handle_completions(&mut self, now: Instant) {
+        self.handle_l2(now);
         let mut done: Vec<Completion> = self.backend.completions().collect();
         for b in &mut self.old_backends {
             done.extend(b.completions());
@@ -117,6 +116,7 @@ impl Worker {
                 Outcome::Found(v) => {
                     let w = cache.complete_ok(&c.cache_key, Some(&v), ttls, now_ms);
                     counters.found.fetch_add(w.len() as u64, Ordering::Relaxed);
+                    self.l2_write(c.map, &c.cache_key, Some(&v), now);
                     (w, Answer::Found(v.into()))
                 }
                 Outcome::NotFound => {
@@ -124,6 +124,7 @@ impl Worker {
                     counters
                         .not_found
                         .fetch_add(w.len() as u64, Ordering::Relaxed);
+                    self.l2_write(c.map, &c.cache_key, None, now);
                     (w, Answer::NotFound)
                 }
                 Outcome::Temp(msg) => {
@@ -154,18 +155,24 @@ impl Worker {
                     }
                 }
             };
-            for w in waiters {
-                if w.worker == self.id {
-                    self.deliver(w.session as usize, w.gen, w.seq, &answer, now);
-                } else if let Some((tx, waker)) = self.shared.mailboxes.get(w.worker as usize) {
-                    let _ = tx.send(Msg::Answer {
-                        session: w.session,
-                        gen: w.gen,
-                        seq: w.seq,
-                        answer: answer.clone(),
-                    });
-                    let _ = waker.wake();
-                }
+            self.answer_waiters(waiters, &answer, now);
+        }
+    }
+
+    /// Gives `answer` to every request waiting for it, on this worker or
+    /// another (over its channel).
+    pub(super) fn answer_waiters(&mut self, waiters: Vec<Waiter>, answer: &Answer, now: Instant) {
+        for w in waiters {
+            if w.worker == self.id {
+                self.deliver(w.session as usize, w.gen, w.seq, answer, now);
+            } else if let Some((tx, waker)) = self.shared.mailboxes.get(w.worker as usize) {
+                let _ = tx.send(Msg::Answer {
+                    session: w.session,
+                    gen: w.gen,
+                    seq: w.seq,
+                    answer: answer.clone(),
+                });
+                let _ = waker.wake();
             }
         }
     }

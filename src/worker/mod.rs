@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 /// Tokens: sessions from 0, backend connections from here, listeners and the
 /// waker at the very top.
 const BACKEND_TOKEN_BASE: usize = 1 << 40;
+/// The shared cache's connection (just below the backends).
+const L2_TOKEN: Token = Token(BACKEND_TOKEN_BASE - 1);
 const WAKER_TOKEN: Token = Token(usize::MAX);
 const LISTENER_TOKEN_TOP: usize = usize::MAX - 1;
 /// Requests one connection may have waiting for answers before we stop reading it.
@@ -64,6 +66,7 @@ static LOG_ACCEPT: RateLimit = RateLimit::new(Duration::from_secs(60));
 static LOG_MAX_CLIENTS: RateLimit = RateLimit::new(Duration::from_secs(60));
 static LOG_DENIED: RateLimit = RateLimit::new(Duration::from_secs(10));
 
+mod l2;
 mod lookup;
 mod session;
 pub mod shared;
@@ -89,6 +92,30 @@ pub struct Worker {
     key_buf: Vec<u8>,
     fold_buf: Vec<u8>,
     ckey_buf: Vec<u8>,
+    /// This worker's connection to the shared cache, if there is one.
+    l2: Option<crate::shared_cache::client::L2>,
+    /// Lookups waiting for the shared cache, by command tag.
+    l2_lookups: HashMap<u64, l2::L2Lookup>,
+    next_l2_tag: u64,
+}
+
+/// This worker's shared-cache connection for `cfg` (worker 0 listens for
+/// invalidations).
+fn new_l2(
+    cfg: &Config,
+    id: u32,
+    stats: &Stats,
+    now: Instant,
+) -> Option<crate::shared_cache::client::L2> {
+    let sc = cfg.shared_cache.as_ref()?;
+    Some(crate::shared_cache::client::L2::new(
+        Arc::new(sc.clone()),
+        L2_TOKEN,
+        id as usize,
+        id == 0,
+        stats.l2.clone(),
+        now,
+    ))
 }
 impl Worker {
     pub fn new(
@@ -104,6 +131,7 @@ impl Worker {
             (id as usize, shared.cfg.daemon.workers),
             shared.cache.epoch(),
         );
+        let l2 = new_l2(&shared.cfg, id, &shared.stats, Instant::now());
         let mut w = Worker {
             id,
             poll,
@@ -120,6 +148,9 @@ impl Worker {
             key_buf: Vec::new(),
             fold_buf: Vec::new(),
             ckey_buf: Vec::new(),
+            l2,
+            l2_lookups: HashMap::new(),
+            next_l2_tag: 1,
         };
         for (i, (l, _, _)) in w.listeners.iter_mut().enumerate() {
             w.poll
@@ -142,6 +173,7 @@ impl Worker {
             let mut timeout = std::iter::once(&self.backend)
                 .chain(self.old_backends.iter())
                 .filter_map(Backend::next_deadline)
+                .chain(self.l2.as_ref().and_then(|l| l.next_deadline()))
                 .min()
                 .map(|t| t.saturating_duration_since(now));
             if let Some(t) = self.accept_paused_until {
@@ -168,6 +200,11 @@ impl Worker {
                     && t.0 <= LISTENER_TOKEN_TOP
                 {
                     self.accept(LISTENER_TOKEN_TOP - t.0);
+                } else if t == L2_TOKEN {
+                    let registry = self.poll.registry();
+                    if let Some(l2) = self.l2.as_mut() {
+                        l2.event(registry, now);
+                    }
                 } else if t.0 >= BACKEND_TOKEN_BASE {
                     let registry = self.poll.registry();
                     if self.backend.owns(t) {
@@ -189,6 +226,9 @@ impl Worker {
                 }
             }
             let registry = self.poll.registry();
+            if let Some(l2) = self.l2.as_mut() {
+                l2.expire(registry, now);
+            }
             self.backend.expire(registry, now);
             for b in &mut self.old_backends {
                 b.expire(registry, now);
@@ -290,7 +330,19 @@ impl Worker {
         if old_backend.in_flight() > 0 {
             self.old_backends.push(old_backend);
         }
-        self.shared = shared;
+        // A changed shared cache: a new connection (what waited on the old
+        // one goes to the servers, under the new configuration).
+        let now = Instant::now();
+        if shared.cfg.shared_cache != self.shared.cfg.shared_cache {
+            self.shared = shared;
+            self.l2_abandon(now);
+            if let Some(mut old) = self.l2.take() {
+                old.close(self.poll.registry());
+            }
+            self.l2 = new_l2(&self.shared.cfg, self.id, &self.shared.stats, now);
+        } else {
+            self.shared = shared;
+        }
         // Connections accepted meanwhile on new listeners.
         for i in 0..self.listeners.len() {
             self.accept(i);

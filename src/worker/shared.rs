@@ -57,6 +57,8 @@ pub struct Stats {
     /// By map id (ids are stable across reloads).
     pub maps: Box<[MapCounters]>,
     pub reloads: crate::metrics::ReloadStats,
+    /// The shared cache (all workers together).
+    pub l2: Arc<crate::shared_cache::client::L2Stats>,
 }
 
 impl Default for Stats {
@@ -67,6 +69,7 @@ impl Default for Stats {
                 .map(|_| MapCounters::default())
                 .collect(),
             reloads: crate::metrics::ReloadStats::default(),
+            l2: Arc::default(),
         }
     }
 }
@@ -85,6 +88,9 @@ pub struct Shared {
     pub gens: Vec<u32>,
     pub map_by_name: HashMap<Vec<u8>, u16>,
     pub mailboxes: Arc<Vec<(Sender<Msg>, Arc<Waker>)>>,
+    /// This node's writes to the shared cache that worker 0 will hear of
+    /// (outlives reloads).
+    pub own_writes: Arc<crate::shared_cache::OwnWrites>,
 }
 
 impl Shared {
