@@ -7,6 +7,7 @@
 #
 #   benches/compare.sh                 # DUR=5s per load run
 #   DUR=10s CONNS="10 100" benches/compare.sh
+#   ONLY=l2 benches/compare.sh        # the misses, then the shared cache (Redis)
 #   BEFORE=/path/to/old/httpmapd ONLY=miss benches/compare.sh
 #       # the miss path of an older build side by side with this one, in
 #       # the same run (each load run alternates: direct, before, after)
@@ -28,6 +29,7 @@ BEFORE=${BEFORE:-}
 ONLY=${ONLY:-all}
 MEMCACHED=${MEMCACHED:-/usr/bin/memcached}
 NGINX=${NGINX:-/usr/sbin/nginx}
+REDIS=${REDIS:-/usr/bin/redis-server}
 T=$OUT/tmp
 
 rm -rf "$OUT"
@@ -170,7 +172,7 @@ EOF
 
 start backend "$DAEMON" backend --listen 127.0.0.1:19080 --map "$T/map"
 wait_port 19080
-if [ "$ONLY" != miss ]; then
+if [ "$ONLY" = all ]; then
 echo "== cache hits: httpmapd vs memcached, $KEYS keys, depth 1, $DUR per run ==" >&2
 for w in 1 2; do
     daemon_conf "$T/hit$w.toml" "$w" 100000 1h 19080
@@ -248,9 +250,59 @@ EOF
 stop "$DT"
 stop "$D"
 if [ -n "$BEFORE" ]; then stop "$B"; fi
-if [ "$ONLY" = miss ]; then stop "$N"; fi
 
-if [ "$ONLY" != miss ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = l2 ]; then
+echo "== shared cache (Redis): L1 hits, L2 hits, misses through Redis to nginx ==" >&2
+start redis "$REDIS" --port 19379 --bind 127.0.0.1 --save "" --appendonly no
+RP=$PID
+wait_port 19379
+rc() { redis-cli -p 19379 "$@"; }
+# commandstats LABEL LOOKUPS_BEFORE PID: Redis commands since the last reset, per lookup.
+commandstats() {
+    local label=$1
+    curl -s http://127.0.0.1:$2/metrics | awk '/^httpmapd_lookups_total/ {s += $NF} END {print s + 0}' >"$T/lookups.$label"
+    rc info commandstats >"$T/cmdstats.$label"
+    python3 - "$label" "$T/cmdstats.$label" "$T/lookups.$label" "$3" >>"$OUT/results.jsonl" <<'EOF'
+import json, re, sys
+label, stats, lookups, before = sys.argv[1], open(sys.argv[2]).read(), float(open(sys.argv[3]).read()), float(sys.argv[4])
+calls = {m.group(1): int(m.group(2)) for m in re.finditer(r"cmdstat_(\w+):calls=(\d+)", stats)}
+n = lookups - before
+print(json.dumps({"label": label, "lookups": n, "calls": calls,
+    "per_lookup": {k: v / n for k, v in calls.items() if k not in ("config", "info")} if n else {}}))
+EOF
+}
+lookups_now() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^httpmapd_lookups_total/ {s += $NF} END {print s + 0}'; }
+# L1 hits: a large L1 in front of Redis (filled first).
+daemon_conf "$T/l1.toml" 1 100000 1h 19081 300
+printf '[shared_cache]\nurl = "redis://127.0.0.1:19379"\nprefix = "bench1:"\n' >>"$T/l1.toml"
+start httpmapd-l1 "$DAEMON" -c "$T/l1.toml"
+DL1=$PID
+wait_port 19321
+timeout 60 "$LOAD" -q tcp:127.0.0.1:19321 -c 10 -n "$KEYS" --sequential --keyspace "$KEYS" >/dev/null
+run "shared: L1 hit c=10" "$DL1" tcp:127.0.0.1:19321 -c 10 -d "$DUR" --warmup 1s --keyspace "$KEYS"
+stop "$DL1"
+# L2 hits: L1 holds one entry, so nearly every lookup reads Redis (filled first).
+daemon_conf "$T/l2.toml" 1 1 1h 19081 400
+printf '[shared_cache]\nurl = "redis://127.0.0.1:19379"\nprefix = "bench2:"\n' >>"$T/l2.toml"
+start httpmapd-l2 "$DAEMON" -c "$T/l2.toml"
+DL2=$PID
+wait_port 19421
+timeout 60 "$LOAD" -q tcp:127.0.0.1:19421 -c 10 -n "$KEYS" --sequential --keyspace "$KEYS" >/dev/null
+before=$(lookups_now 19490)
+rc config resetstat >/dev/null
+run "shared: L2 hit c=10" "$DL2" tcp:127.0.0.1:19421 -c 10 -d "$DUR" --warmup 1s --keyspace "$KEYS"
+commandstats "redis commands per L2 hit" 19490 "$before"
+# Misses through Redis: keys never seen (GET, the claim, SET), then nginx.
+before=$(lookups_now 19490)
+rc config resetstat >/dev/null
+run "shared: miss c=10" "$DL2" tcp:127.0.0.1:19421 -c 10 -d "$DUR" --keyspace "$KEYS" --miss-ratio 1
+commandstats "redis commands per miss" 19490 "$before"
+stop "$DL2"
+stop "$RP"
+fi
+if [ "$ONLY" != all ]; then stop "$N"; fi
+
+if [ "$ONLY" = all ]; then
 echo "== RSS: $BIG cached entries; $IDLE idle client connections ==" >&2
 daemon_conf "$T/big.toml" 2 $((BIG + BIG / 10)) 1h 19081 0 'max_memory = "4GiB"' 
 start httpmapd-big "$DAEMON" -c "$T/big.toml"
@@ -327,7 +379,7 @@ print(f"### Cache hits (depth 1 unless noted, {dur} per run, 1 load-generator th
 print("| run | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | server CPU µs/req | errors |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    if "throughput_rps" not in r or r["label"].startswith(("direct", "httpmapd cache-off", "before: ")):
+    if "throughput_rps" not in r or r["label"].startswith(("direct", "httpmapd cache-off", "before: ", "shared: ")):
         continue
     print(f"| {r['label']} | {r['throughput_rps']:.0f} | {lat(r,'p50'):.1f} | {lat(r,'p90'):.1f} | {lat(r,'p99'):.1f} | {lat(r,'p999'):.1f} | {lat(r,'max'):.0f} | {r.get('cpu_us_per_req', 0):.2f} | {sum(r['errors'].values())} |")
 print("\n### Side by side: httpmapd / memcached at the same thread count\n")
@@ -356,6 +408,22 @@ if by.get("httpmapd cache-off https tcp c=1"):
     h = by.get("tls handshakes")
     if h:
         print(f"\nTLS handshakes over those runs: {h['full']:.0f} full + {h['resumed']:.0f} resumed for {h['lookups']:.0f} lookups ({h['connects']:.0f} connections opened): {h['per_10k']:.2f} per 10,000 lookups.")
+if by.get("shared: L2 hit c=10"):
+    print("\n### The shared cache (Redis on the same machine), 10 connections, workers = 1\n")
+    print("| run | req/s | p50 µs | p99 µs | server CPU µs/req |")
+    print("|---|---:|---:|---:|---:|")
+    for label in ("shared: L1 hit c=10", "shared: L2 hit c=10", "shared: miss c=10", "httpmapd cache-off tcp c=10"):
+        r = by.get(label)
+        if r:
+            print(f"| {label} | {r['throughput_rps']:.0f} | {lat(r,'p50'):.1f} | {lat(r,'p99'):.1f} | {r.get('cpu_us_per_req', 0):.2f} |")
+    a, b = by.get("shared: L2 hit c=10"), by.get("httpmapd cache-off tcp c=10")
+    if a and b:
+        print(f"\nL2 hit / server miss: throughput {a['throughput_rps']/b['throughput_rps']:.2f}x, p50 {lat(a,'p50')/lat(b,'p50'):.2f}x.")
+    for label in ("redis commands per L2 hit", "redis commands per miss"):
+        r = by.get(label)
+        if r:
+            per = ", ".join(f"{k.upper()} {v:.3f}" for k, v in sorted(r["per_lookup"].items()))
+            print(f"- {label}: {per} ({r['lookups']:.0f} lookups)")
 if any(r["label"].startswith("before: ") for r in rows):
     print("\n### Misses, the build in BEFORE vs this one (same run, alternating)\n")
     print("| conns | before p50 µs | after p50 µs | before p99 | after p99 | before req/s | after req/s | after/before req/s | before CPU µs/req | after CPU µs/req |")

@@ -3,8 +3,10 @@
 //! [`Done`] completions the worker turns into answers and cache writes — the
 //! same shape as the HTTP backend.
 //!
-//! Commands are pipelined (RESP answers come back in order): each waits in
-//! `pending` with its deadline (`timeout`, one round trip). A command whose
+//! Commands are pipelined (RESP answers come back in order): they are
+//! buffered as lookups ask, and leave together at the end of the event
+//! loop's turn ([`L2::send_queued`]); each waits in `pending` with its
+//! deadline (`timeout`, one round trip). A command whose
 //! answer is late completes as a miss at once, and its answer is dropped
 //! when it comes; a connection that stays silent well past that is closed.
 //! While the connection is down (refused, reset, garbage, `-ERR` to
@@ -234,7 +236,7 @@ impl L2 {
         }
         resp::write_command(&mut self.wbuf, &[b"GET", key]);
         self.push(Kind::Get(tag), now);
-        self.flush(registry, now);
+        let _ = registry;
     }
 
     /// `GET key` at `at` (a claim's wait).
@@ -262,7 +264,7 @@ impl L2 {
             ],
         );
         self.push(Kind::Claim(tag), now);
-        self.flush(registry, now);
+        let _ = registry;
     }
 
     /// `SET key value PX ms`, nothing waits for it. False when not sent.
@@ -281,8 +283,17 @@ impl L2 {
         resp::write_command(&mut self.wbuf, &[b"SET", key, val, b"PX", ms.as_bytes()]);
         self.push(Kind::Set, now);
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.flush(registry, now);
+        let _ = registry;
         true
+    }
+
+    /// Sends what this turn of the event loop queued: commands are only
+    /// buffered as lookups ask for them, and leave together in one write
+    /// (the pipelining that lets one connection carry many lookups).
+    pub fn send_queued(&mut self, registry: &Registry, now: Instant) {
+        if self.wpos < self.wbuf.len() && !matches!(self.state, State::Connecting { .. }) {
+            self.flush(registry, now);
+        }
     }
 
     fn can_send(&self) -> bool {

@@ -234,6 +234,10 @@ impl Worker {
                 b.expire(registry, now);
             }
             self.handle_completions(now);
+            // What this turn asked of the shared cache leaves in one write.
+            if let Some(l2) = self.l2.as_mut() {
+                l2.send_queued(self.poll.registry(), now);
+            }
             // An earlier configuration's backend goes once its fetches are done
             // (dropping it closes its pooled connections).
             self.old_backends.retain(|b| b.in_flight() > 0);
