@@ -62,14 +62,17 @@ struct State {
 }
 
 /// Map ids for `cfg`, adding new names to `ids`.
+/// Map ids for `cfg`'s maps and then its policies (in that order), adding
+/// new names to `ids` (a policy is named `policy:NAME` there).
 fn assign_ids(cfg: &Config, ids: &mut HashMap<String, u16>) -> Result<Vec<u16>, String> {
     let mut out = Vec::new();
-    for m in &cfg.maps {
+    for m in cfg.maps.iter().chain(&cfg.policies) {
+        let name = id_name(m);
         let next = ids.len();
-        let id = match ids.get(&m.name) {
+        let id = match ids.get(&name) {
             Some(&id) => id,
             None if next < MAX_MAPS => {
-                ids.insert(m.name.clone(), next as u16);
+                ids.insert(name, next as u16);
                 next as u16
             }
             None => {
@@ -81,6 +84,14 @@ fn assign_ids(cfg: &Config, ids: &mut HashMap<String, u16>) -> Result<Vec<u16>, 
         out.push(id);
     }
     Ok(out)
+}
+
+/// A map's name in the id table: policies live apart from tables.
+fn id_name(m: &MapConfig) -> String {
+    match m.kind {
+        crate::config::MapKind::Table => m.name.clone(),
+        crate::config::MapKind::Policy(_) => format!("policy:{}", m.name),
+    }
 }
 
 /// The listeners `cfg` asks for, with their protocols.
@@ -99,9 +110,16 @@ fn listens_of(cfg: &Config, ids: &[u16]) -> Vec<(Listen, Proto)> {
             )
         })
         .collect();
-    for (m, &id) in cfg.maps.iter().zip(ids) {
+    for (m, &id) in cfg.maps.iter().chain(&cfg.policies).zip(ids) {
         if let Some(l) = &m.tcp_listen {
-            v.push((l.clone(), Proto::TcpTable { map: id }));
+            let proto = match &m.kind {
+                crate::config::MapKind::Table => Proto::TcpTable { map: id },
+                crate::config::MapKind::Policy(p) => Proto::Policy {
+                    map: id,
+                    max_request: p.max_request_bytes as u32,
+                },
+            };
+            v.push((l.clone(), proto));
         }
     }
     v
@@ -116,6 +134,7 @@ fn same_answers(a: &MapConfig, b: &MapConfig) -> bool {
         && a.fold_case == b.fold_case
         && a.headers == b.headers
         && a.require_key_echo == b.require_key_echo
+        && a.kind == b.kind
 }
 
 /// Builds the shared state for `cfg`; reuses `prev`'s server health where a
@@ -134,7 +153,7 @@ fn build_shared(
     let mut ttls: Vec<Ttls> = vec![Ttls::OFF; len];
     let mut purge = Vec::new();
     let mut map_by_name = HashMap::new();
-    for (m, &id) in cfg.maps.iter().zip(ids) {
+    for (m, &id) in cfg.maps.iter().chain(&cfg.policies).zip(ids) {
         let old = prev
             .and_then(|p| p.maps.get(id as usize))
             .and_then(|o| o.as_ref());
@@ -191,7 +210,9 @@ fn build_shared(
             refresh_ahead_percent: cfg.cache.refresh_ahead_percent,
             stale_negative: m.stale_negative,
         };
-        map_by_name.insert(m.name.as_bytes().to_vec(), id);
+        if m.kind == crate::config::MapKind::Table {
+            map_by_name.insert(m.name.as_bytes().to_vec(), id);
+        }
     }
     if let Some(p) = prev {
         for (id, m) in p.maps.iter().enumerate() {
@@ -345,10 +366,14 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
             .map_err(|e| format!("cannot start the stats thread: {e}"))?;
     }
     crate::info!(
-        "httpmapd {} started: {} worker(s), {} map(s), listening on {}{}; open files limit {}",
+        "httpmapd {} started: {} worker(s), {} map(s){}, listening on {}{}; open files limit {}",
         env!("CARGO_PKG_VERSION"),
         workers,
         cfg.maps.len(),
+        match cfg.policies.len() {
+            0 => String::new(),
+            n => format!(", {n} policy service(s)"),
+        },
         describe(&listens, &shared),
         cfg.daemon
             .stats_listen
@@ -399,6 +424,10 @@ fn describe(listens: &[(Listen, Proto)], shared: &Shared) -> String {
         .iter()
         .map(|(l, p)| match p {
             Proto::Socketmap { .. } => format!("socketmap {l}"),
+            Proto::Policy { map, .. } => format!(
+                "policy {l} ({})",
+                shared.map(*map).map_or("?", |m| m.name.as_str())
+            ),
             Proto::TcpTable { map } => {
                 format!(
                     "tcp {l} (map {})",
@@ -594,12 +623,17 @@ pub fn counters_line(shared: &Shared) -> String {
 pub fn render_metrics(shared: &Shared) -> String {
     let mut o = String::with_capacity(8192);
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let maps: Vec<(u16, &MapServers)> = shared
+    let all: Vec<(u16, &MapServers)> = shared
         .maps
         .iter()
         .enumerate()
         .filter_map(|(i, m)| m.as_ref().map(|m| (i as u16, m)))
         .collect();
+    let is_table = |m: &MapServers| m.cfg.kind == crate::config::MapKind::Table;
+    let maps: Vec<(u16, &MapServers)> = all.iter().copied().filter(|(_, m)| is_table(m)).collect();
+    let policies: Vec<(u16, &MapServers)> =
+        all.iter().copied().filter(|(_, m)| !is_table(m)).collect();
+    render_policies(&mut o, shared, &policies);
 
     header(
         &mut o,
@@ -792,16 +826,18 @@ pub fn render_metrics(shared: &Shared) -> String {
         header(&mut o, name, "gauge", help);
         let _ = writeln!(o, "{name} {v}");
     }
-    // Every server once, with its labels.
-    let servers: Vec<(String, &SharedServer)> = maps
+    // Every server once, with its labels (a policy's map label is
+    // `policy:NAME`).
+    let servers: Vec<(String, &SharedServer)> = all
         .iter()
         .flat_map(|(_, m)| {
-            m.servers.iter().map(|s| {
-                let lb = format!(
-                    "map=\"{}\",server=\"{}\"",
-                    label(&m.cfg.name),
-                    label(&s.cfg.url)
-                );
+            let name = if is_table(m) {
+                m.cfg.name.clone()
+            } else {
+                format!("policy:{}", m.cfg.name)
+            };
+            m.servers.iter().map(move |s| {
+                let lb = format!("map=\"{}\",server=\"{}\"", label(&name), label(&s.cfg.url));
                 (lb, &**s)
             })
         })
@@ -919,6 +955,74 @@ pub fn render_metrics(shared: &Shared) -> String {
     o
 }
 
+/// The policy services' families (only when there are some).
+fn render_policies(o: &mut String, shared: &Shared, policies: &[(u16, &MapServers)]) {
+    if policies.is_empty() {
+        return;
+    }
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    header(
+        o,
+        "httpmapd_policy_requests_total",
+        "counter",
+        "Policy requests received from Postfix, by policy service.",
+    );
+    for (id, m) in policies {
+        let c = &shared.stats.maps[*id as usize];
+        let _ = writeln!(
+            o,
+            "httpmapd_policy_requests_total{{policy=\"{}\"}} {}",
+            label(&m.cfg.name),
+            l(&c.policy_requests)
+        );
+    }
+    header(
+        o,
+        "httpmapd_policy_actions_total",
+        "counter",
+        "Actions a policy's servers gave (from a server or the cache), by first word (4xx/5xx: numeric replies).",
+    );
+    for (id, m) in policies {
+        let c = &shared.stats.maps[*id as usize];
+        for (i, a) in crate::metrics::POLICY_ACTIONS.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "httpmapd_policy_actions_total{{policy=\"{}\",action=\"{a}\"}} {}",
+                label(&m.cfg.name),
+                l(&c.policy_actions[i])
+            );
+        }
+    }
+    header(
+        o,
+        "httpmapd_policy_default_actions_total",
+        "counter",
+        "Policy requests answered with default_action: no server gave an action.",
+    );
+    for (id, m) in policies {
+        let c = &shared.stats.maps[*id as usize];
+        let _ = writeln!(
+            o,
+            "httpmapd_policy_default_actions_total{{policy=\"{}\"}} {}",
+            label(&m.cfg.name),
+            l(&c.policy_defaults)
+        );
+    }
+    header(
+        o,
+        "httpmapd_policy_duration_seconds",
+        "histogram",
+        "Time from a policy request's fetch to its servers' answer, by policy service.",
+    );
+    for (id, m) in policies {
+        shared.stats.maps[*id as usize].fetch_latency.render(
+            o,
+            "httpmapd_policy_duration_seconds",
+            &format!("policy=\"{}\"", label(&m.cfg.name)),
+        );
+    }
+}
+
 /// The shared cache's counters (only with `[shared_cache]`).
 fn render_shared_cache(o: &mut String, shared: &Shared) {
     let s = &shared.stats.l2;
@@ -1005,9 +1109,13 @@ pub fn health(shared: &Shared) -> (bool, String) {
     for m in shared.maps.iter().flatten() {
         let up = m.servers.iter().filter(|s| s.health.is_up()).count();
         ok &= up > 0;
+        let what = match m.cfg.kind {
+            crate::config::MapKind::Table => "map",
+            crate::config::MapKind::Policy(_) => "policy",
+        };
         let _ = writeln!(
             text,
-            "map {}: {up}/{} servers up",
+            "{what} {}: {up}/{} servers up",
             m.cfg.name,
             m.servers.len()
         );

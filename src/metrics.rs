@@ -110,6 +110,51 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The first words of policy actions counted apart (SMTPD_POLICY_README and
+/// access(5)); any other is `other`, `4xx`/`5xx` are numeric replies.
+pub const POLICY_ACTIONS: [&str; 17] = [
+    "OK",
+    "DUNNO",
+    "REJECT",
+    "DEFER",
+    "DEFER_IF_PERMIT",
+    "DEFER_IF_REJECT",
+    "HOLD",
+    "DISCARD",
+    "FILTER",
+    "PREPEND",
+    "REDIRECT",
+    "WARN",
+    "BCC",
+    "INFO",
+    "4xx",
+    "5xx",
+    "other",
+];
+
+/// Which of [`POLICY_ACTIONS`] an action counts as.
+pub fn policy_action_class(action: &[u8]) -> usize {
+    let word = action
+        .split(|b| b.is_ascii_whitespace())
+        .next()
+        .unwrap_or_default();
+    match word {
+        [d, _, _] if d.is_ascii_digit() && word.iter().all(u8::is_ascii_digit) => {
+            if *d == b'4' {
+                14
+            } else if *d == b'5' {
+                15
+            } else {
+                16
+            }
+        }
+        _ => POLICY_ACTIONS[..14]
+            .iter()
+            .position(|a| a.as_bytes().eq_ignore_ascii_case(word))
+            .unwrap_or(16),
+    }
+}
+
 /// Lookups of one map by outcome.
 #[derive(Default)]
 pub struct MapCounters {
@@ -120,6 +165,11 @@ pub struct MapCounters {
     /// Lookups answered from a fresh cache entry, and the others.
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// A policy service: requests, actions answered by their first word
+    /// ([`POLICY_ACTIONS`]), and the default action given.
+    pub policy_requests: AtomicU64,
+    pub policy_actions: [AtomicU64; POLICY_ACTIONS.len()],
+    pub policy_defaults: AtomicU64,
     /// Time from a fetch's start to its end (misses only).
     pub fetch_latency: Histogram,
 }

@@ -127,12 +127,11 @@ pub fn load(s: &TlsSettings) -> Result<TlsClient, (Setting, String)> {
             })?)
         }
     };
-    let builder = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| (Setting::CaFile, format!("TLS setup: {e}")))?
-    .with_root_certificates(roots);
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| (Setting::CaFile, format!("TLS setup: {e}")))?
+            .with_root_certificates(roots);
     let mut config = match (&s.client_cert, &s.client_key) {
         (None, None) => builder.with_no_client_auth(),
         (Some(_), None) => {

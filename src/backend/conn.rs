@@ -24,7 +24,7 @@
 use super::result::evaluate;
 use super::{Backend, FetchRef, Outcome};
 use crate::codec::http::{self, BodyDecoder, Head, HttpError, NoReuse, MAX_HEAD_BYTES};
-use crate::config::ResultMode;
+use crate::config::{MapKind, PolicyRequest, ResultMode};
 use crate::log::RateLimit;
 use crate::transport::{self, Idle, Transport};
 use mio::net::TcpStream;
@@ -38,6 +38,9 @@ static LOG_PROTOCOL: RateLimit = RateLimit::new(Duration::from_secs(10));
 /// Bytes of a stray reply quoted in its log line.
 const STRAY_QUOTE_BYTES: usize = 40;
 
+// The connection lives in the backend's slab: a boxed head would cost an
+// allocation per reply for nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum ConnState {
     /// The TCP connect is in progress.
     Connecting,
@@ -54,6 +57,8 @@ pub(super) enum ConnState {
 
 pub(super) struct Conn {
     pub(super) io: Transport,
+    /// The id of the policy request on it (echoed in `POSTFIX-POLICY-ID`).
+    request_id: u64,
     /// The server address this connection went to, and the generation of
     /// the server's addresses it was last checked against.
     addr: SocketAddr,
@@ -162,6 +167,7 @@ impl Backend {
         }
         entry.insert(Conn {
             io,
+            request_id: 0,
             addr,
             addrs_gen: shared.addrs_gen(),
             server,
@@ -201,8 +207,12 @@ impl Backend {
         let cfg = &srv.shared.cfg;
         let target = &mut self.target_buf;
         target.clear();
+        let policy = match &map.kind {
+            MapKind::Policy(p) => Some(p.request),
+            MapKind::Table => None,
+        };
         for (i, part) in cfg.target_parts.iter().enumerate() {
-            if i > 0 {
+            if i > 0 && policy.is_none() {
                 http::percent_encode_into(&fetch.key, target);
             }
             target.extend_from_slice(part.as_bytes());
@@ -214,7 +224,27 @@ impl Backend {
         c.body.clear();
         c.fetch = Some(f);
         c.started = now;
-        if http::write_get(&mut c.wbuf, target, &cfg.host, &fetch.key, &map.headers).is_err() {
+        let written = match policy {
+            None => http::write_get(&mut c.wbuf, target, &cfg.host, &fetch.key, &map.headers),
+            Some(request) => {
+                // A fresh id per request: the echo proves whose reply it is.
+                c.request_id = fastrand::u64(..);
+                let content_type = match request {
+                    PolicyRequest::Json => "application/json",
+                    PolicyRequest::Form => "application/x-www-form-urlencoded",
+                };
+                http::write_post(
+                    &mut c.wbuf,
+                    target,
+                    &cfg.host,
+                    content_type,
+                    &format!("{:016x}", c.request_id),
+                    &fetch.key,
+                    &map.headers,
+                )
+            }
+        };
+        if written.is_err() {
             c.fetch = None;
             self.finish(
                 f,
@@ -519,6 +549,9 @@ impl Backend {
     /// was written: `Err` with the protocol error if not.
     fn check_echo(&self, idx: usize, head: &Head) -> Result<(), Failure> {
         let c = &self.conns[idx];
+        if let MapKind::Policy(_) = self.map_of(c.server).kind {
+            return self.check_policy_id(idx, head);
+        }
         let key = c
             .fetch
             .and_then(|f| self.fetches.get(f.idx).filter(|x| x.gen == f.gen))
@@ -541,6 +574,33 @@ impl Backend {
             // may be a stray one that came first. Without an echo to prove
             // whose it is, it is not taken (a fresh connection will be).
             (None, Some(_)) if extra && c.reused => Err(Failure::Protocol(
+                ProtocolError::StrayBytes,
+                format!(
+                    "reply rejected: {} more byte(s) came behind it on a reused connection; closed it",
+                    c.rbuf.len()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Backend::check_echo`] for a policy: the echoed `POSTFIX-POLICY-ID`.
+    fn check_policy_id(&self, idx: usize, head: &Head) -> Result<(), Failure> {
+        let c = &self.conns[idx];
+        let sent = format!("{:016x}", c.request_id);
+        match &head.policy_id {
+            Some(id) if id.as_slice() != sent.as_bytes() => Err(Failure::Protocol(
+                ProtocolError::EchoMismatch,
+                format!(
+                    "reply rejected: it echoes policy request id {} but {sent} was sent; closed the connection",
+                    quote(id)
+                ),
+            )),
+            None if self.map_of(c.server).require_key_echo => Err(Failure::Protocol(
+                ProtocolError::EchoMissing,
+                "reply rejected: no POSTFIX-POLICY-ID echo (require_key_echo); closed the connection".into(),
+            )),
+            None if !c.rbuf.is_empty() && c.reused => Err(Failure::Protocol(
                 ProtocolError::StrayBytes,
                 format!(
                     "reply rejected: {} more byte(s) came behind it on a reused connection; closed it",

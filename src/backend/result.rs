@@ -25,6 +25,9 @@ pub fn evaluate(
     body: &[u8],
     url: &str,
 ) -> Result<Outcome, String> {
+    if let crate::config::MapKind::Policy(_) = map.kind {
+        return policy_action(map, head, body, url);
+    }
     let status_error = || match &head.retmsg {
         Some(m) if !m.is_empty() => String::from_utf8_lossy(m).into_owned(),
         _ => format!("{url}: HTTP status {}", head.status),
@@ -83,6 +86,43 @@ pub fn evaluate(
             _ => Err(status_error()),
         },
     }
+}
+
+/// A policy server's reply: a 200 whose action (the body, or the JSON
+/// string at the pointer) is one line of printable text of at most 4096
+/// bytes is the action (`Found`); an empty one is `NotFound` (the caller
+/// answers `DUNNO`); anything else, a 4xx included, is an error (in the
+/// end the policy's `default_action`: an HTTP error is not a reason to
+/// reject mail).
+fn policy_action(map: &MapConfig, head: &Head, body: &[u8], url: &str) -> Result<Outcome, String> {
+    use crate::codec::policy::valid_action;
+    if head.status != 200 {
+        return Err(format!("{url}: HTTP status {}", head.status));
+    }
+    let action: Vec<u8> = match &map.result {
+        ResultMode::Json(pointer) => {
+            let doc: serde_json::Value = serde_json::from_slice(body)
+                .map_err(|e| format!("{url}: reply body is not JSON: {e}"))?;
+            match doc.pointer(pointer) {
+                Some(serde_json::Value::String(s)) => s.trim().as_bytes().to_vec(),
+                Some(serde_json::Value::Null) | None => {
+                    return Err(format!("{url}: no action at JSON pointer {pointer:?}"))
+                }
+                Some(_) => return Err(format!("{url}: the action at {pointer:?} is not a string")),
+            }
+        }
+        _ => body.trim_ascii().to_vec(),
+    };
+    if action.is_empty() {
+        return Ok(Outcome::NotFound);
+    }
+    if !valid_action(&action) {
+        return Err(format!(
+            "{url}: the action is not one line of printable text of at most {} bytes",
+            crate::codec::policy::MAX_ACTION_BYTES
+        ));
+    }
+    Ok(Outcome::Found(action))
 }
 
 /// Refuses a value from a server holding a byte Postfix cannot carry: NUL

@@ -71,7 +71,11 @@ impl SharedServer {
         SharedServer {
             addrs: RwLock::new(Arc::new(Addrs::new(cfg.addrs.clone()))),
             cfg,
-            map_name: map.name.clone(),
+            // Log lines and metrics name a policy's servers `policy:NAME`.
+            map_name: match map.kind {
+                crate::config::MapKind::Table => map.name.clone(),
+                crate::config::MapKind::Policy(_) => format!("policy:{}", map.name),
+            },
             health: Health::new(map.retry_interval, crate::config::MAX_RETRY_INTERVAL_FACTOR),
             counters: ServerCounters::default(),
             open: AtomicUsize::new(0),

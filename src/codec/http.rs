@@ -129,6 +129,51 @@ pub fn write_get(
     Ok(())
 }
 
+/// Writes a `POST` carrying a policy request: `body` with its
+/// `Content-Length` (never chunked), `content_type`, and the request id in
+/// `POSTFIX-POLICY-ID` (a server may echo it back, proving whose reply it
+/// is). Like [`write_get`], refuses CR, LF and NUL in the header fields.
+#[allow(clippy::result_unit_err)]
+pub fn write_post(
+    out: &mut Vec<u8>,
+    target: &[u8],
+    host: &str,
+    content_type: &str,
+    id: &str,
+    body: &[u8],
+    extra: &[(String, String)],
+) -> Result<(), ()> {
+    if has_ctl_break(target)
+        || has_ctl_break(host.as_bytes())
+        || has_ctl_break(id.as_bytes())
+        || extra
+            .iter()
+            .any(|(n, v)| has_ctl_break(n.as_bytes()) || has_ctl_break(v.as_bytes()))
+    {
+        return Err(());
+    }
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\nPOSTFIX-POLICY-ID: ");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\nConnection: keep-alive\r\n");
+    for (name, value) in extra {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    Ok(())
+}
+
 /// Percent-encodes a key for use inside a URL path or query (`{key}`
 /// substitution): unreserved bytes (ALPHA DIGIT `-` `.` `_` `~`) and `@` are
 /// kept, everything else becomes `%XX` with upper-case hex. `+` is encoded
@@ -161,6 +206,9 @@ pub struct Head {
     /// `POSTFIX-DICT-EMAIL` (or `_` spelling): the key the server says it
     /// answers (the key echo), first one wins, OWS-trimmed.
     pub echo: Option<Vec<u8>>,
+    /// `POSTFIX-POLICY-ID`: the policy request id the server says it
+    /// answers, first one wins, OWS-trimmed.
+    pub policy_id: Option<Vec<u8>>,
     /// How the body is delimited.
     pub framing: Framing,
     /// HTTP/1.1 without `Connection: close`, or HTTP/1.0 with
@@ -287,6 +335,7 @@ fn finish_head(
     let mut results = None;
     let mut retmsg = None;
     let mut echo = None;
+    let mut policy_id = None;
     let mut close = false;
     let mut keep_alive_token = false;
     for h in headers {
@@ -296,6 +345,8 @@ fn finish_head(
             retmsg = Some(trim_ows(h.value).to_vec());
         } else if echo.is_none() && dict_name_is(h.name, "postfix-dict-email") {
             echo = Some(trim_ows(h.value).to_vec());
+        } else if policy_id.is_none() && dict_name_is(h.name, "postfix-policy-id") {
+            policy_id = Some(trim_ows(h.value).to_vec());
         } else if h.name.eq_ignore_ascii_case("connection") {
             for token in list_items(h.value) {
                 close |= token.eq_ignore_ascii_case(b"close");
@@ -313,6 +364,7 @@ fn finish_head(
         results,
         retmsg,
         echo,
+        policy_id,
         framing,
         keep_alive,
     })
@@ -1311,6 +1363,7 @@ mod tests {
             results: None,
             retmsg: None,
             echo: None,
+            policy_id: None,
             framing: Framing::ContentLength(0),
             keep_alive: true,
         };

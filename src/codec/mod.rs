@@ -5,10 +5,12 @@
 //! - [`tcp_table`]: `get KEY\n` requests and `NNN text\n` replies.
 //! - [`netstring`]: socketmap requests and replies.
 //! - [`http`]: HTTP/1.1 request writing, response head parsing, body framing.
+//! - [`policy`]: Postfix policy delegation requests and replies.
 //! - [`resp`]: the Redis protocol (RESP2/RESP3): commands out, replies and pushes in.
 
 pub mod hex;
 pub mod http;
 pub mod netstring;
+pub mod policy;
 pub mod resp;
 pub mod tcp_table;

@@ -18,16 +18,13 @@ pub(super) fn maps(
     if raw_maps.len() > MAX_MAPS {
         cx.err_file(format!("more than {MAX_MAPS} maps"));
     }
-    if raw_maps.is_empty() {
-        cx.err_file("no maps: add a [maps.NAME] section with servers = [...]");
-    }
     for (name, m) in raw_maps {
         maps.push(map(cx, name, m, cache));
     }
     maps
 }
 
-fn map(
+pub(super) fn map(
     cx: &mut Ctx<'_>,
     name: String,
     m: Spanned<RawMap>,
@@ -163,6 +160,7 @@ fn map(
         );
     }
     let map = MapConfig {
+        kind: MapKind::Table,
         tcp_listen,
         servers,
         result,

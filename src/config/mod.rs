@@ -8,6 +8,7 @@
 mod cache;
 mod daemon;
 mod maps;
+mod policies;
 mod raw;
 mod shared_cache;
 mod values;
@@ -65,6 +66,8 @@ pub struct Config {
     pub shared_cache: Option<SharedCache>,
     /// Maps in name order; a map's index here is its id.
     pub maps: Vec<MapConfig>,
+    /// Policy services in name order.
+    pub policies: Vec<MapConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -220,9 +223,42 @@ pub enum ResultMode {
     Json(String),
 }
 
+/// What a map answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapKind {
+    /// A lookup table (tcp_table, socketmap): a key in, a value out.
+    Table,
+    /// A policy service (`[policies.NAME]`): Postfix's policy requests in,
+    /// an action out.
+    Policy(PolicySettings),
+}
+
+/// How a policy service asks its servers and answers Postfix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySettings {
+    pub request: PolicyRequest,
+    /// The action when no server gives one (all down, errors, bad answers).
+    pub default_action: String,
+    /// Attributes whose values make the cache key (empty: never cached).
+    pub cache_key: Vec<String>,
+    /// Longest request accepted from Postfix.
+    pub max_request_bytes: usize,
+}
+
+/// The body of a policy request to a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyRequest {
+    /// `application/json`: the attributes as an object of strings.
+    Json,
+    /// `application/x-www-form-urlencoded`.
+    Form,
+}
+
 #[derive(Debug, Clone)]
 pub struct MapConfig {
     pub name: String,
+    /// A lookup table or a policy service (a policy's listener is `tcp_listen`).
+    pub kind: MapKind,
     pub tcp_listen: Option<Listen>,
     pub servers: Vec<ServerConfig>,
     pub result: ResultMode,
@@ -366,8 +402,15 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     let shared_cache = raw
         .shared_cache
         .and_then(|s| shared_cache::shared_cache(&mut cx, s));
+    let raw_maps = raw.maps.unwrap_or_default();
+    let raw_policies = raw.policies.unwrap_or_default();
+    if raw_maps.is_empty() && raw_policies.is_empty() {
+        cx.err_file("no maps: add a [maps.NAME] section with servers = [...]");
+    }
     let (maps, tcp_at): (Vec<MapConfig>, Vec<Option<usize>>) =
-        maps::maps(&mut cx, raw.maps.unwrap_or_default(), &cache)
+        maps::maps(&mut cx, raw_maps, &cache).into_iter().unzip();
+    let (policies, policy_at): (Vec<MapConfig>, Vec<Option<usize>>) =
+        policies::policies(&mut cx, raw_policies, &cache)
             .into_iter()
             .unzip();
     let listens: Vec<(&Listen, usize)> = daemon
@@ -376,15 +419,15 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         .map(|l| (l, socketmap_at))
         .chain(
             maps.iter()
-                .zip(&tcp_at)
+                .chain(&policies)
+                .zip(tcp_at.iter().chain(&policy_at))
                 .filter_map(|(m, at)| Some((m.tcp_listen.as_ref()?, at.unwrap_or(0)))),
         )
         .collect();
     maps::check_listens(&mut cx, &listens);
     if cx.errors.is_empty()
         && daemon.socketmap_listen.is_empty()
-        && maps.iter().all(|m| m.tcp_listen.is_none())
-        && !maps.is_empty()
+        && maps.iter().chain(&policies).all(|m| m.tcp_listen.is_none())
     {
         cx.err_file(
             "nothing to listen on: set tcp_listen in a map or socketmap_listen in [daemon]",
@@ -400,6 +443,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         cache,
         shared_cache,
         maps,
+        policies,
     })
 }
 

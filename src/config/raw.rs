@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub(super) cache: Option<RawCache>,
     pub(super) maps: Option<BTreeMap<String, Spanned<RawMap>>>,
     pub(super) shared_cache: Option<Spanned<RawSharedCache>>,
+    pub(super) policies: Option<BTreeMap<String, Spanned<RawPolicy>>>,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +101,35 @@ pub(super) struct RawMap {
     pub(super) tls_client_key: Option<Spanned<String>>,
     pub(super) resolve_interval: Option<Spanned<toml::Value>>,
     pub(super) separator: Option<String>,
+    pub(super) allow_from: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) servers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) request: Option<Spanned<String>>,
+    pub(super) result: Option<Spanned<String>>,
+    pub(super) default_action: Option<Spanned<String>>,
+    pub(super) cache_key: Option<Spanned<Vec<String>>>,
+    pub(super) ttl: Option<Spanned<toml::Value>>,
+    pub(super) max_request_bytes: Option<Spanned<i64>>,
+    pub(super) connect_timeout: Option<Spanned<toml::Value>>,
+    pub(super) http_timeout: Option<Spanned<toml::Value>>,
+    pub(super) lookup_timeout: Option<Spanned<toml::Value>>,
+    pub(super) retry_interval: Option<Spanned<toml::Value>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) max_attempts: Option<Spanned<i64>>,
+    pub(super) max_queue: Option<Spanned<i64>>,
+    pub(super) require_key_echo: Option<bool>,
+    pub(super) headers: Option<Spanned<BTreeMap<String, String>>>,
+    pub(super) header_files: Option<Spanned<BTreeMap<String, String>>>,
+    pub(super) tls_ca_file: Option<Spanned<String>>,
+    pub(super) tls_server_name: Option<Spanned<String>>,
+    pub(super) tls_client_cert: Option<Spanned<String>>,
+    pub(super) tls_client_key: Option<Spanned<String>>,
+    pub(super) resolve_interval: Option<Spanned<toml::Value>>,
     pub(super) allow_from: Option<Spanned<Vec<String>>>,
 }
 

@@ -112,11 +112,20 @@ impl Worker {
                     c.elapsed.as_micros()
                 );
             }
+            let is_policy = self
+                .shared
+                .map(c.map)
+                .is_some_and(|m| m.kind != crate::config::MapKind::Table);
             let (waiters, answer) = match c.outcome {
                 Outcome::Found(v) => {
                     let w = cache.complete_ok(&c.cache_key, Some(&v), ttls, now_ms);
                     counters.found.fetch_add(w.len() as u64, Ordering::Relaxed);
-                    self.l2_write(c.map, &c.cache_key, Some(&v), now);
+                    if is_policy {
+                        let class = crate::metrics::policy_action_class(&v);
+                        counters.policy_actions[class].fetch_add(w.len() as u64, Ordering::Relaxed);
+                    } else {
+                        self.l2_write(c.map, &c.cache_key, Some(&v), now);
+                    }
                     (w, Answer::Found(v.into()))
                 }
                 Outcome::NotFound => {
@@ -124,8 +133,23 @@ impl Worker {
                     counters
                         .not_found
                         .fetch_add(w.len() as u64, Ordering::Relaxed);
-                    self.l2_write(c.map, &c.cache_key, None, now);
+                    if is_policy {
+                        let class = crate::metrics::policy_action_class(b"DUNNO");
+                        counters.policy_actions[class].fetch_add(w.len() as u64, Ordering::Relaxed);
+                    } else {
+                        self.l2_write(c.map, &c.cache_key, None, now);
+                    }
                     (w, Answer::NotFound)
+                }
+                Outcome::Temp(msg) if is_policy => {
+                    let (w, _) = cache.complete_err(&c.cache_key, now_ms, false);
+                    let Some(answer) = self.policy_default(c.map, &msg) else {
+                        continue;
+                    };
+                    self.shared.stats.maps[c.map as usize]
+                        .policy_defaults
+                        .fetch_add(w.len().saturating_sub(1) as u64, Ordering::Relaxed);
+                    (w, answer)
                 }
                 Outcome::Temp(msg) => {
                     let (w, stale) = cache.complete_err(&c.cache_key, now_ms, ttls.stale_negative);

@@ -18,7 +18,7 @@
 
 use crate::backend::{self as backend_mod, Backend, Completion, MapServers, Outcome};
 use crate::cache::{self, Cache, Lookup, Ttls, Waiter};
-use crate::codec::{netstring, tcp_table};
+use crate::codec::{netstring, policy as policy_codec, tcp_table};
 use crate::config::{Config, Listen};
 use crate::log::RateLimit;
 use crate::metrics::MapCounters;
@@ -62,12 +62,16 @@ static LOG_STALE: RateLimit = RateLimit::new(Duration::from_secs(60));
 /// does not hide a broken socketmap one).
 static LOG_BAD_TCP_TABLE: RateLimit = RateLimit::new(Duration::from_secs(10));
 static LOG_BAD_SOCKETMAP: RateLimit = RateLimit::new(Duration::from_secs(10));
+static LOG_BAD_POLICY: RateLimit = RateLimit::new(Duration::from_secs(10));
+/// Policy requests answered with the default action.
+static LOG_DEFAULT_ACTION: RateLimit = RateLimit::new(Duration::from_secs(10));
 static LOG_ACCEPT: RateLimit = RateLimit::new(Duration::from_secs(60));
 static LOG_MAX_CLIENTS: RateLimit = RateLimit::new(Duration::from_secs(60));
 static LOG_DENIED: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 mod l2;
 mod lookup;
+mod policy;
 mod session;
 pub mod shared;
 
@@ -97,6 +101,8 @@ pub struct Worker {
     /// Lookups waiting for the shared cache, by command tag.
     l2_lookups: HashMap<u64, l2::L2Lookup>,
     next_l2_tag: u64,
+    /// Policy requests without a cache key get keys of their own.
+    next_policy_id: u64,
 }
 
 /// This worker's shared-cache connection for `cfg` (worker 0 listens for
@@ -151,6 +157,7 @@ impl Worker {
             l2,
             l2_lookups: HashMap::new(),
             next_l2_tag: 1,
+            next_policy_id: 0,
         };
         for (i, (l, _, _)) in w.listeners.iter_mut().enumerate() {
             w.poll
@@ -379,7 +386,7 @@ impl Worker {
                 Ok((stream, peer)) => {
                     if let Some(ip) = peer.map(|p| p.ip()) {
                         let allow = match proto {
-                            Proto::TcpTable { map } => self
+                            Proto::TcpTable { map } | Proto::Policy { map, .. } => self
                                 .shared
                                 .map(map)
                                 .and_then(|m| m.allow_from.as_deref())

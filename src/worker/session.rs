@@ -80,6 +80,7 @@ impl Worker {
         match proto {
             Proto::TcpTable { .. } => self.max_line(),
             Proto::Socketmap { max_query, .. } => max_query as usize + NETSTRING_OVERHEAD_BYTES,
+            Proto::Policy { max_request, .. } => max_request as usize,
         }
     }
 
@@ -274,6 +275,22 @@ impl Worker {
                         }
                     }
                 }
+                Proto::Policy { map, max_request } => {
+                    match policy_codec::parse(&rbuf[pos..], max_request as usize) {
+                        Ok(None) => break,
+                        Ok(Some((attrs, consumed))) => {
+                            pos += consumed;
+                            self.policy_lookup(sid, map, &attrs, now);
+                        }
+                        Err(e) => {
+                            // Postfix applies its own default_action when
+                            // the connection closes.
+                            self.bad_request(sid, &e.to_string(), true);
+                            pos = rbuf.len();
+                            break;
+                        }
+                    }
+                }
             }
         }
         rbuf.drain(..pos.min(rbuf.len()));
@@ -296,6 +313,7 @@ impl Worker {
         let (limit, what) = match s.proto {
             Proto::TcpTable { .. } => (&LOG_BAD_TCP_TABLE, "tcp_table"),
             Proto::Socketmap { .. } => (&LOG_BAD_SOCKETMAP, "socketmap"),
+            Proto::Policy { .. } => (&LOG_BAD_POLICY, "policy"),
         };
         if let Some(n) = limit.check() {
             let from = s
@@ -305,6 +323,9 @@ impl Worker {
                 "bad {what} request from {from}{}: {why}{} ({n} similar not logged)",
                 match s.proto {
                     Proto::TcpTable { map } => format!(" (map {})", self.shared.map_name(map)),
+                    Proto::Policy { map, .. } => {
+                        format!(" (policy {})", self.shared.map_name(map))
+                    }
                     Proto::Socketmap { .. } => String::new(),
                 },
                 if fatal {
@@ -320,6 +341,8 @@ impl Worker {
                 self.answer_now(sid, AnswerRef::Perm(why.as_bytes()))
             }
             Proto::Socketmap { .. } => {}
+            // A policy client gets no answer: the connection closes.
+            Proto::Policy { .. } => {}
         }
         if fatal {
             if let Some(s) = self.sessions.get_mut(sid) {
@@ -437,7 +460,7 @@ impl Worker {
 /// The map name for log lines about a session of protocol `proto`.
 pub(super) fn map_name_of(shared: &Shared, proto: Proto) -> &str {
     match proto {
-        Proto::TcpTable { map } => shared.map_name(map),
+        Proto::TcpTable { map } | Proto::Policy { map, .. } => shared.map_name(map),
         Proto::Socketmap { .. } => "",
     }
 }
@@ -490,5 +513,15 @@ pub(super) fn encode_answer(proto: Proto, a: AnswerRef<'_>, out: &mut Vec<u8>, m
                 AnswerRef::Perm(m) => netstring::encode_perm(m, max, out),
             }
         }
+        // A policy's error answers are its default_action, put in place by
+        // the lookup; an internal error here (a policy removed by a reload)
+        // defers.
+        Proto::Policy { .. } => match a {
+            AnswerRef::Found(v) if !v.is_empty() => policy_codec::encode_action(v, out),
+            AnswerRef::Found(_) | AnswerRef::NotFound => policy_codec::encode_action(b"DUNNO", out),
+            AnswerRef::Temp(_) | AnswerRef::Perm(_) => {
+                policy_codec::encode_action(b"DEFER_IF_PERMIT Service temporarily unavailable", out)
+            }
+        },
     }
 }

@@ -40,6 +40,12 @@ pub enum Proto {
         max_query: u32,
         max_reply: u32,
     },
+    /// Postfix's policy delegation, answered by policy service `map`;
+    /// `max_request`: its longest request in bytes.
+    Policy {
+        map: u16,
+        max_request: u32,
+    },
 }
 
 /// Counters shared by every worker (the metrics page reads them).
