@@ -148,7 +148,10 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
             shared.stats.l2.purges.fetch_add(1, Ordering::Relaxed);
             let l2 = match shared_cache(shared) {
                 None => None,
-                Some(c) => Some(purge_keys(c?, shared, &name, &keys)?),
+                Some(c) => Some(
+                    purge_keys(c.map_err(unreachable)?, shared, &name, &keys)
+                        .map_err(unreachable)?,
+                ),
             };
             Ok(counts(l1, l2))
         }
@@ -160,7 +163,9 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
             shared.stats.l2.purges.fetch_add(1, Ordering::Relaxed);
             let l2 = match shared_cache(shared) {
                 None => None,
-                Some(c) => Some(purge_map(c?, shared, Some(&name))?),
+                Some(c) => Some(
+                    purge_map(c.map_err(unreachable)?, shared, Some(&name)).map_err(unreachable)?,
+                ),
             };
             Ok(counts(l1, l2))
         }
@@ -173,7 +178,9 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
             shared.stats.l2.purges.fetch_add(1, Ordering::Relaxed);
             let l2 = match shared_cache(shared) {
                 None => None,
-                Some(c) => Some(purge_map(c?, shared, None)?),
+                Some(c) => {
+                    Some(purge_map(c.map_err(unreachable)?, shared, None).map_err(unreachable)?)
+                }
             };
             Ok(counts(l1, l2))
         }
@@ -184,6 +191,11 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
             String::from_utf8_lossy(cmd)
         )),
     }
+}
+
+/// A purge whose shared-cache part failed (this node's part is done).
+fn unreachable(e: String) -> String {
+    format!("purged from this node's cache, but not from the shared cache: {e}")
 }
 
 /// "in-process N" and, with a shared cache, "shared M".
@@ -212,6 +224,15 @@ fn purge_keys(
         value::value_key(prefix, map, k, &mut rk);
         args.push(rk);
     }
+    // Their claims too: a later miss must not wait for a fetch in no one's hands.
+    let mut claims: Vec<Vec<u8>> = vec![b"DEL".to_vec()];
+    for k in keys {
+        let mut ck = Vec::new();
+        value::claim_key(prefix, map, k, &mut ck);
+        claims.push(ck);
+    }
+    let refs: Vec<&[u8]> = claims.iter().map(Vec::as_slice).collect();
+    c.ok(&refs).map_err(|e| format!("shared cache: {e}"))?;
     let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
     match c.ok(&refs).map_err(|e| format!("shared cache: {e}"))? {
         Value::Integer(n) => Ok(n.max(0) as usize),

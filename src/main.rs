@@ -301,6 +301,7 @@ fn purge(p: &PurgeArgs) -> Outcome {
     match (&p.map, p.keys.is_empty(), p.all) {
         (None, _, true) => f.push(b"purge-all"),
         (Some(m), true, true) => f.extend([&b"purge-map"[..], m.as_bytes()]),
+        _ if p.keys.iter().any(|k| k == "--all") => return usage("give KEYs or --all, not both"),
         (Some(m), false, false) => {
             f.extend([&b"purge"[..], m.as_bytes()]);
             f.extend(p.keys.iter().map(String::as_bytes));

@@ -70,7 +70,18 @@ pub(super) fn shared_cache(cx: &mut Ctx<'_>, s: Spanned<RawSharedCache>) -> Opti
         }
     } else {
         if settings != crate::tls::TlsSettings::default() {
-            cx.err(at, "shared_cache: tls_* settings need a rediss:// url");
+            let first = [
+                &s.tls_ca_file,
+                &s.tls_server_name,
+                &s.tls_client_cert,
+                &s.tls_client_key,
+            ]
+            .into_iter()
+            .flatten()
+            .map(|v| v.span().start)
+            .min()
+            .unwrap_or(at);
+            cx.err(first, "shared_cache: tls_* settings need a rediss:// url");
         }
         None
     };

@@ -21,6 +21,7 @@
 //! hands to the worker. The password is never logged.
 
 use super::value::{self, Entry};
+use super::OwnWrites;
 use crate::codec::resp::{self, Value};
 use crate::config::{RedisAddr, SharedCache};
 use crate::transport::Transport;
@@ -89,6 +90,9 @@ enum Kind {
 
 struct Pending {
     kind: Kind,
+    /// A `SET` counted in [`OwnWrites`]: its key, to take back if the write
+    /// fails (no invalidation will come for it).
+    undo: Option<Vec<u8>>,
     deadline: Instant,
     /// Completed already as a miss (late): its answer is dropped.
     abandoned: bool,
@@ -135,6 +139,8 @@ pub struct L2 {
     /// The last problem logged (one line per change).
     down_reason: Option<String>,
     stats: Arc<L2Stats>,
+    /// This node's writes that worker 0 will hear of (see [`OwnWrites`]).
+    own_writes: Arc<OwnWrites>,
     read_buf: Box<[u8]>,
 }
 
@@ -145,6 +151,7 @@ impl L2 {
         worker: usize,
         tracking: bool,
         stats: Arc<L2Stats>,
+        own_writes: Arc<OwnWrites>,
         now: Instant,
     ) -> L2 {
         L2 {
@@ -166,6 +173,7 @@ impl L2 {
             attempts: 0,
             down_reason: None,
             stats,
+            own_writes,
             read_buf: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
         }
     }
@@ -268,12 +276,14 @@ impl L2 {
     }
 
     /// `SET key value PX ms`, nothing waits for it. False when not sent.
+    /// `own`: the write is counted in [`OwnWrites`] (taken back if it fails).
     pub fn set(
         &mut self,
         registry: &Registry,
         key: &[u8],
         val: &[u8],
         px: Duration,
+        own: bool,
         now: Instant,
     ) -> bool {
         if !self.can_send() || px.is_zero() {
@@ -282,9 +292,22 @@ impl L2 {
         let ms = px.as_millis().max(1).to_string();
         resp::write_command(&mut self.wbuf, &[b"SET", key, val, b"PX", ms.as_bytes()]);
         self.push(Kind::Set, now);
+        if own {
+            if let Some(p) = self.pending.back_mut() {
+                p.undo = Some(key.to_vec());
+            }
+        }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         let _ = registry;
         true
+    }
+
+    /// `UNLINK key`, nothing waits for it (a claim released).
+    pub fn unlink(&mut self, key: &[u8], now: Instant) {
+        if self.can_send() {
+            resp::write_command(&mut self.wbuf, &[b"UNLINK", key]);
+            self.push(Kind::Set, now);
+        }
     }
 
     /// Sends what this turn of the event loop queued: commands are only
@@ -303,9 +326,18 @@ impl L2 {
     fn push(&mut self, kind: Kind, now: Instant) {
         self.pending.push_back(Pending {
             kind,
+            undo: None,
             deadline: now + self.cfg.timeout,
             abandoned: false,
         });
+    }
+
+    /// A pending `SET` failed or will never be answered: if it was counted
+    /// as this node's own write, take the count back.
+    fn undo(&self, p: &Pending) {
+        if let Some(k) = &p.undo {
+            self.own_writes.take(k);
+        }
     }
 
     /// Timers: reconnects, late answers, a claim's delayed GETs.
@@ -454,7 +486,8 @@ impl L2 {
         if self.is_ready() {
             self.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        for p in self.pending.drain(..) {
+        for p in std::mem::take(&mut self.pending) {
+            self.undo(&p);
             if p.abandoned {
                 continue;
             }
@@ -467,13 +500,20 @@ impl L2 {
         self.wbuf.clear();
         self.wpos = 0;
         self.rbuf.clear();
-        if self.down_reason.as_deref() != Some(why.as_str()) {
+        // One line when it goes down; the reasons of the retries that follow
+        // (refused, reset...) only at debug.
+        if self.down_reason.is_none() {
             crate::warn!(
                 "shared cache {} is down: {why}; lookups go on without it, retrying in {}ms",
                 self.cfg.target.describe(),
                 self.backoff.as_millis()
             );
             self.down_reason = Some(why);
+        } else {
+            crate::debug!(
+                "shared cache {}: still down: {why}",
+                self.cfg.target.describe()
+            );
         }
         self.state = State::Down {
             retry_at: now + self.backoff,
@@ -624,6 +664,14 @@ impl L2 {
                     }
                 }
             }
+            // A write (or an unlink): answered late or not, an error means
+            // no invalidation will come for it.
+            Kind::Set => {
+                if err(&v).is_some() {
+                    self.stats.err_reply.fetch_add(1, Ordering::Relaxed);
+                    self.undo(&p);
+                }
+            }
             _ if p.abandoned => {}
             Kind::Get(tag) => {
                 let entry = match &v {
@@ -650,11 +698,6 @@ impl L2 {
                 };
                 self.done.push(Done::Claim { tag, won });
             }
-            Kind::Set => {
-                if err(&v).is_some() {
-                    self.stats.err_reply.fetch_add(1, Ordering::Relaxed);
-                }
-            }
         }
         true
     }
@@ -669,7 +712,6 @@ impl L2 {
             Value::Array(keys) => {
                 for k in keys {
                     if let Some(k) = k.as_bytes() {
-                        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
                         self.invalidated.push(k.to_vec());
                     }
                 }

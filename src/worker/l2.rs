@@ -25,6 +25,8 @@ pub(super) struct L2Lookup {
     redis_key: Vec<u8>,
     /// After losing a claim: read the value again until then.
     wait_until: Option<Instant>,
+    /// The claim key, once a claim was asked for.
+    claim_key: Vec<u8>,
 }
 
 /// Milliseconds since the Unix epoch (the shared cache's clock: every node
@@ -74,6 +76,7 @@ impl Worker {
                 cache_key: self.ckey_buf.clone(),
                 redis_key,
                 wait_until: None,
+                claim_key: Vec::new(),
             },
         );
     }
@@ -106,6 +109,9 @@ impl Worker {
                     let stats = &self.shared.stats.l2;
                     if won {
                         stats.claims_won.fetch_add(1, Ordering::Relaxed);
+                        // Released when the fetch ends (see l2_release).
+                        self.l2_claims
+                            .insert(lk.cache_key.clone(), std::mem::take(&mut lk.claim_key));
                         self.fetch_from_servers(&lk, now);
                     } else {
                         // Another node is fetching it: read what it writes.
@@ -185,7 +191,8 @@ impl Worker {
                     .cache
                     .complete_with(&lk.cache_key, e.value.as_deref(), life, now_ms);
             }
-        } else {
+        } else if lk.wait_until.is_none() {
+            // (A poll while another node fetches is not another miss.)
             stats.misses.fetch_add(1, Ordering::Relaxed);
         }
         match lk.wait_until {
@@ -212,7 +219,6 @@ impl Worker {
                     .shared
                     .map(lk.map)
                     .map_or(Duration::from_secs(10), |m| m.lookup_timeout);
-                let mut claim_key = Vec::new();
                 let prefix = self
                     .l2
                     .as_ref()
@@ -222,12 +228,12 @@ impl Worker {
                     &prefix,
                     self.shared.map_name(lk.map),
                     &lk.key,
-                    &mut claim_key,
+                    &mut lk.claim_key,
                 );
                 lk.wait_until = None;
                 let registry = self.poll.registry();
                 if let Some(l2) = self.l2.as_mut() {
-                    l2.claim(registry, &claim_key, px, tag, now);
+                    l2.claim(registry, &lk.claim_key, px, tag, now);
                     self.l2_lookups.insert(tag, lk);
                 }
             }
@@ -265,8 +271,30 @@ impl Worker {
         // Worker 0 will hear of this write: tell it the write is ours.
         let counted = self.id != 0 && self.shared.own_writes.add(&redis_key);
         let registry = self.poll.registry();
-        if !l2.set(registry, &redis_key, &stored, ttl + ttls.stale_ttl, now) && counted {
+        if !l2.set(
+            registry,
+            &redis_key,
+            &stored,
+            ttl + ttls.stale_ttl,
+            counted,
+            now,
+        ) && counted
+        {
             self.shared.own_writes.take(&redis_key);
+        }
+    }
+
+    /// A fetch of `cache_key` ended: if this node held the claim on it,
+    /// release it (after the value's `SET`, in the same pipeline), so a
+    /// later miss of the key does not wait for a fetch nobody makes.
+    pub(super) fn l2_release(&mut self, cache_key: &[u8], now: Instant) {
+        if self.l2_claims.is_empty() {
+            return;
+        }
+        if let Some(claim) = self.l2_claims.remove(cache_key) {
+            if let Some(l2) = self.l2.as_mut() {
+                l2.unlink(&claim, now);
+            }
         }
     }
 
@@ -300,6 +328,11 @@ impl Worker {
             if self.shared.own_writes.take(k) {
                 continue;
             }
+            self.shared
+                .stats
+                .l2
+                .invalidations
+                .fetch_add(1, Ordering::Relaxed);
             let Some(&id) = self.shared.map_by_name.get(name.as_bytes()) else {
                 continue;
             };
@@ -311,6 +344,7 @@ impl Worker {
     /// The shared cache's connection is replaced (a reload changed it) or
     /// gone: lookups waiting on it go to the servers.
     pub(super) fn l2_abandon(&mut self, now: Instant) {
+        self.l2_claims.clear();
         let waiting: Vec<L2Lookup> = self.l2_lookups.drain().map(|(_, lk)| lk).collect();
         for lk in waiting {
             self.fetch_from_servers(&lk, now);

@@ -179,6 +179,7 @@ impl Worker {
                     }
                 }
             };
+            self.l2_release(&c.cache_key, now);
             self.answer_waiters(waiters, &answer, now);
         }
     }

@@ -100,6 +100,8 @@ pub struct Worker {
     l2: Option<crate::shared_cache::client::L2>,
     /// Lookups waiting for the shared cache, by command tag.
     l2_lookups: HashMap<u64, l2::L2Lookup>,
+    /// Cold-key claims this worker holds while it fetches (L1 key → claim key).
+    l2_claims: HashMap<Vec<u8>, Vec<u8>>,
     next_l2_tag: u64,
     /// Policy requests without a cache key get keys of their own.
     next_policy_id: u64,
@@ -111,6 +113,7 @@ fn new_l2(
     cfg: &Config,
     id: u32,
     stats: &Stats,
+    own_writes: &Arc<crate::shared_cache::OwnWrites>,
     now: Instant,
 ) -> Option<crate::shared_cache::client::L2> {
     let sc = cfg.shared_cache.as_ref()?;
@@ -120,6 +123,7 @@ fn new_l2(
         id as usize,
         id == 0,
         stats.l2.clone(),
+        own_writes.clone(),
         now,
     ))
 }
@@ -137,7 +141,13 @@ impl Worker {
             (id as usize, shared.cfg.daemon.workers),
             shared.cache.epoch(),
         );
-        let l2 = new_l2(&shared.cfg, id, &shared.stats, Instant::now());
+        let l2 = new_l2(
+            &shared.cfg,
+            id,
+            &shared.stats,
+            &shared.own_writes,
+            Instant::now(),
+        );
         let mut w = Worker {
             id,
             poll,
@@ -156,6 +166,7 @@ impl Worker {
             ckey_buf: Vec::new(),
             l2,
             l2_lookups: HashMap::new(),
+            l2_claims: HashMap::new(),
             next_l2_tag: 1,
             next_policy_id: 0,
         };
@@ -350,7 +361,13 @@ impl Worker {
             if let Some(mut old) = self.l2.take() {
                 old.close(self.poll.registry());
             }
-            self.l2 = new_l2(&self.shared.cfg, self.id, &self.shared.stats, now);
+            self.l2 = new_l2(
+                &self.shared.cfg,
+                self.id,
+                &self.shared.stats,
+                &self.shared.own_writes,
+                now,
+            );
         } else {
             self.shared = shared;
         }

@@ -687,8 +687,29 @@ fn reason(status: u16) -> &'static str {
 // (b) The daemon under test
 // ---------------------------------------------------------------------------
 
-/// A free loopback port (bind 127.0.0.1:0, read the port, drop the listener).
+/// A free loopback port for a daemon or server to listen on, taken below the
+/// kernel's ephemeral range when there is room: the many outgoing
+/// connections the tests make come from that range and could take a port
+/// between this pick and the bind ("Address already in use"). Ports are
+/// handed out in turn from a per-process start, each checked free.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let lo: usize = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    const SPAN: usize = 10_000;
+    if lo >= SPAN + 1024 {
+        let base = lo - SPAN;
+        let start = std::process::id() as usize * 7_919;
+        for _ in 0..SPAN {
+            let p = (base + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % SPAN) as u16;
+            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return p;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")

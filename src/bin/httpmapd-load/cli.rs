@@ -1,6 +1,6 @@
 //! The command line. Owns the clap (derive) definition of every option, its
 //! help text and validation, the TARGET syntax (`tcp:`, `socketmap:`,
-//! `memcached:`, `http:`, written like Postfix tables) and the duration
+//! `memcached:`, `http:`, `policy:`, written like Postfix tables) and the duration
 //! syntax, and turns them into [`Command`]: either a map file to write or the
 //! plain [`Opts`] the load run reads. Usage errors leave through clap (stderr,
 //! exit 2); `--help` and `--version` through clap too (stdout, exit 0).
@@ -20,6 +20,10 @@ TARGET is written like a Postfix table:
   memcached:HOST:PORT              memcached text protocol: get KEY\\r\\n
   http:HOST:PORT[/PATH]            dict_http straight to an HTTP server: GET /PATH
                                    with POSTFIX-DICT-EMAIL: KEY, keep-alive
+  policy:HOST:PORT                 Postfix policy delegation (check_policy_service):
+  policy:unix:PATH                 a 31-attribute smtpd RCPT request, sender=KEY;
+                                   action=DUNNO is not found, DEFER*/4xx temporary,
+                                   any other action (REJECT, 5xx, OK...) found
 
 DUR is a number with a unit (500us, 250ms, 10s, 1m, 1m30s, 1.5s); a bare
 number is seconds.
@@ -42,7 +46,7 @@ Examples:
 #[command(
     name = "httpmapd-load",
     version,
-    about = "Load generator for Postfix lookup tables (tcp_table, socketmap), memcached and dict_http servers",
+    about = "Load generator for Postfix lookup tables (tcp_table, socketmap), policy services, memcached and dict_http servers",
     after_help = AFTER_HELP,
     max_term_width = 100
 )]
@@ -192,9 +196,17 @@ pub enum Addr {
 #[derive(Clone, Debug)]
 pub enum Proto {
     TcpTable,
-    Socketmap { name: Vec<u8> },
+    Socketmap {
+        name: Vec<u8>,
+    },
     Memcached,
-    Http { host: String, path: Vec<u8> },
+    Http {
+        host: String,
+        path: Vec<u8>,
+    },
+    /// Postfix's policy delegation protocol (`name=value` lines, an empty
+    /// line; the reply `action=TEXT` and an empty line).
+    Policy,
 }
 
 /// A parsed TARGET.
@@ -382,8 +394,20 @@ pub fn parse_target(t: &str) -> Result<Target, String> {
             path: path.as_bytes().to_vec(),
         };
         (Addr::Tcp(resolve(hp)?), proto)
+    } else if let Some(rest) = t.strip_prefix("policy:") {
+        // As Postfix writes check_policy_service: inet:HOST:PORT (or
+        // HOST:PORT) and unix:PATH.
+        if let Some(p) = rest.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("policy:unix: needs a socket path".into());
+            }
+            (Addr::Unix(PathBuf::from(p)), Proto::Policy)
+        } else {
+            let hp = rest.strip_prefix("inet:").unwrap_or(rest);
+            (Addr::Tcp(resolve(hp)?), Proto::Policy)
+        }
     } else {
-        return Err("unknown target (tcp:, socketmap:, memcached:, http:)".into());
+        return Err("unknown target (tcp:, socketmap:, memcached:, http:, policy:)".into());
     };
     Ok(Target {
         spec: t.to_string(),
@@ -462,6 +486,16 @@ mod tests {
             parse_target("memcached:127.0.0.1:11211").unwrap().proto,
             Proto::Memcached
         ));
+        let t = parse_target("policy:127.0.0.1:10040").unwrap();
+        assert!(matches!(t.addr, Addr::Tcp(a) if a.port() == 10040));
+        assert!(matches!(t.proto, Proto::Policy));
+        let t = parse_target("policy:inet:127.0.0.1:10041").unwrap();
+        assert!(matches!(t.addr, Addr::Tcp(a) if a.port() == 10041));
+        let t = parse_target("policy:unix:/run/policy.sock").unwrap();
+        assert!(matches!(t.addr, Addr::Unix(ref p) if p == &PathBuf::from("/run/policy.sock")));
+        assert!(matches!(t.proto, Proto::Policy));
+        assert!(parse_target("policy:unix:").is_err());
+        assert!(parse_target("policy:127.0.0.1").is_err());
         assert!(parse_target("socketmap:tcp:1.2.3.4:5:x").is_err());
         assert!(parse_target("redis:127.0.0.1:6379").is_err());
     }

@@ -1,6 +1,6 @@
-//! httpmapd-load: a load generator for Postfix lookup tables, so httpmapd
-//! and its peers (memcached, an HTTP server asked directly) are measured
-//! with the same client. This file owns the order of a run: the command
+//! httpmapd-load: a load generator for Postfix lookup tables and policy
+//! services, so httpmapd and its peers (memcached, an HTTP server asked
+//! directly) are measured with the same client. This file owns the order of a run: the command
 //! line, the key set, `--write-map`, `--idle`, the memcached `--populate`
 //! phase, the load phase, its report and the exit status (0; 1 when nothing
 //! was answered and there were errors; 2 for a usage or key-file error).

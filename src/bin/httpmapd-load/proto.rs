@@ -1,11 +1,13 @@
 //! The wire side of each target: requests as bytes ([`encode_request`]:
 //! tcp_table `get KEY`, socketmap netstrings, memcached `get`/`set`, dict_http
-//! `GET`) and replies parsed off the front of a connection's read buffer
-//! ([`parse_reply`]) into an [`Outcome`]. Pure functions on byte slices; the
-//! codecs are the daemon's own (`httpmapd::codec`).
+//! `GET`, a Postfix policy request) and replies parsed off the front of a
+//! connection's read buffer ([`parse_reply`]) into an [`Outcome`]. Pure
+//! functions on byte slices; the codecs are the daemon's own
+//! (`httpmapd::codec`).
 
 use crate::cli::Proto;
 use httpmapd::codec::{hex, http, netstring};
+use std::io::Write;
 
 /// What a phase sends: lookups, or memcached `set`s for `--populate`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -27,7 +29,8 @@ impl Op {
 pub enum Outcome {
     Found,
     NotFound,
-    /// 400 / TEMP / TIMEOUT / non-2xx / SERVER_ERROR / NOT_STORED.
+    /// 400 / TEMP / TIMEOUT / non-2xx / SERVER_ERROR / NOT_STORED /
+    /// policy `DEFER*` and `4xx`.
     Temp,
     /// socketmap PERM.
     Perm,
@@ -137,7 +140,142 @@ pub fn parse_reply(
             };
             Ok(Some((consumed, o)))
         }
+        Proto::Policy => parse_policy_reply(buf),
     }
+}
+
+/// Longest policy reply accepted (an action is at most 4096 bytes; a few
+/// other attributes may come with it).
+const MAX_POLICY_REPLY: usize = 16 * 1024;
+
+/// A policy reply: `name=value` lines ended by an empty line, one of them
+/// `action=TEXT`.
+fn parse_policy_reply(buf: &[u8]) -> Result<Option<(usize, Outcome)>, ()> {
+    let mut pos = 0;
+    let mut action = None;
+    loop {
+        let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
+            return if buf.len() > MAX_POLICY_REPLY {
+                Err(())
+            } else {
+                Ok(None)
+            };
+        };
+        let mut line = &buf[pos..pos + nl];
+        pos += nl + 1;
+        if pos > MAX_POLICY_REPLY {
+            return Err(());
+        }
+        if let [rest @ .., b'\r'] = line {
+            line = rest;
+        }
+        if line.is_empty() {
+            return match action {
+                Some(a) => Ok(Some((pos, policy_outcome(a)?))),
+                None => Err(()),
+            };
+        }
+        if let Some(a) = line.strip_prefix(b"action=") {
+            action = Some(a);
+        } else if !line.contains(&b'=') {
+            return Err(());
+        }
+    }
+}
+
+/// What an action counts as: `DUNNO` not found; `DEFER`, `DEFER_IF_PERMIT`,
+/// `DEFER_IF_REJECT` and `4xx` temporary; anything else (`REJECT`, `5xx`,
+/// `OK`, `PREPEND`, `HOLD`, ...) found. Postfix reads action words in any
+/// case. An empty action is an error.
+fn policy_outcome(action: &[u8]) -> Result<Outcome, ()> {
+    let word = action
+        .split(|&b| b == b' ' || b == b'\t')
+        .next()
+        .unwrap_or_default();
+    if word.is_empty() {
+        return Err(());
+    }
+    let defer = word.len() >= 5 && word[..5].eq_ignore_ascii_case(b"DEFER");
+    let code_4xx = word.len() == 3 && word[0] == b'4' && word.iter().all(u8::is_ascii_digit);
+    Ok(if word.eq_ignore_ascii_case(b"DUNNO") {
+        Outcome::NotFound
+    } else if defer || code_4xx {
+        Outcome::Temp
+    } else {
+        Outcome::Found
+    })
+}
+
+/// What a policy request says besides the sender, derived from the key so
+/// that a key always comes from the same client: (client address octets
+/// 2-4, client port, message size, instance hash).
+fn policy_client(key: &[u8]) -> ([u8; 3], u16, u32, u64) {
+    // FNV-1a, 64 bits.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let ip = [(h >> 8) as u8, (h >> 16) as u8, (h >> 24) as u8 | 1];
+    let port = 1024 + (h >> 32) as u16 % 64_000;
+    let size = 1_000 + (h >> 40) as u32 % 200_000;
+    (ip, port, size, h)
+}
+
+/// A Postfix smtpd policy request at RCPT, as Postfix 3.8 sends it (every
+/// attribute, the empty ones too: 31), from an unauthenticated client over
+/// TLS without a client certificate: `sender` is the key, the client
+/// (address, names, port, HELO), the size and the instance follow from it.
+fn encode_policy(key: &[u8], out: &mut Vec<u8>) {
+    let (ip, port, size, h) = policy_client(key);
+    let [a, b, c] = ip;
+    out.extend_from_slice(
+        b"request=smtpd_access_policy\n\
+          protocol_state=RCPT\n\
+          protocol_name=ESMTP\n",
+    );
+    let _ = write!(
+        out,
+        "helo_name=mx-10-{a}-{b}-{c}.example.net\nqueue_id=\nsender="
+    );
+    out.extend_from_slice(key);
+    let _ = writeln!(
+        out,
+        "\nrecipient=postmaster@example.org\n\
+         recipient_count=0\n\
+         client_address=10.{a}.{b}.{c}\n\
+         client_name=mx-10-{a}-{b}-{c}.example.net\n\
+         reverse_client_name=mx-10-{a}-{b}-{c}.example.net\n\
+         instance={:x}.{:x}.{:x}.0",
+        (h >> 44) & 0xfffff,
+        (h >> 12) & 0xffff_ffff,
+        h & 0xfff,
+    );
+    out.extend_from_slice(
+        b"sasl_method=\n\
+          sasl_username=\n\
+          sasl_sender=\n",
+    );
+    let _ = writeln!(out, "size={size}");
+    out.extend_from_slice(
+        b"ccert_subject=\n\
+          ccert_issuer=\n\
+          ccert_fingerprint=\n\
+          ccert_pubkey_fingerprint=\n\
+          encryption_protocol=TLSv1.3\n\
+          encryption_cipher=TLS_AES_256_GCM_SHA384\n\
+          encryption_keysize=256\n\
+          etrn_domain=\n\
+          stress=\n",
+    );
+    let _ = writeln!(out, "client_port={port}");
+    out.extend_from_slice(
+        b"policy_context=\n\
+          server_address=192.0.2.25\n\
+          server_port=25\n\
+          compatibility_level=3.6\n\
+          mail_version=3.8.6\n\
+          \n",
+    );
 }
 
 pub fn encode_request(proto: &Proto, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
@@ -165,6 +303,7 @@ pub fn encode_request(proto: &Proto, op: Op, key: &[u8], value: &[u8], out: &mut
         (Proto::Http { host, path }, _) => {
             let _ = http::write_get(out, path, host, key, &[]);
         }
+        (Proto::Policy, _) => encode_policy(key, out),
     }
 }
 
@@ -240,5 +379,92 @@ mod tests {
         let mut out = Vec::new();
         encode_request(&p, Op::Get, b"k@x", b"", &mut out);
         assert!(out.starts_with(b"GET /v HTTP/1.1\r\nHost: h:1\r\nPOSTFIX-DICT-EMAIL: k@x\r\n"));
+    }
+
+    #[test]
+    fn policy_replies() {
+        let p = Proto::Policy;
+        let r = |b: &[u8]| parse(&p, b);
+        assert_eq!(r(b"action=DUNNO\n\n"), Ok(Some((14, Outcome::NotFound))));
+        assert_eq!(
+            r(b"action=dunno\n\naction="),
+            Ok(Some((14, Outcome::NotFound)))
+        );
+        assert_eq!(
+            r(b"action=REJECT Go away\n\n"),
+            Ok(Some((23, Outcome::Found)))
+        );
+        assert_eq!(
+            r(b"action=554 5.7.1 No\n\n"),
+            Ok(Some((21, Outcome::Found)))
+        );
+        assert_eq!(r(b"action=OK\r\n\r\n"), Ok(Some((13, Outcome::Found))));
+        assert_eq!(
+            r(b"action=PREPEND X-Policy: yes\n\n"),
+            Ok(Some((30, Outcome::Found)))
+        );
+        for temp in [
+            &b"action=DEFER_IF_PERMIT Service unavailable\n\n"[..],
+            b"action=defer_if_reject x\n\n",
+            b"action=DEFER\n\n",
+            b"action=450 4.7.1 Try later\n\n",
+        ] {
+            assert_eq!(r(temp), Ok(Some((temp.len(), Outcome::Temp))), "{temp:?}");
+        }
+        // Other attributes may come with the action.
+        assert_eq!(
+            r(b"x=1\naction=DUNNO\n\n"),
+            Ok(Some((18, Outcome::NotFound)))
+        );
+        // Incomplete.
+        assert_eq!(r(b""), Ok(None));
+        assert_eq!(r(b"action=DUNNO"), Ok(None));
+        assert_eq!(r(b"action=DUNNO\n"), Ok(None));
+        // Errors: no action, an empty action, a line without '=', too long.
+        assert_eq!(r(b"\n"), Err(()));
+        assert_eq!(r(b"x=1\n\n"), Err(()));
+        assert_eq!(r(b"action=\n\n"), Err(()));
+        assert_eq!(r(b"DUNNO\n\n"), Err(()));
+        assert_eq!(r(&vec![b'a'; MAX_POLICY_REPLY + 1]), Err(()));
+    }
+
+    #[test]
+    fn policy_requests() {
+        let p = Proto::Policy;
+        let mut out = Vec::new();
+        encode_request(&p, Op::Get, b"user7@example.com", b"", &mut out);
+        let first = out.len();
+        encode_request(&p, Op::Get, b"user8@example.com", b"", &mut out);
+        // Two requests, each read by the daemon's own codec.
+        let max = httpmapd::codec::policy::DEFAULT_MAX_REQUEST_BYTES;
+        let (a, n) = httpmapd::codec::policy::parse(&out, max).unwrap().unwrap();
+        assert_eq!(n, first);
+        let (b, m) = httpmapd::codec::policy::parse(&out[n..], max)
+            .unwrap()
+            .unwrap();
+        assert_eq!(n + m, out.len());
+        assert_eq!(a.len(), 31);
+        let get = |attrs, name: &str| {
+            String::from_utf8(
+                httpmapd::codec::policy::get(attrs, name.as_bytes())
+                    .unwrap()
+                    .to_vec(),
+            )
+            .unwrap()
+        };
+        assert_eq!(get(&a, "request"), "smtpd_access_policy");
+        assert_eq!(get(&a, "protocol_state"), "RCPT");
+        assert_eq!(get(&a, "sender"), "user7@example.com");
+        assert_eq!(get(&b, "sender"), "user8@example.com");
+        assert_eq!(get(&a, "sasl_username"), "");
+        let addr = get(&a, "client_address");
+        assert!(addr.parse::<std::net::Ipv4Addr>().is_ok(), "{addr}");
+        assert_ne!(addr, get(&b, "client_address"));
+        assert!(get(&a, "client_name").contains(&addr[3..].replace('.', "-")));
+        // The same key, the same client.
+        let mut again = Vec::new();
+        encode_request(&p, Op::Get, b"user7@example.com", b"", &mut again);
+        assert_eq!(again, out[..first]);
+        assert!((600..900).contains(&first), "{first} bytes");
     }
 }

@@ -19,7 +19,7 @@ pub struct Counts {
     pub not_found: u64,
     pub stored: u64,
     /// tcp_table 400, socketmap TEMP/TIMEOUT, HTTP non-2xx, memcached
-    /// SERVER_ERROR/NOT_STORED.
+    /// SERVER_ERROR/NOT_STORED, policy DEFER*/4xx.
     pub temp: u64,
     /// socketmap PERM.
     pub perm: u64,

@@ -1,0 +1,2405 @@
+//! Issue 13, a relay fleet: several daemons sharing one Redis as a
+//! second-level cache (`[shared_cache]`), purge that reaches every node, and
+//! the admin socket (`purge`, `show`, `dump`). Everything runs the real
+//! binary against a real `redis-server` (Debian's, started here on a private
+//! free port with a password, no persistence, a private directory, killed on
+//! drop) and counting test HTTP servers, with exact counts:
+//!
+//! - a key fetched by one node is served by the others with no further
+//!   server request (one key, then 100), and the way it is stored in Redis
+//!   (key names, value bytes, `PX`);
+//! - purge on one node reaches every node within 1 s;
+//! - Redis killed mid-load, restarted empty, stalled (SIGSTOP), replaced by
+//!   something that is not Redis: no lost, wrong or temporary answer, one
+//!   log line per change of state, sharing resumes;
+//! - the password in no log, `--check` output, error or metric;
+//! - Redis commands per lookup (`INFO commandstats`) and the cold-key
+//!   fan-out (claims);
+//! - the admin commands through the real socket, its permissions included;
+//! - stale answers from Redis during an outage, on a node that never saw
+//!   the key.
+//!
+//! Without `redis-server` a test prints a loud SKIPPED and returns; with the
+//! environment variable `CI` set it fails instead.
+
+mod common;
+
+use common::{free_port, unique_temp_dir, wait_until, Daemon, LineClient, Reply, TestServer};
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+// ---------------------------------------------------------------------------
+// Helpers: a private redis-server and a small RESP client
+// ---------------------------------------------------------------------------
+
+const BIN: &str = env!("CARGO_BIN_EXE_httpmapd");
+
+/// Redis's password in every test; it must never show anywhere.
+const PASSWORD: &str = "pw-Zq81-Topsecret";
+
+/// Bound on polls (generous for a loaded 2-core machine).
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Where `redis-server` is, if installed.
+fn redis_server_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("redis-server"))
+        .find(|p| p.is_file())
+}
+
+/// A private `redis-server`: 127.0.0.1 on a free port (and a Unix socket in
+/// its directory), `--requirepass` (unless started without), no RDB, no
+/// AOF. Killed (SIGKILL) on drop; its log is printed if the test panics.
+struct Redis {
+    bin: PathBuf,
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    password: Option<&'static str>,
+}
+
+impl Redis {
+    /// With [`PASSWORD`]. `None` (after a loud SKIPPED) when redis-server is
+    /// not installed, a panic instead when `CI` is set.
+    fn start() -> Option<Redis> {
+        Redis::start_with(Some(PASSWORD))
+    }
+
+    fn start_with(password: Option<&'static str>) -> Option<Redis> {
+        let Some(bin) = redis_server_path() else {
+            let name = thread::current().name().unwrap_or("<unnamed>").to_string();
+            if std::env::var_os("CI").is_some() {
+                panic!("redis-server not installed, but CI is set (install redis-server): {name}");
+            }
+            eprintln!("SKIPPED (redis-server not installed; apt-get install redis-server): {name}");
+            return None;
+        };
+        let dir = unique_temp_dir("httpmapd-redis");
+        let mut r = Redis {
+            bin,
+            child: None,
+            port: 0,
+            dir,
+            password,
+        };
+        // A free port can be taken before redis-server binds it: try a few.
+        let mut last = String::new();
+        for _ in 0..5 {
+            r.port = free_port();
+            match r.spawn() {
+                Ok(()) => return Some(r),
+                Err(e) => last = e,
+            }
+        }
+        panic!("redis-server did not start: {last}");
+    }
+
+    fn socket_path(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
+    /// Starts redis-server on `self.port`; waits until it answers PING.
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join("redis.log"))
+                .expect("open redis.log")
+        };
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"]);
+        if let Some(p) = self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        cmd.args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir)
+            .arg("--unixsocket")
+            .arg(self.socket_path())
+            .args(["--unixsocketperm", "700", "--daemonize", "no"])
+            .args(["--logfile", ""])
+            .stdin(Stdio::null())
+            .stdout(log())
+            .stderr(log());
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(format!("redis-server exited ({st}):\n{}", self.log()));
+            }
+            if let Ok(mut c) = self.try_conn() {
+                if c.cmd(&[b"PING"]).ok() == Some(Resp::Simple("PONG".into())) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("redis-server not ready:\n{}", self.log()));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://:PASSWORD@127.0.0.1:PORT`
+    fn url(&self) -> String {
+        match self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// How the daemon names it in logs and errors.
+    fn described(&self) -> String {
+        format!("redis://:***@127.0.0.1:{}/0", self.port)
+    }
+
+    fn try_conn(&self) -> io::Result<RespConn> {
+        RespConn::connect(self.port, self.password)
+    }
+
+    /// A client for checks (authenticated).
+    fn conn(&self) -> RespConn {
+        self.try_conn().expect("connect to redis-server")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server running").id()
+    }
+
+    /// SIGKILL, and wait for it.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again, empty, on the same port.
+    fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) if Instant::now() >= deadline => panic!("redis-server restart: {e}"),
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill redis-server with {sig}");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("---- redis-server log ----\n{}---- end ----", self.log());
+        }
+        // A test that stopped it (SIGSTOP) may have panicked before SIGCONT.
+        if let Some(c) = &self.child {
+            // SAFETY: as in `signal`.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGCONT) };
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Nil,
+    Array(Vec<Resp>),
+}
+
+/// A blocking RESP2 client for the tests' own checks.
+struct RespConn {
+    r: BufReader<TcpStream>,
+}
+
+impl RespConn {
+    fn connect(port: u16, password: Option<&str>) -> io::Result<RespConn> {
+        let s = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(1),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut c = RespConn {
+            r: BufReader::new(s),
+        };
+        if let Some(p) = password {
+            match c.cmd(&[b"AUTH", p.as_bytes()])? {
+                Resp::Simple(ok) if ok == "OK" => {}
+                other => return Err(io::Error::other(format!("AUTH: {other:?}"))),
+            }
+        }
+        Ok(c)
+    }
+
+    fn cmd(&mut self, args: &[&[u8]]) -> io::Result<Resp> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.r.get_mut().write_all(&out)?;
+        self.read()
+    }
+
+    fn read(&mut self) -> io::Result<Resp> {
+        let mut line = Vec::new();
+        self.r.read_until(b'\n', &mut line)?;
+        if !line.ends_with(b"\r\n") {
+            return Err(io::Error::other(format!("cut short: {line:?}")));
+        }
+        line.truncate(line.len() - 2);
+        let text = String::from_utf8_lossy(&line[1..]).into_owned();
+        let n = || -> io::Result<i64> { text.parse().map_err(io::Error::other) };
+        Ok(match line.first() {
+            Some(b'+') => Resp::Simple(text),
+            Some(b'-') => Resp::Error(text),
+            Some(b':') => Resp::Int(n()?),
+            Some(b'$') if n()? < 0 => Resp::Nil,
+            Some(b'$') => {
+                let mut b = vec![0; n()? as usize + 2];
+                self.r.read_exact(&mut b)?;
+                b.truncate(b.len() - 2);
+                Resp::Bulk(b)
+            }
+            Some(b'*') if n()? < 0 => Resp::Nil,
+            Some(b'*') => {
+                let mut v = Vec::new();
+                for _ in 0..n()? {
+                    v.push(self.read()?);
+                }
+                Resp::Array(v)
+            }
+            _ => return Err(io::Error::other(format!("not RESP2: {line:?}"))),
+        })
+    }
+
+    fn ok(&mut self, args: &[&[u8]]) {
+        let r = self.cmd(args).expect("redis command");
+        assert_eq!(r, Resp::Simple("OK".into()), "{:?}", show_args(args));
+    }
+
+    /// `GET`: the value, or None.
+    fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
+        match self.cmd(&[b"GET", key]).expect("GET") {
+            Resp::Bulk(b) => Some(b),
+            Resp::Nil => None,
+            other => panic!("GET {:?}: {other:?}", show(key)),
+        }
+    }
+
+    fn pttl(&mut self, key: &[u8]) -> i64 {
+        match self.cmd(&[b"PTTL", key]).expect("PTTL") {
+            Resp::Int(n) => n,
+            other => panic!("PTTL: {other:?}"),
+        }
+    }
+
+    /// `KEYS pattern`, sorted, as text.
+    fn keys(&mut self, pattern: &str) -> Vec<String> {
+        let Resp::Array(items) = self.cmd(&[b"KEYS", pattern.as_bytes()]).expect("KEYS") else {
+            panic!("KEYS: not an array");
+        };
+        let mut v: Vec<String> = items
+            .into_iter()
+            .map(|i| match i {
+                Resp::Bulk(b) => show(&b),
+                other => panic!("KEYS item {other:?}"),
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `INFO commandstats` as command → calls (without this client's own
+    /// `info`, `config|resetstat` and `auth`).
+    fn commandstats(&mut self) -> BTreeMap<String, u64> {
+        let Resp::Bulk(text) = self.cmd(&[b"INFO", b"commandstats"]).expect("INFO") else {
+            panic!("INFO: not a bulk string");
+        };
+        let mut m = BTreeMap::new();
+        for line in show(&text).lines() {
+            let Some((name, rest)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            if matches!(name, "info" | "config|resetstat" | "auth") {
+                continue;
+            }
+            let calls = rest
+                .split(',')
+                .find_map(|f| f.strip_prefix("calls="))
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("no calls= in {line:?}"));
+            m.insert(name.to_string(), calls);
+        }
+        m
+    }
+
+    fn reset_stats(&mut self) {
+        self.ok(&[b"CONFIG", b"RESETSTAT"]);
+    }
+}
+
+fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn show_args(args: &[&[u8]]) -> Vec<String> {
+    args.iter().map(|a| show(a)).collect()
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The Redis key of `key` in `map` under the default prefix.
+fn vkey(map: &str, key: &str) -> Vec<u8> {
+    format!("httpmapd:v:{map}:{key}").into_bytes()
+}
+
+/// Waits until Redis holds `n` keys matching `pattern`: a value is written
+/// to Redis at the end of the event-loop turn that answered the client, so
+/// a test that asks another node right after an answer waits for it.
+fn wait_keys(c: &mut RespConn, pattern: &str, n: usize) {
+    let mut last = Vec::new();
+    let ok = wait_until(WAIT, || {
+        last = c.keys(pattern);
+        last.len() == n
+    });
+    assert!(ok, "{} keys {pattern}, not {n}: {last:?}", last.len());
+}
+
+/// The stored form of a result, as the daemon writes it: version 1, found
+/// flag, fresh-until Unix ms (big-endian), the value.
+fn encode_value(value: Option<&[u8]>, fresh_until_ms: u64) -> Vec<u8> {
+    let mut out = vec![1, u8::from(value.is_some())];
+    out.extend_from_slice(&fresh_until_ms.to_be_bytes());
+    out.extend_from_slice(value.unwrap_or_default());
+    out
+}
+
+/// The counts of a map (command → calls) as `{"get": 1, ...}`.
+fn stats_of(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Helpers: the HTTP server behind the maps
+// ---------------------------------------------------------------------------
+
+/// A counting dict_http server: key `nobody...` is not found, any other key
+/// is found as `v{VERSION}-{key}` (VERSION starts at 1), optionally after a
+/// delay.
+struct Backend {
+    server: TestServer,
+    version: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    fn start(delay: Duration) -> Backend {
+        let version = Arc::new(AtomicUsize::new(1));
+        let v = version.clone();
+        let server = TestServer::start(move |req| {
+            let key = req.key_str();
+            let reply = if key.starts_with("nobody") {
+                Reply::not_found()
+            } else {
+                Reply::found(format!("v{}-{key}", v.load(Ordering::SeqCst)).as_bytes())
+            };
+            if delay.is_zero() {
+                reply
+            } else {
+                reply.delayed(delay)
+            }
+        });
+        Backend { server, version }
+    }
+
+    fn set_version(&self, v: usize) {
+        self.version.store(v, Ordering::SeqCst);
+    }
+
+    fn requests(&self) -> usize {
+        self.server.requests()
+    }
+
+    fn url(&self) -> String {
+        self.server.url("/")
+    }
+}
+
+/// The tcp_table reply for `key` (lower case) from a [`Backend`] at `version`.
+fn want(key: &str, version: usize) -> String {
+    if key.starts_with("nobody") {
+        "500 not found\n".to_string()
+    } else {
+        format!("200 v{version}-{}\n", encode_key(key))
+    }
+}
+
+/// `%XX` quoting as the daemon writes tcp_table values and dump fields.
+fn encode_key(s: &str) -> String {
+    let mut out = String::new();
+    for &b in s.as_bytes() {
+        if b == b'%' || !(0x21..=0x7e).contains(&b) {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
+}
+
+/// `n` keys, every tenth one not found.
+fn key_set(tag: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            if i % 10 == 9 {
+                format!("nobody{i:03}-{tag}@example.com")
+            } else {
+                format!("user{i:03}-{tag}@example.com")
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Helpers: nodes (daemons) and their configuration
+// ---------------------------------------------------------------------------
+
+/// A node's configuration, before ports are chosen.
+#[derive(Clone)]
+struct Cfg {
+    workers: usize,
+    daemon: Vec<String>,
+    /// The `[shared_cache]` section's lines; `None`: no section.
+    shared: Option<Vec<String>>,
+    cache: Vec<String>,
+    /// (name, server URL, extra lines); each map gets a tcp_listen.
+    maps: Vec<(String, String, Vec<String>)>,
+}
+
+impl Cfg {
+    /// Two workers, one map `virtual` on `server`, and with `redis` a
+    /// `[shared_cache]` on it (`timeout = "1s"`: counts must not depend on
+    /// how busy the test machine is).
+    fn new(redis: Option<&str>, server: &str) -> Cfg {
+        Cfg {
+            workers: 2,
+            daemon: Vec::new(),
+            shared: redis.map(|u| vec![format!("url = {u:?}"), "timeout = \"1s\"".into()]),
+            cache: Vec::new(),
+            maps: vec![("virtual".into(), server.into(), Vec::new())],
+        }
+    }
+
+    /// Adds (or replaces) a `[shared_cache]` line.
+    fn shared(mut self, line: &str) -> Cfg {
+        let lines = self.shared.as_mut().expect("a [shared_cache]");
+        let key = line.split('=').next().unwrap().trim();
+        lines.retain(|l| l.split('=').next().unwrap().trim() != key);
+        lines.push(line.into());
+        self
+    }
+
+    fn cache(mut self, line: &str) -> Cfg {
+        self.cache.push(line.into());
+        self
+    }
+
+    fn daemon(mut self, line: &str) -> Cfg {
+        self.daemon.push(line.into());
+        self
+    }
+
+    fn map(mut self, name: &str, server: &str, extra: &[&str]) -> Cfg {
+        self.maps.push((
+            name.into(),
+            server.into(),
+            extra.iter().map(|s| s.to_string()).collect(),
+        ));
+        self
+    }
+}
+
+/// One daemon of the fleet: a tcp_table listener per map, `stats_listen`
+/// and an admin socket in a directory of its own.
+struct Node {
+    daemon: Daemon,
+    tcp: Vec<(String, u16)>,
+    stats: u16,
+    admin: PathBuf,
+    admin_dir: PathBuf,
+    workers: usize,
+}
+
+impl Node {
+    fn start(cfg: &Cfg) -> Node {
+        let admin_dir = unique_temp_dir("httpmapd-admin");
+        let admin = admin_dir.join("admin.sock");
+        let stats = free_port();
+        let mut text = format!(
+            "[daemon]\nworkers = {}\nlog_level = \"info\"\nstats_listen = \"127.0.0.1:{stats}\"\nadmin_socket = {:?}\n",
+            cfg.workers,
+            admin.display().to_string()
+        );
+        for l in &cfg.daemon {
+            text.push_str(&format!("{l}\n"));
+        }
+        if let Some(lines) = &cfg.shared {
+            text.push_str("\n[shared_cache]\n");
+            for l in lines {
+                text.push_str(&format!("{l}\n"));
+            }
+        }
+        if !cfg.cache.is_empty() {
+            text.push_str("\n[cache]\n");
+            for l in &cfg.cache {
+                text.push_str(&format!("{l}\n"));
+            }
+        }
+        let mut tcp = Vec::new();
+        for (name, url, extra) in &cfg.maps {
+            let port = free_port();
+            text.push_str(&format!(
+                "\n[maps.{name}]\ntcp_listen = \"127.0.0.1:{port}\"\nservers = [{url:?}]\n"
+            ));
+            for l in extra {
+                text.push_str(&format!("{l}\n"));
+            }
+            tcp.push((name.clone(), port));
+        }
+        let daemon = Daemon::start(&text, tcp[0].1);
+        Node {
+            daemon,
+            tcp,
+            stats,
+            admin,
+            admin_dir,
+            workers: cfg.workers,
+        }
+    }
+
+    fn port(&self, map: &str) -> u16 {
+        self.tcp
+            .iter()
+            .find(|(n, _)| n == map)
+            .unwrap_or_else(|| panic!("no map {map}"))
+            .1
+    }
+
+    /// One lookup in `virtual` on a new connection (so lookups spread over
+    /// the workers): the reply line.
+    fn get(&self, key: &str) -> String {
+        self.get_in("virtual", key)
+    }
+
+    fn get_in(&self, map: &str, key: &str) -> String {
+        let mut c = LineClient::connect(self.port(map));
+        show(&c.query(format!("get {}\n", encode_key(key)).as_bytes()))
+    }
+
+    fn client(&self) -> LineClient {
+        LineClient::connect(self.port("virtual"))
+    }
+
+    fn metrics(&self) -> String {
+        let (status, body) = http_get(self.stats, "/metrics");
+        assert_eq!(status, 200, "/metrics: {body}");
+        body
+    }
+
+    /// One series of /metrics (panics if absent).
+    fn metric(&self, series: &str) -> f64 {
+        sample(&self.metrics(), series)
+    }
+
+    /// Waits until every worker is connected to the shared cache.
+    fn wait_connected(&self) {
+        let want = self.workers as f64;
+        let mut last = -1.0;
+        let ok = wait_until(Duration::from_secs(15), || {
+            last = self.metric("httpmapd_shared_cache_connections");
+            last == want
+        });
+        assert!(
+            ok,
+            "{last} of {want} workers connected to the shared cache; log:\n{}",
+            self.log()
+        );
+    }
+
+    fn config(&self) -> &Path {
+        &self.daemon.config_path
+    }
+
+    fn config_str(&self) -> &str {
+        self.config().to_str().unwrap()
+    }
+
+    fn log(&self) -> String {
+        self.daemon.stderr()
+    }
+
+    /// Log lines saying the shared cache went down.
+    fn down_lines(&self) -> usize {
+        count_lines(&self.log(), "is down")
+    }
+
+    /// Log lines saying the shared cache is back.
+    fn up_lines(&self) -> usize {
+        count_lines(&self.log(), "is up again")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.admin_dir);
+    }
+}
+
+fn count_lines(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Lines of `log` containing `needle`, for messages.
+fn lines_with(log: &str, needle: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `GET path` (Connection: close): (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    // The tcp_table listeners (what `Daemon::start` waits for) are bound
+    // a moment before stats_listen: retry a refused connect.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut conn = TcpStream::connect_timeout(&addr, WAIT);
+    let deadline = Instant::now() + WAIT;
+    while conn.is_err() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+        conn = TcpStream::connect_timeout(&addr, WAIT);
+    }
+    let mut s = conn.unwrap_or_else(|e| panic!("connect to stats port {port}: {e}"));
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the stats response");
+    let text = show(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    (status, body.to_string())
+}
+
+/// The value of one series (`name{labels}` exactly as written).
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| {
+            let family = series.split('{').next().unwrap();
+            panic!(
+                "no series {series} in /metrics; related:\n{}",
+                lines_with(metrics, family)
+            )
+        })
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A command's outcome.
+#[derive(Debug)]
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a command to its end (at most 30 s).
+fn run(mut cmd: Command) -> Out {
+    cmd.stdin(Stdio::null());
+    let (tx, rx) = mpsc::channel();
+    let what = format!("{cmd:?}");
+    thread::spawn(move || {
+        let _ = tx.send(cmd.output());
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("{what} did not finish within 30 s"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: show(&out.stdout),
+        stderr: show(&out.stderr),
+    }
+}
+
+/// `httpmapd ARGS...`
+fn httpmapd(args: &[&str]) -> Out {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    run(c)
+}
+
+/// How to run a command as another user (`nobody`), if this process can.
+fn as_nobody() -> Option<Vec<String>> {
+    // SAFETY: geteuid has no side effects.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let exists = |p: &str| Path::new(p).is_file();
+    for dir in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let setpriv = format!("{dir}/setpriv");
+        if exists(&setpriv) {
+            return Some(vec![
+                setpriv,
+                "--reuid=nobody".into(),
+                "--regid=nogroup".into(),
+                "--clear-groups".into(),
+            ]);
+        }
+    }
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin"] {
+        let runuser = format!("{dir}/runuser");
+        if exists(&runuser) {
+            return Some(vec![runuser, "-u".into(), "nobody".into(), "--".into()]);
+        }
+    }
+    None
+}
+
+/// `httpmapd ARGS...` as user nobody (`prefix` from [`as_nobody`]).
+fn httpmapd_as(prefix: &[String], args: &[&str]) -> Out {
+    let mut c = Command::new(&prefix[0]);
+    c.args(&prefix[1..]).arg(BIN).args(args);
+    run(c)
+}
+
+/// The lines of `show`'s output, split at tabs: `SOURCE STATE SECONDS KIND
+/// VALUE`, or `SOURCE absent`.
+fn parse_show(stdout: &str) -> Vec<Vec<String>> {
+    stdout
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
+/// Checks a `show` line: `SOURCE STATE SECONDS KIND VALUE` with seconds in
+/// `lo..=hi`.
+fn assert_show_line(
+    line: &[String],
+    source: &str,
+    state: &str,
+    lo: f64,
+    hi: f64,
+    kind: &str,
+    value: &str,
+) {
+    assert_eq!(line.len(), 5, "show line {line:?}");
+    assert_eq!(
+        (
+            line[0].as_str(),
+            line[1].as_str(),
+            line[3].as_str(),
+            line[4].as_str()
+        ),
+        (source, state, kind, value),
+        "show line {line:?}"
+    );
+    let secs: f64 = line[2].parse().expect("seconds");
+    assert!(
+        (lo..=hi).contains(&secs),
+        "show line {line:?}: seconds {secs} not in {lo}..={hi}"
+    );
+    assert_eq!(
+        line[2].split('.').nth(1).map(str::len),
+        Some(3),
+        "seconds with 3 decimals: {line:?}"
+    );
+}
+
+/// Sums one series over the nodes.
+fn total(nodes: &[Node], series: &str) -> f64 {
+    nodes.iter().map(|n| n.metric(series)).sum()
+}
+
+/// The password appears nowhere in `text`.
+fn assert_no_password(what: &str, text: &str) {
+    assert!(
+        !text.contains(PASSWORD),
+        "the Redis password appears in {what}:\n{}",
+        lines_with(text, PASSWORD)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 1. Three nodes, one Redis: a key fetched once is served everywhere
+// ---------------------------------------------------------------------------
+
+#[test]
+fn three_nodes_share_what_one_fetched() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"1h\"");
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&cfg)).collect();
+    for n in &nodes {
+        n.wait_connected();
+    }
+
+    // One key: node 1 fetches it, nodes 2 and 3 read it from Redis (asked
+    // in upper case: folded as node 1 folded it).
+    assert_eq!(
+        nodes[0].get("alice@example.com"),
+        want("alice@example.com", 1)
+    );
+    assert_eq!(backend.requests(), 1);
+    let mut c = redis.conn();
+    wait_keys(&mut c, "httpmapd:v:*", 1);
+    for n in &nodes[1..] {
+        assert_eq!(n.get("Alice@EXAMPLE.com"), want("alice@example.com", 1));
+    }
+    assert_eq!(backend.requests(), 1, "nodes 2 and 3 asked the server");
+
+    // 100 keys (10 not found): fetched once, by node 1.
+    let keys = key_set("t1", 100);
+    for k in &keys {
+        assert_eq!(nodes[0].get(k), want(k, 1));
+    }
+    assert_eq!(backend.requests(), 101);
+    wait_keys(&mut c, "httpmapd:v:*", 101);
+    for n in &nodes[1..] {
+        for k in &keys {
+            assert_eq!(n.get(k), want(k, 1), "{k}");
+        }
+    }
+    assert_eq!(backend.requests(), 101, "nodes 2 and 3 asked the server");
+    let mut seen: Vec<String> = backend.server.keys().iter().map(|k| show(k)).collect();
+    seen.sort();
+    let mut expected: Vec<String> = keys.clone();
+    expected.push("alice@example.com".into());
+    expected.sort();
+    assert_eq!(seen, expected, "each key asked exactly once");
+
+    // The counters say the same, node by node.
+    let m = nodes[0].metrics();
+    assert_eq!(sample(&m, "httpmapd_shared_cache_misses_total"), 101.0);
+    assert_eq!(sample(&m, "httpmapd_shared_cache_hits_total"), 0.0);
+    assert_eq!(sample(&m, "httpmapd_shared_cache_writes_total"), 101.0);
+    assert_eq!(
+        sample(&m, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
+        101.0
+    );
+    for n in &nodes[1..] {
+        let m = n.metrics();
+        assert_eq!(sample(&m, "httpmapd_shared_cache_hits_total"), 101.0);
+        assert_eq!(sample(&m, "httpmapd_shared_cache_misses_total"), 0.0);
+        assert_eq!(
+            sample(&m, "httpmapd_shared_cache_claims_total{result=\"lost\"}"),
+            0.0
+        );
+        assert_eq!(sample(&m, "httpmapd_shared_cache_writes_total"), 0.0);
+        assert_eq!(
+            sample(&m, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
+            0.0
+        );
+    }
+    for n in &nodes {
+        let m = n.metrics();
+        for kind in ["unavailable", "timeout", "reply", "protocol"] {
+            assert_eq!(
+                sample(
+                    &m,
+                    &format!("httpmapd_shared_cache_errors_total{{kind=\"{kind}\"}}")
+                ),
+                0.0,
+                "errors of kind {kind}"
+            );
+        }
+        assert_eq!(sample(&m, "httpmapd_shared_cache_connections"), 2.0);
+    }
+
+    // Redis holds exactly those 101 values, under the default prefix.
+    assert_eq!(c.keys("httpmapd:v:*").len(), 101);
+    assert!(c.get(&vkey("virtual", "alice@example.com")).is_some());
+    for n in &nodes {
+        assert_eq!(n.down_lines(), 0, "{}", n.log());
+        assert_no_password("the log", &n.log());
+    }
+}
+
+/// A value read from Redis lives in L1 only for the time it has left.
+#[test]
+fn a_value_from_redis_keeps_the_lifetime_it_has_left() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"10s\"");
+    let a = Node::start(&cfg);
+    let b = Node::start(&cfg);
+    a.wait_connected();
+    b.wait_connected();
+    assert_eq!(a.get("carol@example.com"), want("carol@example.com", 1));
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(b.get("carol@example.com"), want("carol@example.com", 1));
+    assert_eq!(backend.requests(), 1);
+    let out = httpmapd(&["show", "-c", b.config_str(), "virtual", "carol@example.com"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines = parse_show(&out.stdout);
+    assert_eq!(lines.len(), 2, "{out:?}");
+    // 10 s from node 1's fetch, 1.5 s ago: at most 8.5 s left, not 10.
+    assert_show_line(
+        &lines[0],
+        "in-process",
+        "fresh",
+        6.0,
+        8.6,
+        "found",
+        "v1-carol@example.com",
+    );
+    assert_show_line(
+        &lines[1],
+        "shared",
+        "fresh",
+        6.0,
+        8.6,
+        "found",
+        "v1-carol@example.com",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. Purge on one node reaches every node within 1 s
+// ---------------------------------------------------------------------------
+
+#[test]
+fn purge_on_one_node_reaches_every_node_within_a_second() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"1h\"");
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&cfg)).collect();
+    for n in &nodes {
+        n.wait_connected();
+    }
+    let k = "dave@example.com";
+    let mut c = redis.conn();
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(n.get(k), want(k, 1));
+        assert_eq!(n.get(k), want(k, 1));
+        if i == 0 {
+            wait_keys(&mut c, "httpmapd:v:*", 1);
+        }
+    }
+    assert_eq!(backend.requests(), 1);
+
+    // The directory changes; node 1 is told (the key in upper case: purge
+    // folds as the map does).
+    backend.set_version(2);
+    let out = httpmapd(&[
+        "purge",
+        "-c",
+        nodes[0].config_str(),
+        "virtual",
+        "DAVE@example.com",
+    ]);
+    let purged = Instant::now();
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "dropped 1 entries from the in-process cache and 1 from the shared cache\n"
+    );
+    assert_eq!(out.stderr, "");
+    for (i, n) in nodes.iter().enumerate() {
+        let left = Duration::from_secs(1).saturating_sub(purged.elapsed());
+        let mut last = String::new();
+        let ok = wait_until(left, || {
+            last = n.get(k);
+            last == want(k, 2)
+        });
+        assert!(
+            ok,
+            "node {} still answers {last:?} 1 s after the purge",
+            i + 1
+        );
+    }
+    eprintln!(
+        "purge reached all 3 nodes in {} ms",
+        purged.elapsed().as_millis()
+    );
+    assert_eq!(
+        backend.requests(),
+        2,
+        "the new value fetched once for the fleet"
+    );
+
+    // Counts: a key nobody holds; two keys held by node 1 and Redis.
+    let out = httpmapd(&[
+        "purge",
+        "-c",
+        nodes[1].config_str(),
+        "virtual",
+        "nobody-ever@example.com",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "dropped 0 entries from the in-process cache and 0 from the shared cache\n"
+    );
+    assert_eq!(
+        nodes[0].get("erin@example.com"),
+        want("erin@example.com", 2)
+    );
+    assert_eq!(
+        nodes[0].get("nobody1@example.com"),
+        want("nobody1@example.com", 2)
+    );
+    wait_keys(&mut c, "httpmapd:v:*", 3);
+    let out = httpmapd(&[
+        "purge",
+        "-c",
+        nodes[0].config_str(),
+        "virtual",
+        "erin@example.com",
+        "nobody1@example.com",
+        "frank@example.com",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "dropped 2 entries from the in-process cache and 2 from the shared cache\n"
+    );
+    assert_eq!(nodes[0].metric("httpmapd_shared_cache_purges_total"), 2.0);
+    assert_eq!(nodes[1].metric("httpmapd_shared_cache_purges_total"), 1.0);
+    assert_eq!(nodes[2].metric("httpmapd_shared_cache_purges_total"), 0.0);
+    // Every node heard the purges (invalidations).
+    for n in &nodes[1..] {
+        assert!(n.metric("httpmapd_shared_cache_invalidations_total") >= 1.0);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Redis killed mid-load
+// ---------------------------------------------------------------------------
+
+/// What a load thread saw.
+#[derive(Default, Debug)]
+struct LoadCount {
+    answers: usize,
+    after_kill: usize,
+    wrong: Vec<String>,
+    temporary: usize,
+}
+
+#[test]
+fn redis_killed_mid_load_loses_and_falsifies_nothing() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let backend = Backend::start(Duration::ZERO);
+    // Short lifetimes: known keys keep going back to Redis and the servers.
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url())
+        .shared("timeout = \"50ms\"")
+        .cache("ttl = \"300ms\"")
+        .cache("negative_ttl = \"300ms\"");
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&cfg)).collect();
+    for n in &nodes {
+        n.wait_connected();
+    }
+    let keys = Arc::new(key_set("t3", 100));
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for t in 0..2 {
+            let port = n.port("virtual");
+            let (keys, stop, killed) = (keys.clone(), stop.clone(), killed.clone());
+            threads.push(thread::spawn(move || {
+                let mut c = LineClient::connect(port);
+                let mut count = LoadCount::default();
+                let mut j = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    // Three known keys, then one never asked before.
+                    let key = if j % 4 == 3 {
+                        format!("fresh-{i}-{t}-{j}@example.com")
+                    } else {
+                        keys[(j * 7 + i * 13 + t) % keys.len()].clone()
+                    };
+                    j += 1;
+                    let was_killed = killed.load(Ordering::SeqCst);
+                    let got = show(&c.query(format!("get {key}\n").as_bytes()));
+                    count.answers += 1;
+                    if was_killed {
+                        count.after_kill += 1;
+                    }
+                    if got.starts_with("400 ") {
+                        count.temporary += 1;
+                    }
+                    if got != want(&key, 1) && count.wrong.len() < 10 {
+                        count.wrong.push(format!("{key}: {got:?}"));
+                    }
+                }
+                count
+            }));
+        }
+    }
+    thread::sleep(Duration::from_millis(500));
+    redis.kill();
+    killed.store(true, Ordering::SeqCst);
+    thread::sleep(Duration::from_millis(1200));
+    stop.store(true, Ordering::SeqCst);
+    let counts: Vec<LoadCount> = threads
+        .into_iter()
+        .map(|t| t.join().expect("a load thread lost an answer (panicked)"))
+        .collect();
+    eprintln!("load per thread: {counts:?}");
+    for (i, c) in counts.iter().enumerate() {
+        assert!(
+            c.wrong.is_empty(),
+            "thread {i}: wrong answers {:?}",
+            c.wrong
+        );
+        assert_eq!(c.temporary, 0, "thread {i}: temporary errors");
+        assert!(
+            c.after_kill >= 50,
+            "thread {i}: only {} lookups in 1.2 s after Redis died",
+            c.after_kill
+        );
+    }
+    for n in &nodes {
+        assert!(wait_until(WAIT, || n
+            .metric("httpmapd_shared_cache_connections")
+            == 0.0));
+        let log = n.log();
+        assert!(
+            log.contains(&format!("shared cache {} is down", redis.described())),
+            "{}",
+            lines_with(&log, "shared cache")
+        );
+        assert_no_password("the log", &log);
+    }
+    // One line per worker connection: its state changed once (up to down),
+    // whatever the reasons it meets while down (reset, then refused).
+    for n in &nodes {
+        let log = n.log();
+        let down = n.down_lines();
+        assert!(
+            (1..=n.workers).contains(&down),
+            "{down} 'is down' lines for {} worker connections (one per change of state):\n{}",
+            n.workers,
+            lines_with(&log, "shared cache")
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Redis restarted empty: sharing resumes, L1 dropped on reconnect
+// ---------------------------------------------------------------------------
+
+#[test]
+fn redis_restarted_empty_sharing_resumes() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"1h\"");
+    let a = Node::start(&cfg);
+    let b = Node::start(&cfg);
+    a.wait_connected();
+    b.wait_connected();
+    // Before: j cached on both nodes (one fetch).
+    assert_eq!(a.get("judy@example.com"), want("judy@example.com", 1));
+    assert_eq!(b.get("judy@example.com"), want("judy@example.com", 1));
+    assert_eq!(backend.requests(), 1);
+
+    redis.restart();
+    for n in [&a, &b] {
+        n.wait_connected();
+        assert!(
+            wait_until(WAIT, || n.up_lines() == n.workers),
+            "one 'is up again' line per worker:\n{}",
+            lines_with(&n.log(), "shared cache")
+        );
+    }
+    assert_eq!(
+        redis.conn().keys("*"),
+        Vec::<String>::new(),
+        "restarted empty"
+    );
+
+    // A new key: fetched by node 1, served to node 2 by Redis.
+    assert_eq!(a.get("kim@example.com"), want("kim@example.com", 1));
+    assert_eq!(backend.requests(), 2);
+    wait_keys(&mut redis.conn(), "httpmapd:v:*", 1);
+    assert_eq!(b.get("kim@example.com"), want("kim@example.com", 1));
+    assert_eq!(
+        backend.requests(),
+        2,
+        "node 2 asked the server after the restart"
+    );
+
+    // The tracking connection came back: what L1 held before is dropped
+    // (changes made meanwhile are unknown). Node 2 fetches j again, node 1
+    // reads it from Redis.
+    assert_eq!(b.get("judy@example.com"), want("judy@example.com", 1));
+    assert_eq!(
+        backend.requests(),
+        3,
+        "node 2 still served j from L1 kept across the outage"
+    );
+    assert_eq!(a.get("judy@example.com"), want("judy@example.com", 1));
+    assert_eq!(backend.requests(), 3);
+    for n in [&a, &b] {
+        assert!(
+            n.down_lines() <= n.workers,
+            "{}",
+            lines_with(&n.log(), "shared cache")
+        );
+        assert_no_password("the log", &n.log());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 5. Something else than Redis on the port
+// ---------------------------------------------------------------------------
+
+/// How a fake Redis misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Fake {
+    /// Bytes that are not RESP at all, after reading the greeting.
+    NotResp,
+    /// A RESP bulk string header far over any limit.
+    HugeBulk,
+    /// `-ERR` to everything (HELLO included).
+    Errors,
+    /// Accepts and closes at once.
+    Close,
+}
+
+/// A listener that plays `fake` on every connection; counts connections.
+struct FakeRedis {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeRedis {
+    fn start(fake: Fake) -> FakeRedis {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, st) = (connections.clone(), stop.clone());
+        thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((mut s, _)) = l.accept() else {
+                    thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                n.fetch_add(1, Ordering::SeqCst);
+                let st = st.clone();
+                thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    if let Fake::Close = fake {
+                        return;
+                    }
+                    s.set_read_timeout(Some(Duration::from_millis(100)))
+                        .unwrap();
+                    let mut buf = [0u8; 4096];
+                    while !st.load(Ordering::SeqCst) {
+                        match s.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(_) => {
+                                let junk: &[u8] = match fake {
+                                    Fake::NotResp => b"HTTP/1.1 400 Bad Request\r\n\r\n\x00\xff",
+                                    Fake::HugeBulk => b"$99999999999\r\n",
+                                    Fake::Errors => {
+                                        b"-ERR unknown command, with args beginning with: \r\n"
+                                    }
+                                    Fake::Close => b"",
+                                };
+                                if s.write_all(junk).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        FakeRedis {
+            port,
+            connections,
+            stop,
+        }
+    }
+}
+
+impl Drop for FakeRedis {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_server_speaking_garbage_in_place_of_redis_is_only_misses() {
+    for fake in [Fake::NotResp, Fake::HugeBulk, Fake::Errors, Fake::Close] {
+        let f = FakeRedis::start(fake);
+        let backend = Backend::start(Duration::ZERO);
+        let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", f.port);
+        let cfg = Cfg::new(Some(&url), &backend.url()).shared("timeout = \"50ms\"");
+        let started = Instant::now();
+        let node = Node::start(&cfg);
+        // Let it try (and fail) a few times.
+        assert!(
+            wait_until(WAIT, || f.connections.load(Ordering::SeqCst) >= 2),
+            "{fake:?}: the daemon never connected"
+        );
+        let keys = key_set("t5", 30);
+        for k in &keys {
+            assert_eq!(node.get(k), want(k, 1), "{fake:?}");
+        }
+        assert_eq!(backend.requests(), 30, "{fake:?}");
+        // Asked again: L1 answers (still no Redis).
+        for k in &keys {
+            assert_eq!(node.get(k), want(k, 1), "{fake:?}");
+        }
+        assert_eq!(backend.requests(), 30, "{fake:?}");
+        thread::sleep(Duration::from_millis(700));
+        let m = node.metrics();
+        let log = node.log();
+        let protocol = sample(&m, "httpmapd_shared_cache_errors_total{kind=\"protocol\"}");
+        let reply = sample(&m, "httpmapd_shared_cache_errors_total{kind=\"reply\"}");
+        let unavailable = sample(
+            &m,
+            "httpmapd_shared_cache_errors_total{kind=\"unavailable\"}",
+        );
+        eprintln!(
+            "{fake:?}: {} connections in {:?}; errors protocol {protocol} reply {reply} unavailable {unavailable}; log:\n{}",
+            f.connections.load(Ordering::SeqCst),
+            started.elapsed(),
+            lines_with(&log, "shared cache")
+        );
+        assert_eq!(
+            sample(&m, "httpmapd_shared_cache_connections"),
+            0.0,
+            "{fake:?}"
+        );
+        assert_eq!(
+            sample(&m, "httpmapd_shared_cache_hits_total"),
+            0.0,
+            "{fake:?}"
+        );
+        assert!(
+            unavailable >= 30.0,
+            "{fake:?}: every miss counted unavailable"
+        );
+        match fake {
+            Fake::NotResp | Fake::HugeBulk => assert!(protocol > 0.0, "{fake:?}"),
+            Fake::Errors => assert!(reply > 0.0, "{fake:?}"),
+            Fake::Close => {}
+        }
+        // One line per worker at most (its state changed once), never one
+        // per lookup or per reconnect.
+        let down = node.down_lines();
+        assert!(
+            (1..=node.workers).contains(&down),
+            "{fake:?}: {down} 'is down' lines:\n{}",
+            lines_with(&log, "shared cache")
+        );
+        assert!(
+            log.contains(&format!("redis://:***@127.0.0.1:{}/0 is down", f.port)),
+            "{log}"
+        );
+        assert_no_password("the log", &log);
+        // Reconnects back off: each worker tries at 0, 100, 300, 700,
+        // 1500 ms... (the wait doubles from 100 ms): in T ms at most
+        // 2 + log2(T / 100 + 1) tries per worker.
+        let conns = f.connections.load(Ordering::SeqCst);
+        let ms = started.elapsed().as_millis() as f64;
+        let bound = 2 * (2 + (ms / 100.0 + 1.0).log2().floor() as usize);
+        assert!(
+            conns <= bound,
+            "{fake:?}: {conns} connections in {ms} ms (at most {bound} with the backoff)"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 6. The password: in no log, --check output, error or metric
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_password_shows_nowhere() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let backend = Backend::start(Duration::ZERO);
+    let good = Node::start(&Cfg::new(Some(&redis.url()), &backend.url()));
+    good.wait_connected();
+    assert_eq!(good.get("x@example.com"), want("x@example.com", 1));
+
+    // A wrong password (WRONGPASS), none at all (NOAUTH), a user that
+    // does not exist.
+    const WRONG: &str = "Wrong-Secret-4417";
+    let wrong_url = format!("redis://:{WRONG}@127.0.0.1:{}", redis.port);
+    let wrong = Node::start(&Cfg::new(Some(&wrong_url), &backend.url()));
+    let none_url = format!("redis://127.0.0.1:{}", redis.port);
+    let none = Node::start(&Cfg::new(Some(&none_url), &backend.url()));
+    let user_url = format!("redis://ghost:{PASSWORD}@127.0.0.1:{}", redis.port);
+    let user = Node::start(&Cfg::new(Some(&user_url), &backend.url()));
+    for (n, needle) in [
+        (&wrong, "WRONGPASS"),
+        (&none, "NOAUTH"),
+        (&user, "WRONGPASS"),
+    ] {
+        assert!(
+            wait_until(WAIT, || n.log().contains(needle)),
+            "no {needle} in the log:\n{}",
+            n.log()
+        );
+        assert_eq!(n.get("y@example.com"), want("y@example.com", 1));
+    }
+    assert!(wrong
+        .log()
+        .contains(&format!("redis://:***@127.0.0.1:{}/0 is down", redis.port)));
+    assert!(user.log().contains(&format!(
+        "redis://ghost:***@127.0.0.1:{}/0 is down",
+        redis.port
+    )));
+
+    // Down and up again, with the password in the URL.
+    redis.restart();
+    good.wait_connected();
+    assert!(wait_until(WAIT, || good.up_lines() == good.workers));
+
+    // /metrics and /health.
+    for n in [&good, &wrong, &none, &user] {
+        assert_no_password("/metrics", &n.metrics());
+        assert_no_password("/metrics", &http_get(n.stats, "/health").1);
+    }
+
+    // An admin command's error (Redis down) names Redis without the password.
+    redis.kill();
+    let out = httpmapd(&["purge", "-c", good.config_str(), "virtual", "x@example.com"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&redis.described()), "{out:?}");
+    assert_no_password("purge's error", &format!("{}{}", out.stdout, out.stderr));
+    let out = httpmapd(&["show", "-c", good.config_str(), "virtual", "x@example.com"]);
+    assert_no_password("show's output", &format!("{}{}", out.stdout, out.stderr));
+
+    for n in [&good, &wrong, &none, &user] {
+        assert_no_password("the log", &n.log());
+        assert!(
+            !n.log().contains(WRONG),
+            "the wrong password is logged:\n{}",
+            n.log()
+        );
+    }
+
+    // --check of bad [shared_cache] sections holding the password.
+    let dir = unique_temp_dir("httpmapd-check");
+    let bad = [
+        format!("url = \"redis://:{PASSWORD}@127.0.0.1:notaport\""),
+        format!("url = \"redis://:{PASSWORD}@127.0.0.1:99999\""),
+        format!("url = \"redis://:{PASSWORD}@127.0.0.1:6379/nodb\""),
+        format!("url = \"http://:{PASSWORD}@127.0.0.1:6379\""),
+        format!("url = \"redis://:{PASSWORD}@\""),
+        format!(
+            "url = \"rediss://:{PASSWORD}@127.0.0.1:6379\"\ntls_ca_file = \"/nonexistent/ca.pem\""
+        ),
+        format!("url = \"redis://:{PASSWORD}@127.0.0.1:6379\"\ntls_ca_file = \"/etc/hostname\""),
+        format!("url = \"redis://:{PASSWORD}@127.0.0.1:6379\"\ntimeout = \"0s\""),
+        format!("url = \"redis://:{PASSWORD}@127.0.0.1:6379\"\nbogus = \"{PASSWORD}\""),
+        format!("url = \"redis://:{PASSWORD}@no-such-host.invalid:6379\""),
+        format!("url = \"redis://:{PASSWORD}@127.0.0.1:6379"),
+    ];
+    for (i, section) in bad.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[shared_cache]\n{section}\n\n[maps.virtual]\nservers = [\"http://127.0.0.1:1/\"]\n"
+            ),
+        )
+        .unwrap();
+        let out = httpmapd(&["-c", path.to_str().unwrap(), "--check"]);
+        eprintln!("--check {section:?}: {}", out.stderr.trim_end());
+        assert_eq!(out.code, 1, "{section}: {out:?}");
+        assert!(
+            out.stderr.contains("bad"),
+            "{section}: names the file: {out:?}"
+        );
+        assert_no_password(
+            &format!("--check of {section:?}"),
+            &format!("{}{}", out.stdout, out.stderr),
+        );
+    }
+    // A good one.
+    let out = httpmapd(&["-c", good.config_str(), "--check"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_no_password("--check", &format!("{}{}", out.stdout, out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Redis commands per lookup, and how a value is stored
+// ---------------------------------------------------------------------------
+
+#[test]
+fn redis_commands_per_lookup() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url())
+        .shared("prefix = \"fleet7:\"")
+        .cache("ttl = \"1h\"")
+        .cache("negative_ttl = \"1m\"")
+        .cache("stale_ttl = \"1h\"");
+    let node = Node::start(&cfg);
+    node.wait_connected();
+    let mut c = redis.conn();
+    let keys = key_set("t7", 10);
+
+    // Misses: GET, SET NX (the claim), SET (the value), UNLINK (the claim
+    // released once the value is written), nothing else.
+    c.reset_stats();
+    for k in &keys {
+        assert_eq!(node.get(k), want(k, 1));
+    }
+    // (The value's SET leaves at the end of the turn that answered.)
+    let mut miss = BTreeMap::new();
+    wait_until(WAIT, || {
+        miss = c.commandstats();
+        miss == stats_of(&[("get", 10), ("set", 20), ("unlink", 10)])
+    });
+    eprintln!("10 misses: {miss:?}");
+    assert_eq!(miss, stats_of(&[("get", 10), ("set", 20), ("unlink", 10)]));
+    assert_eq!(backend.requests(), 10);
+
+    // How it is stored.
+    let now = unix_ms();
+    let found = c
+        .get(b"fleet7:v:virtual:user000-t7@example.com")
+        .expect("stored");
+    assert_eq!(&found[..2], &[1, 1], "version 1, found");
+    assert_eq!(&found[10..], b"v1-user000-t7@example.com");
+    let fresh = u64::from_be_bytes(found[2..10].try_into().unwrap());
+    assert!(
+        fresh.abs_diff(now + 3_600_000) < 5_000,
+        "fresh until {fresh}, now {now}"
+    );
+    let pttl = c.pttl(b"fleet7:v:virtual:user000-t7@example.com");
+    assert!(
+        (7_190_000..=7_200_000).contains(&pttl),
+        "PX ttl + stale_ttl: {pttl}"
+    );
+    let nf = c
+        .get(b"fleet7:v:virtual:nobody009-t7@example.com")
+        .expect("stored");
+    assert_eq!(nf.len(), 10);
+    assert_eq!(&nf[..2], &[1, 0], "version 1, not found");
+    let fresh = u64::from_be_bytes(nf[2..10].try_into().unwrap());
+    assert!(fresh.abs_diff(now + 60_000) < 5_000);
+    let pttl = c.pttl(b"fleet7:v:virtual:nobody009-t7@example.com");
+    assert!(
+        (3_650_000..=3_660_000).contains(&pttl),
+        "PX negative_ttl + stale_ttl: {pttl}"
+    );
+    // The claims are released once their values are written.
+    let claims = c.keys("fleet7:l:*");
+    assert_eq!(claims, Vec::<String>::new(), "claims left behind");
+    assert_eq!(
+        c.keys("httpmapd:*"),
+        Vec::<String>::new(),
+        "the prefix is used"
+    );
+
+    // L1 hits, this node's own writes notwithstanding: no command.
+    thread::sleep(Duration::from_millis(300));
+    c.reset_stats();
+    for k in &keys {
+        assert_eq!(node.get(k), want(k, 1));
+    }
+    let l1 = c.commandstats();
+    eprintln!("10 L1 hits: {l1:?}");
+    assert_eq!(l1, BTreeMap::new(), "L1 hits after this node's own writes");
+
+    // L2 hits (a new process: L1 empty): one GET each.
+    drop(node);
+    let node = Node::start(&cfg);
+    node.wait_connected();
+    c.reset_stats();
+    for k in &keys {
+        assert_eq!(node.get(k), want(k, 1));
+    }
+    let hit = c.commandstats();
+    eprintln!("10 L2 hits: {hit:?}");
+    assert_eq!(hit, stats_of(&[("get", 10)]));
+    assert_eq!(backend.requests(), 10);
+}
+
+// ---------------------------------------------------------------------------
+// 8. Cold-key fan-out
+// ---------------------------------------------------------------------------
+
+/// Three nodes ask `rounds` new keys, each at the same moment (a barrier);
+/// the server answers after 100 ms. Returns the server's request count and
+/// the nodes (for their metrics).
+fn fan_out(redis: &Redis, claim_wait: &str, prefix: &str, rounds: usize) -> (usize, Vec<Node>) {
+    let backend = Backend::start(Duration::from_millis(100));
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url())
+        .shared(&format!("claim_wait = {claim_wait:?}"))
+        .shared(&format!("prefix = {prefix:?}"));
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&cfg)).collect();
+    for n in &nodes {
+        n.wait_connected();
+    }
+    for r in 0..rounds {
+        let key = format!("cold{r}-{prefix}@example.com");
+        let barrier = Arc::new(Barrier::new(nodes.len()));
+        let threads: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let mut c = n.client();
+                let (b, key) = (barrier.clone(), key.clone());
+                thread::spawn(move || {
+                    b.wait();
+                    show(&c.query(format!("get {key}\n").as_bytes()))
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), want(&key, 1));
+        }
+    }
+    (backend.requests(), nodes)
+}
+
+#[test]
+fn a_cold_key_asked_by_every_node_at_once_is_fetched_once() {
+    let Some(redis) = Redis::start() else { return };
+    let rounds = 5;
+    let (requests, nodes) = fan_out(&redis, "1s", "fan1:", rounds);
+    eprintln!("fan-out with claims: {requests} server requests for {rounds} keys x 3 nodes");
+    assert_eq!(requests, rounds, "one server request per key for the fleet");
+    assert_eq!(
+        total(&nodes, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
+        rounds as f64
+    );
+    assert_eq!(
+        total(&nodes, "httpmapd_shared_cache_hits_total"),
+        2.0 * rounds as f64
+    );
+    let lost = total(
+        &nodes,
+        "httpmapd_shared_cache_claims_total{result=\"lost\"}",
+    );
+    let misses = total(&nodes, "httpmapd_shared_cache_misses_total");
+    eprintln!("fan-out with claims: claims lost {lost}, shared-cache misses {misses}");
+    drop(nodes);
+
+    let (requests, nodes) = fan_out(&redis, "0s", "fan0:", rounds);
+    eprintln!("fan-out without claims (claim_wait = 0s): {requests} server requests for {rounds} keys x 3 nodes");
+    assert!((rounds..=3 * rounds).contains(&requests));
+    assert_eq!(
+        total(&nodes, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
+        0.0
+    );
+    assert_eq!(
+        total(
+            &nodes,
+            "httpmapd_shared_cache_claims_total{result=\"lost\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        redis.conn().keys("fan0:l:*"),
+        Vec::<String>::new(),
+        "no claim keys"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 9. The admin commands through the real socket
+// ---------------------------------------------------------------------------
+
+#[test]
+fn admin_commands_show_dump_purge() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url())
+        .cache("ttl = \"1h\"")
+        .cache("negative_ttl = \"1m\"")
+        .map(
+            "access",
+            &backend.url(),
+            &["ttl = \"1s\"", "stale_ttl = \"1h\""],
+        );
+    let node = Node::start(&cfg);
+    node.wait_connected();
+    let f = node.config_str().to_string();
+    let admin = |args: &[&str]| {
+        let mut a = vec![args[0], "-c", &f];
+        a.extend_from_slice(&args[1..]);
+        httpmapd(&a)
+    };
+
+    // Nothing yet.
+    let out = admin(&["show", "virtual", "a@x.org"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "in-process\tabsent\nshared\tabsent\n"),
+        "{out:?}"
+    );
+    let out = admin(&["dump"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (0, "", "")
+    );
+
+    let spaced = "sp ace%@x.org";
+    assert_eq!(node.get("a@x.org"), want("a@x.org", 1));
+    assert_eq!(node.get("nobody1@x.org"), want("nobody1@x.org", 1));
+    assert_eq!(node.get(spaced), want(spaced, 1));
+    assert_eq!(node.get_in("access", "b@x.org"), want("b@x.org", 1));
+    assert_eq!(backend.requests(), 4);
+    wait_keys(&mut redis.conn(), "httpmapd:v:*", 4);
+
+    // show: fresh, found and not found, from both caches; the key folded.
+    let out = admin(&["show", "virtual", "A@X.org"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let l = parse_show(&out.stdout);
+    assert_eq!(l.len(), 2, "{out:?}");
+    assert_show_line(
+        &l[0],
+        "in-process",
+        "fresh",
+        3590.0,
+        3600.0,
+        "found",
+        "v1-a@x.org",
+    );
+    assert_show_line(
+        &l[1],
+        "shared",
+        "fresh",
+        3590.0,
+        3600.0,
+        "found",
+        "v1-a@x.org",
+    );
+    let out = admin(&["show", "virtual", "nobody1@x.org"]);
+    let l = parse_show(&out.stdout);
+    assert_eq!(l.len(), 2, "{out:?}");
+    assert_show_line(&l[0], "in-process", "fresh", 50.0, 60.0, "not-found", "");
+    assert_show_line(&l[1], "shared", "fresh", 50.0, 60.0, "not-found", "");
+    let out = admin(&["show", "virtual", spaced]);
+    let l = parse_show(&out.stdout);
+    assert_show_line(
+        &l[0],
+        "in-process",
+        "fresh",
+        3590.0,
+        3600.0,
+        "found",
+        "v1-sp%20ace%25@x.org",
+    );
+
+    // dump: every map, then one; fields %XX-encoded, not found empty.
+    let dump_lines = |out: &Out| -> Vec<(String, String, String)> {
+        assert_eq!(out.code, 0, "{out:?}");
+        let mut v: Vec<(String, String, String)> = out
+            .stdout
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                assert_eq!(f.len(), 4, "dump line {l:?}");
+                let secs: f64 = f[3].parse().expect("seconds");
+                assert!(secs > -10.0 && secs <= 3600.0, "{l:?}");
+                (f[0].into(), f[1].into(), f[2].into())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let t = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    let out = admin(&["dump"]);
+    assert_eq!(
+        dump_lines(&out),
+        vec![
+            t("access", "b@x.org", "v1-b@x.org"),
+            t("virtual", "a@x.org", "v1-a@x.org"),
+            t("virtual", "nobody1@x.org", ""),
+            t("virtual", "sp%20ace%25@x.org", "v1-sp%20ace%25@x.org"),
+        ]
+    );
+    let out = admin(&["dump", "access"]);
+    assert_eq!(dump_lines(&out), vec![t("access", "b@x.org", "v1-b@x.org")]);
+    let out = admin(&["dump", "nope"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("no map"), "{out:?}");
+
+    // Stale: access has ttl 1s, stale_ttl 1h.
+    thread::sleep(Duration::from_millis(1200));
+    let out = admin(&["show", "access", "b@x.org"]);
+    let l = parse_show(&out.stdout);
+    assert_eq!(l.len(), 2, "{out:?}");
+    assert_show_line(
+        &l[0],
+        "in-process",
+        "stale",
+        -5.0,
+        -0.001,
+        "found",
+        "v1-b@x.org",
+    );
+    assert_show_line(
+        &l[1],
+        "shared",
+        "stale",
+        -5.0,
+        -0.001,
+        "found",
+        "v1-b@x.org",
+    );
+
+    // purge: keys, a map, everything; exact counts.
+    let out = admin(&["purge", "virtual", "a@x.org", "NOBODY1@x.org", "zed@x.org"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (
+            0,
+            "dropped 2 entries from the in-process cache and 2 from the shared cache\n"
+        ),
+        "{out:?}"
+    );
+    let out = admin(&["show", "virtual", "a@x.org"]);
+    assert_eq!(out.stdout, "in-process\tabsent\nshared\tabsent\n");
+    let out = admin(&["purge", "access", "--all"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (
+            0,
+            "dropped 1 entries from the in-process cache and 1 from the shared cache\n"
+        ),
+        "{out:?}"
+    );
+    assert_eq!(node.get("c@x.org"), want("c@x.org", 1));
+    assert_eq!(node.get_in("access", "d@x.org"), want("d@x.org", 1));
+    let out = admin(&["purge", "--all"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (
+            0,
+            "dropped 3 entries from the in-process cache and 3 from the shared cache\n"
+        ),
+        "{out:?}"
+    );
+    assert_eq!(admin(&["dump"]).stdout, "");
+    assert_eq!(redis.conn().keys("httpmapd:v:*"), Vec::<String>::new());
+    // Usage errors (keys and --all together: see `purge_refuses_keys_and_all_together`).
+    for args in [&["purge", "virtual"][..], &["purge"]] {
+        let out = admin(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+    }
+    let out = admin(&["purge", "nope", "k"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("no map"), "{out:?}");
+
+    // The socket: mode 0600, another user cannot open it.
+    let meta = std::fs::metadata(&node.admin).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    match as_nobody() {
+        Some(prefix) => {
+            let out = httpmapd_as(&prefix, &["show", "-c", &f, "virtual", "a@x.org"]);
+            assert_eq!(out.code, 1, "as nobody: {out:?}");
+            assert!(
+                out.stderr.contains("cannot reach the daemon") && out.stderr.contains("Permission denied"),
+                "as nobody: {out:?}"
+            );
+            // The same as nobody with mode 0666: it is the mode that refused.
+            let open = Node::start(&cfg.clone().daemon("admin_socket_mode = \"0666\""));
+            let meta = std::fs::metadata(&open.admin).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o666);
+            let out = httpmapd_as(&prefix, &["dump", "-c", open.config_str()]);
+            assert_eq!((out.code, out.stderr.as_str()), (0, ""), "as nobody, mode 0666: {out:?}");
+        }
+        None => eprintln!(
+            "NOTE: not root or no setpriv/runuser: the admin socket's mode is checked, not a connection as another user"
+        ),
+    }
+
+    // Redis down: purge fails (exit 1, a clear message); dump needs no Redis.
+    redis.kill();
+    let out = admin(&["purge", "virtual", "c@x.org"]);
+    eprintln!("purge with Redis down: {out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.starts_with("httpmapd: "), "{out:?}");
+    assert!(out.stderr.contains(&redis.described()), "{out:?}");
+    assert!(out.stderr.contains("refused"), "{out:?}");
+    let out = admin(&["show", "virtual", "c@x.org"]);
+    eprintln!("show with Redis down: {out:?}");
+    let out = admin(&["dump"]);
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // The daemon not running: a socket file nobody listens on, then none.
+    let admin_path = node.admin.clone();
+    let config = node.config().to_path_buf();
+    let kept = unique_temp_dir("httpmapd-kept");
+    let kept_config = kept.join("httpmapd.toml");
+    std::fs::copy(&config, &kept_config).unwrap();
+    let kc = kept_config.to_str().unwrap().to_string();
+    let mut node = node;
+    let _ = node.daemon.child.kill();
+    let _ = node.daemon.child.wait();
+    assert!(admin_path.exists(), "the socket file stays after SIGKILL");
+    let out = httpmapd(&["purge", "-c", &kc, "virtual", "c@x.org"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "cannot reach the daemon at {}",
+            admin_path.display()
+        )),
+        "{out:?}"
+    );
+    drop(node);
+    assert!(!admin_path.exists());
+    for args in [
+        &["purge", "-c", &kc, "--all"][..],
+        &["show", "-c", &kc, "virtual", "k"],
+        &["dump", "-c", &kc],
+    ] {
+        let out = httpmapd(args);
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains(&format!(
+                "cannot reach the daemon at {}",
+                admin_path.display()
+            )),
+            "{out:?}"
+        );
+        assert_eq!(out.stdout, "");
+    }
+    let _ = std::fs::remove_dir_all(&kept);
+}
+
+/// Without `[shared_cache]` purge speaks only of the in-process cache.
+#[test]
+fn admin_purge_without_a_shared_cache() {
+    let backend = Backend::start(Duration::ZERO);
+    let node = Node::start(&Cfg::new(None, &backend.url()));
+    assert_eq!(node.get("a@x.org"), want("a@x.org", 1));
+    let out = httpmapd(&["purge", "-c", node.config_str(), "virtual", "a@x.org"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "dropped 1 entries from the in-process cache\n"),
+        "{out:?}"
+    );
+    let out = httpmapd(&["show", "-c", node.config_str(), "virtual", "a@x.org"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "in-process\tabsent\n"),
+        "{out:?}"
+    );
+    assert!(!node.metrics().contains("httpmapd_shared_cache_"));
+}
+
+// ---------------------------------------------------------------------------
+// 10. Stale across nodes during an outage
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_node_that_never_saw_a_key_answers_it_stale_from_redis_during_an_outage() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url())
+        .cache("ttl = \"1s\"")
+        .cache("stale_ttl = \"1h\"");
+    let a = Node::start(&cfg);
+    let b = Node::start(&cfg);
+    a.wait_connected();
+    b.wait_connected();
+    assert_eq!(a.get("kate@example.com"), want("kate@example.com", 1));
+    assert_eq!(backend.requests(), 1);
+    drop(backend); // every server gone: refused
+    thread::sleep(Duration::from_millis(1200));
+    let t = Instant::now();
+    assert_eq!(
+        b.get("kate@example.com"),
+        want("kate@example.com", 1),
+        "node 2 never saw the key: its stale value is in Redis"
+    );
+    eprintln!(
+        "stale answer from Redis on node 2 in {:?}; stale_total {}",
+        t.elapsed(),
+        b.metric("httpmapd_shared_cache_stale_total")
+    );
+    assert!(b.metric("httpmapd_shared_cache_stale_total") >= 1.0);
+    assert_eq!(b.metric("httpmapd_shared_cache_hits_total"), 0.0);
+    // Node 1 answers stale from its own L1, as before.
+    assert_eq!(a.get("kate@example.com"), want("kate@example.com", 1));
+    // A key nobody has: a temporary error, as ever.
+    assert!(b.get("new@example.com").starts_with("400 "));
+}
+
+// ---------------------------------------------------------------------------
+// More Redis trouble: stalled, full
+// ---------------------------------------------------------------------------
+
+/// Redis stopped (SIGSTOP): each lookup waits at most `timeout` for it,
+/// the hung connection is closed after a while, and everything resumes
+/// after SIGCONT.
+#[test]
+fn a_stalled_redis_costs_a_timeout_not_an_answer() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url()).shared("timeout = \"50ms\"");
+    let a = Node::start(&cfg);
+    let b = Node::start(&cfg);
+    a.wait_connected();
+    b.wait_connected();
+    redis.signal(libc::SIGSTOP);
+    let mut slowest = Duration::ZERO;
+    let stalled = Instant::now();
+    let mut i = 0;
+    while stalled.elapsed() < Duration::from_millis(1500) {
+        let k = format!("stall{i}@example.com");
+        i += 1;
+        let t = Instant::now();
+        assert_eq!(a.get(&k), want(&k, 1));
+        slowest = slowest.max(t.elapsed());
+    }
+    eprintln!("{i} lookups while Redis was stopped; slowest {slowest:?}");
+    assert_eq!(backend.requests(), i);
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a lookup took {slowest:?}"
+    );
+    assert!(a.metric("httpmapd_shared_cache_errors_total{kind=\"timeout\"}") >= 1.0);
+    redis.signal(libc::SIGCONT);
+    a.wait_connected();
+    b.wait_connected();
+    // Sharing resumes.
+    let before = backend.requests();
+    assert_eq!(
+        a.get("after-stall@example.com"),
+        want("after-stall@example.com", 1)
+    );
+    assert_eq!(
+        b.get("after-stall@example.com"),
+        want("after-stall@example.com", 1)
+    );
+    assert_eq!(backend.requests(), before + 1);
+    for n in [&a, &b] {
+        let log = n.log();
+        eprintln!("stall log:\n{}", lines_with(&log, "shared cache"));
+        assert!(
+            n.down_lines() <= n.workers,
+            "{}",
+            lines_with(&log, "shared cache")
+        );
+        assert_no_password("the log", &log);
+    }
+}
+
+/// Writes refused by Redis (`OOM`, maxmemory reached) are skipped writes
+/// only: answers still come from the servers, and a later change of those
+/// keys by someone else (another node's value, a purge) still reaches this
+/// node's L1.
+#[test]
+fn refused_writes_do_not_swallow_later_invalidations() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"1h\"");
+    let a = Node::start(&cfg);
+    a.wait_connected();
+    let mut c = redis.conn();
+    c.ok(&[b"CONFIG", b"SET", b"maxmemory-policy", b"noeviction"]);
+    c.ok(&[b"CONFIG", b"SET", b"maxmemory", b"1"]);
+    // 20 keys over 20 connections: both workers take some.
+    let keys = key_set("oom", 20);
+    for k in &keys {
+        assert_eq!(a.get(k), want(k, 1));
+    }
+    assert_eq!(backend.requests(), 20);
+    assert!(a.metric("httpmapd_shared_cache_errors_total{kind=\"reply\"}") >= 20.0);
+    assert_eq!(
+        c.keys("httpmapd:v:*"),
+        Vec::<String>::new(),
+        "every write refused"
+    );
+    c.ok(&[b"CONFIG", b"SET", b"maxmemory", b"0"]);
+    // Another node stores newer values.
+    let fresh = unix_ms() + 3_600_000;
+    for k in &keys {
+        let v = if k.starts_with("nobody") {
+            None
+        } else {
+            Some(format!("v2-{k}"))
+        };
+        let stored = encode_value(v.as_deref().map(str::as_bytes), fresh);
+        c.ok(&[b"SET", &vkey("virtual", k), &stored, b"PX", b"7200000"]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut stale = Vec::new();
+    for k in keys.iter().filter(|k| !k.starts_with("nobody")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut last = String::new();
+        if !wait_until(left, || {
+            last = a.get(k);
+            last == want(k, 2)
+        }) {
+            stale.push(format!("{k}: {last:?}"));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{} of 18 keys still answer the old value 1 s after another node changed them \
+         (their own refused write swallowed the invalidation):\n{}",
+        stale.len(),
+        stale.join("\n")
+    );
+    assert_eq!(backend.requests(), 20);
+}
+
+// ---------------------------------------------------------------------------
+// A Unix socket and a database number
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unix_socket_and_database_number() {
+    let Some(redis) = Redis::start_with(None) else {
+        return;
+    };
+    let backend = Backend::start(Duration::ZERO);
+    let url = format!("unix:{}?db=3", redis.socket_path().display());
+    let cfg = Cfg::new(Some(&url), &backend.url());
+    let a = Node::start(&cfg);
+    let b = Node::start(&cfg);
+    a.wait_connected();
+    b.wait_connected();
+    assert_eq!(a.get("uma@example.com"), want("uma@example.com", 1));
+    let mut c = redis.conn();
+    c.ok(&[b"SELECT", b"3"]);
+    wait_keys(&mut c, "httpmapd:v:*", 1);
+    c.ok(&[b"SELECT", b"0"]);
+    assert_eq!(b.get("uma@example.com"), want("uma@example.com", 1));
+    assert_eq!(backend.requests(), 1);
+    assert_eq!(c.keys("httpmapd:v:*"), Vec::<String>::new(), "not in db 0");
+    c.ok(&[b"SELECT", b"3"]);
+    assert_eq!(
+        c.keys("httpmapd:v:*"),
+        vec!["httpmapd:v:virtual:uma@example.com".to_string()]
+    );
+    // Purge reaches the other node over the Unix socket too.
+    backend.set_version(2);
+    let out = httpmapd(&["purge", "-c", a.config_str(), "virtual", "uma@example.com"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (
+            0,
+            "dropped 1 entries from the in-process cache and 1 from the shared cache\n"
+        ),
+        "{out:?}"
+    );
+    assert!(wait_until(Duration::from_secs(1), || b
+        .get("uma@example.com")
+        == want("uma@example.com", 2)));
+}
+
+/// `purge MAP KEY... --all` is refused (exit 2, "give KEYs or --all, not
+/// both"), wherever `--all` is written; it is not purged as a key named
+/// "--all".
+#[test]
+fn purge_refuses_keys_and_all_together() {
+    let backend = Backend::start(Duration::ZERO);
+    let node = Node::start(&Cfg::new(None, &backend.url()));
+    assert_eq!(node.get("a@x.org"), want("a@x.org", 1));
+    let f = node.config_str();
+    for args in [
+        &["purge", "-c", f, "virtual", "--all", "a@x.org"][..],
+        &["purge", "-c", f, "virtual", "a@x.org", "--all"],
+    ] {
+        let out = httpmapd(args);
+        assert_eq!(
+            (out.code, out.stdout.as_str()),
+            (2, ""),
+            "{args:?}: {out:?}"
+        );
+        assert!(out.stderr.contains("not both"), "{args:?}: {out:?}");
+    }
+    // Nothing was purged.
+    let out = httpmapd(&["dump", "-c", f]);
+    assert_eq!(out.stdout.lines().count(), 1, "{out:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Claims end with their fetch
+// ---------------------------------------------------------------------------
+
+/// A claim is held while its fetch runs, no longer: once the value is
+/// written, a node that misses the key again (after a purge, or when the
+/// value went stale) fetches at once instead of waiting `claim_wait` for a
+/// fetch nobody is making.
+#[test]
+fn a_lookup_after_a_purge_does_not_wait_for_a_finished_claim() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url()).shared("claim_wait = \"1s\"");
+    let a = Node::start(&cfg);
+    let b = Node::start(&cfg);
+    a.wait_connected();
+    b.wait_connected();
+    assert_eq!(a.get("liz@example.com"), want("liz@example.com", 1));
+    wait_keys(&mut redis.conn(), "httpmapd:v:*", 1);
+    backend.set_version(2);
+    let out = httpmapd(&["purge", "-c", a.config_str(), "virtual", "liz@example.com"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let mut c = redis.conn();
+    let claims = c.keys("httpmapd:l:*");
+    let t = Instant::now();
+    assert_eq!(b.get("liz@example.com"), want("liz@example.com", 2));
+    let took = t.elapsed();
+    eprintln!(
+        "first lookup after the purge: {took:?}; claim keys left after the fetch: {claims:?}"
+    );
+    assert_eq!(backend.requests(), 2);
+    assert!(
+        took < Duration::from_millis(500),
+        "the first lookup after a purge took {took:?}: it waited claim_wait (1s) on the claim \
+         of a fetch that ended before the purge (claim keys still held: {claims:?})"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Reload
+// ---------------------------------------------------------------------------
+
+/// SIGHUP with `[shared_cache]` unchanged keeps the connections and L1; a
+/// changed prefix is a new connection, and L1 is dropped.
+#[test]
+fn reload_keeps_or_renews_the_shared_cache() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url());
+    let a = Node::start(&cfg);
+    a.wait_connected();
+    assert_eq!(a.get("max@example.com"), want("max@example.com", 1));
+    let mut c = redis.conn();
+    // The ids of the daemon's connections.
+    let clients = |c: &mut RespConn| -> Vec<String> {
+        match c.cmd(&[b"CLIENT", b"LIST"]).unwrap() {
+            Resp::Bulk(b) => {
+                let mut ids: Vec<String> = show(&b)
+                    .lines()
+                    .filter(|l| l.contains("name=httpmapd-"))
+                    .filter_map(|l| l.split(' ').next().map(str::to_string))
+                    .collect();
+                ids.sort();
+                ids
+            }
+            other => panic!("CLIENT LIST: {other:?}"),
+        }
+    };
+    let before = clients(&mut c);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // Unchanged: same connections, L1 kept (no command for a hit).
+    a.daemon.signal(libc::SIGHUP);
+    assert!(
+        wait_until(WAIT, || count_lines(&a.log(), "reloaded") == 1),
+        "{}",
+        a.log()
+    );
+    thread::sleep(Duration::from_millis(300));
+    c.reset_stats();
+    assert_eq!(a.get("max@example.com"), want("max@example.com", 1));
+    assert_eq!(c.commandstats(), BTreeMap::new());
+    assert_eq!(clients(&mut c), before);
+    assert_eq!(a.up_lines() + a.down_lines(), 0, "{}", a.log());
+
+    // A new prefix: new connections; L1 dropped, the key fetched again
+    // and stored under the new prefix.
+    let text = std::fs::read_to_string(a.config()).unwrap();
+    std::fs::write(
+        a.config(),
+        text.replace(
+            "[shared_cache]\n",
+            "[shared_cache]\nprefix = \"renewed:\"\n",
+        ),
+    )
+    .unwrap();
+    a.daemon.signal(libc::SIGHUP);
+    assert!(
+        wait_until(WAIT, || {
+            let now = clients(&mut c);
+            now.len() == 2
+                && now.iter().all(|id| !before.contains(id))
+                && a.metric("httpmapd_shared_cache_connections") == 2.0
+        }),
+        "no new connections after the reload: {:?}\n{}",
+        clients(&mut c),
+        a.log()
+    );
+    assert_eq!(a.get("max@example.com"), want("max@example.com", 1));
+    assert_eq!(backend.requests(), 2, "L1 kept across a change of prefix");
+    wait_keys(&mut c, "renewed:v:*", 1);
+    assert_eq!(
+        c.keys("renewed:v:*"),
+        vec!["renewed:v:virtual:max@example.com".to_string()]
+    );
+}
