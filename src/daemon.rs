@@ -207,7 +207,12 @@ fn build_shared(
             ttl: m.ttl,
             negative_ttl: m.negative_ttl,
             stale_ttl: m.stale_ttl,
-            refresh_ahead_percent: cfg.cache.refresh_ahead_percent,
+            // A policy's cached action is never refreshed in the background:
+            // the hit that would start it has no request body to send.
+            refresh_ahead_percent: match m.kind {
+                crate::config::MapKind::Table => cfg.cache.refresh_ahead_percent,
+                crate::config::MapKind::Policy(_) => 0,
+            },
             stale_negative: m.stale_negative,
         };
         if m.kind == crate::config::MapKind::Table {

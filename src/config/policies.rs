@@ -12,6 +12,9 @@ use super::*;
 use std::collections::BTreeMap;
 use toml::Spanned;
 
+/// Largest reply body taken from a policy server.
+pub const POLICY_MAX_REPLY_BYTES: usize = 64 * 1024;
+
 /// The action when no server gives one, unless `default_action` says.
 pub const DEFAULT_POLICY_ACTION: &str = "DEFER_IF_PERMIT Policy service unavailable";
 
@@ -98,10 +101,9 @@ fn policy(
         max_connections: p.max_connections,
         max_attempts: p.max_attempts,
         max_queue: p.max_queue,
-        max_result_bytes: Some(Spanned::new(
-            at..at,
-            crate::codec::policy::MAX_ACTION_BYTES as i64,
-        )),
+        // The body may be larger than the action (JSON around it, a
+        // trailing newline); the action itself is held to 4096 bytes.
+        max_result_bytes: Some(Spanned::new(at..at, POLICY_MAX_REPLY_BYTES as i64)),
         fold_case: Some(false),
         negative_ttl: ttl.clone(),
         ttl,

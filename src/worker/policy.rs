@@ -35,7 +35,10 @@ impl Worker {
         // other request has (never stored: the policy's ttl is 0 then).
         self.fold_buf.clear();
         if p.cache_key.is_empty() {
+            // The in-flight table is shared by every worker: the worker's
+            // id makes the key unique daemon-wide.
             self.fold_buf.push(0xff);
+            self.fold_buf.extend_from_slice(&self.id.to_be_bytes());
             self.fold_buf
                 .extend_from_slice(&self.next_policy_id.to_be_bytes());
             self.next_policy_id += 1;

@@ -80,7 +80,9 @@ impl Worker {
         match proto {
             Proto::TcpTable { .. } => self.max_line(),
             Proto::Socketmap { max_query, .. } => max_query as usize + NETSTRING_OVERHEAD_BYTES,
-            Proto::Policy { max_request, .. } => max_request as usize,
+            // One byte more than a request may have: the codec then sees
+            // the request is too long (a full buffer it would call incomplete).
+            Proto::Policy { max_request, .. } => max_request as usize + 1,
         }
     }
 
@@ -145,7 +147,10 @@ impl Worker {
                 self.serve(sid, now);
                 continue;
             }
-            let space = limit.saturating_sub(s.rbuf.len());
+            // (No more than the read buffer holds per read.)
+            let space = limit
+                .saturating_sub(s.rbuf.len())
+                .min(self.read_buf.len());
             if space == 0 {
                 // A full buffer without one complete request: the codec says so.
                 self.serve(sid, now);
