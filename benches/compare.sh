@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Side-by-side figures for benches/README.md, from ONE run on this machine.
 #
-# Starts everything on 127.0.0.1 (ports 19000-19299), runs httpmapd-load
+# Starts everything on 127.0.0.1 (ports 19000-19599), runs httpmapd-load
 # against it, stops everything (also on error or Ctrl-C). Bounded: every
 # command runs under `timeout`; the whole script takes about 4 minutes.
 #
 #   benches/compare.sh                 # DUR=5s per load run
 #   DUR=10s CONNS="10 100" benches/compare.sh
+#   ONLY=miss benches/compare.sh      # only the misses (nginx behind httpmapd)
 #   ONLY=l2 benches/compare.sh        # the misses, then the shared cache (Redis)
+#   ONLY=policy benches/compare.sh    # only policy delegation beside the tcp_table miss
 #   BEFORE=/path/to/old/httpmapd ONLY=miss benches/compare.sh
 #       # the miss path of an older build side by side with this one, in
 #       # the same run (each load run alternates: direct, before, after)
@@ -155,6 +157,11 @@ http {
             add_header POSTFIX-DICT-RESULTS "fwd-\$http_postfix_dict_email";
             return 200 "";
         }
+        # A policy service: every POSTed request (its body read and
+        # discarded) is answered DUNNO.
+        location = /policy {
+            return 200 "DUNNO";
+        }
     }
     server {
         listen 127.0.0.1:19443 ssl;
@@ -201,10 +208,11 @@ for t in 1 2; do
 done
 fi
 
-echo "== misses: httpmapd (cache off) -> nginx vs direct keep-alive HTTP to nginx ==" >&2
 start nginx "$NGINX" -p "$PWD/$T" -c "$PWD/$T/nginx.conf" -e "$PWD/$T/nginx.err"
 N=$PID
 wait_port 19081
+if [ "$ONLY" != policy ]; then
+echo "== misses: httpmapd (cache off) -> nginx vs direct keep-alive HTTP to nginx ==" >&2
 daemon_conf "$T/miss.toml" 1 100000 0s 19081
 start httpmapd-miss "$DAEMON" -c "$T/miss.toml"
 D=$PID
@@ -250,6 +258,7 @@ EOF
 stop "$DT"
 stop "$D"
 if [ -n "$BEFORE" ]; then stop "$B"; fi
+fi
 
 if [ "$ONLY" = all ] || [ "$ONLY" = l2 ]; then
 echo "== shared cache (Redis): L1 hits, L2 hits, misses through Redis to nginx ==" >&2
@@ -299,6 +308,52 @@ run "shared: miss c=10" "$DL2" tcp:127.0.0.1:19421 -c 10 -d "$DUR" --keyspace "$
 commandstats "redis commands per miss" 19490 "$before"
 stop "$DL2"
 stop "$RP"
+fi
+if [ "$ONLY" = all ] || [ "$ONLY" = policy ]; then
+echo "== policy delegation: the policy miss path vs the tcp_table miss path, same daemon, same nginx ==" >&2
+# One daemon (workers = 1, cache off) with a map and a policy service, both
+# asking the same nginx (ports 19520-19590): the map GETs /virtual, the
+# policy POSTs its request's 31 attributes as JSON to /policy (no cache_key:
+# every request reaches nginx).
+daemon_conf "$T/policy.toml" 1 100000 0s 19081 500
+cat >>"$T/policy.toml" <<EOF
+[policies.bench]
+listen = "127.0.0.1:19541"
+servers = ["http://127.0.0.1:19081/policy"]
+max_connections = 64
+EOF
+start httpmapd-policy "$DAEMON" -c "$T/policy.toml"
+DP=$PID
+wait_port 19521
+wait_port 19541
+# Warm up both paths (server connections pooled), outside the measured runs:
+# a run's daemon CPU is read over the whole load-generator process.
+for t in tcp:127.0.0.1:19521 policy:127.0.0.1:19541; do
+    timeout 60 "$LOAD" -q "$t" -c 10 -d 1s --keyspace "$KEYS" >/dev/null
+done
+for c in 1 10; do
+    run "policy: tcp_table miss c=$c" "$DP" tcp:127.0.0.1:19521 -c "$c" -d "$DUR" --keyspace "$KEYS"
+    run "policy: policy miss c=$c" "$DP" policy:127.0.0.1:19541 -c "$c" -d "$DUR" --keyspace "$KEYS"
+done
+# The daemon's own count: requests, DUNNO actions, default actions.
+curl -s http://127.0.0.1:19590/metrics >"$T/policy.metrics"
+python3 - "$T/policy.metrics" >>"$OUT/results.jsonl" <<'EOF'
+import json, sys
+m = {"requests": 0, "dunno": 0, "default_actions": 0}
+for line in open(sys.argv[1]):
+    if not line.startswith("httpmapd_policy_"):
+        continue
+    v = float(line.split()[-1])
+    if line.startswith("httpmapd_policy_requests_total"):
+        m["requests"] += v
+    elif line.startswith("httpmapd_policy_actions_total") and 'action="DUNNO"' in line:
+        m["dunno"] += v
+    elif line.startswith("httpmapd_policy_default_actions_total"):
+        m["default_actions"] += v
+m["label"] = "policy metrics"
+print(json.dumps(m))
+EOF
+stop "$DP"
 fi
 if [ "$ONLY" != all ]; then stop "$N"; fi
 
@@ -379,7 +434,7 @@ print(f"### Cache hits (depth 1 unless noted, {dur} per run, 1 load-generator th
 print("| run | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | server CPU µs/req | errors |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    if "throughput_rps" not in r or r["label"].startswith(("direct", "httpmapd cache-off", "before: ", "shared: ")):
+    if "throughput_rps" not in r or r["label"].startswith(("direct", "httpmapd cache-off", "before: ", "shared: ", "policy: ")):
         continue
     print(f"| {r['label']} | {r['throughput_rps']:.0f} | {lat(r,'p50'):.1f} | {lat(r,'p90'):.1f} | {lat(r,'p99'):.1f} | {lat(r,'p999'):.1f} | {lat(r,'max'):.0f} | {r.get('cpu_us_per_req', 0):.2f} | {sum(r['errors'].values())} |")
 print("\n### Side by side: httpmapd / memcached at the same thread count\n")
@@ -424,6 +479,27 @@ if by.get("shared: L2 hit c=10"):
         if r:
             per = ", ".join(f"{k.upper()} {v:.3f}" for k, v in sorted(r["per_lookup"].items()))
             print(f"- {label}: {per} ({r['lookups']:.0f} lookups)")
+if by.get("policy: policy miss c=1"):
+    print("\n### Policy delegation vs tcp_table: both misses through one httpmapd (workers = 1, cache off) to the same nginx\n")
+    print("| run | req/s | p50 µs | p99 µs | p99.9 µs | daemon CPU µs/req | found / not found | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for c in (1, 10):
+        for kind in ("tcp_table", "policy"):
+            r = by.get(f"policy: {kind} miss c={c}")
+            if r:
+                print(f"| {kind} c={c} | {r['throughput_rps']:.0f} | {lat(r,'p50'):.1f} | {lat(r,'p99'):.1f} | {lat(r,'p999'):.1f} | {r.get('cpu_us_per_req', 0):.2f} | {r['found']} / {r['not_found']} | {sum(r['errors'].values())} |")
+    print()
+    for c in (1, 10):
+        a, b = by.get(f"policy: tcp_table miss c={c}"), by.get(f"policy: policy miss c={c}")
+        if a and b:
+            ca, cb = a.get("cpu_us_per_req", 0), b.get("cpu_us_per_req", 0)
+            print(f"- c={c}: policy / tcp_table req/s {b['throughput_rps']/a['throughput_rps']:.3f}, "
+                  f"p50 {lat(b,'p50')/lat(a,'p50'):.3f}x ({lat(b,'p50')-lat(a,'p50'):+.1f} µs), "
+                  f"daemon CPU per request {cb/ca if ca else 0:.3f}x ({cb-ca:+.2f} µs)")
+    m = by.get("policy metrics")
+    if m:
+        print(f"- the daemon's /metrics over the policy runs and their warm-up: {m['requests']:.0f} policy requests, "
+              f"{m['dunno']:.0f} answered DUNNO, {m['default_actions']:.0f} default actions")
 if any(r["label"].startswith("before: ") for r in rows):
     print("\n### Misses, the build in BEFORE vs this one (same run, alternating)\n")
     print("| conns | before p50 µs | after p50 µs | before p99 | after p99 | before req/s | after req/s | after/before req/s | before CPU µs/req | after CPU µs/req |")
