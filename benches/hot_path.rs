@@ -18,13 +18,17 @@
 //!   `GET`, read and parse the dict_http reply), so the check's share of a
 //!   miss is read off one run.
 //!
+//! - `policy`: a 31-attribute policy request (what Postfix 3.8 sends at
+//!   RCPT) parsed, then turned into the JSON or form body POSTed to the
+//!   policy server.
+//!
 //! Kept short (`sample_size(20)`, 0.5 s warm-up, 2 s measurement) so that
 //! `cargo bench --bench hot_path` finishes in a few minutes. Filter with e.g.
 //! `cargo bench --bench hot_path -- hit_path`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use httpmapd::cache::{self, Cache, Lookup, Ttls, Waiter};
-use httpmapd::codec::{http, netstring, tcp_table};
+use httpmapd::codec::{http, netstring, policy, tcp_table};
 use httpmapd::worker::fold_key;
 use std::time::Duration;
 
@@ -422,9 +426,50 @@ fn bench_miss_path(c: &mut Criterion) {
     g.finish();
 }
 
+/// A policy request as Postfix 3.8 sends it at RCPT time: 31 attributes,
+/// the empty ones too.
+const POLICY_REQUEST: &[u8] = b"request=smtpd_access_policy\nprotocol_state=RCPT\n\
+protocol_name=ESMTP\nhelo_name=mx-10-1-2-3.example.net\nqueue_id=\n\
+sender=alice@example.com\nrecipient=postmaster@example.org\nrecipient_count=0\n\
+client_address=10.1.2.3\nclient_name=mx-10-1-2-3.example.net\n\
+reverse_client_name=mx-10-1-2-3.example.net\ninstance=1a2b.3c4d5e6f.7a8b.0\n\
+sasl_method=\nsasl_username=\nsasl_sender=\nsize=12345\nccert_subject=\n\
+ccert_issuer=\nccert_fingerprint=\nccert_pubkey_fingerprint=\n\
+encryption_protocol=TLSv1.3\nencryption_cipher=TLS_AES_256_GCM_SHA384\n\
+encryption_keysize=256\netrn_domain=\nstress=\nclient_port=40123\n\
+policy_context=\nserver_address=192.0.2.25\nserver_port=25\n\
+compatibility_level=3.6\nmail_version=3.8.6\n\n";
+
+fn bench_policy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy");
+    g.throughput(Throughput::Elements(1));
+    let max = policy::DEFAULT_MAX_REQUEST_BYTES;
+    g.bench_function("parse", |b| {
+        b.iter(|| black_box(policy::parse(black_box(POLICY_REQUEST), max).unwrap().unwrap()))
+    });
+    let mut body = Vec::with_capacity(2048);
+    g.bench_function("parse+json_body", |b| {
+        b.iter(|| {
+            let (a, _) = policy::parse(black_box(POLICY_REQUEST), max).unwrap().unwrap();
+            body.clear();
+            policy::json_body(&a, &mut body);
+            black_box(&body);
+        })
+    });
+    g.bench_function("parse+form_body", |b| {
+        b.iter(|| {
+            let (a, _) = policy::parse(black_box(POLICY_REQUEST), max).unwrap().unwrap();
+            body.clear();
+            policy::form_body(&a, &mut body);
+            black_box(&body);
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_tcp_table, bench_netstring, bench_http, bench_cache, bench_hit_path, bench_miss_path
+    targets = bench_tcp_table, bench_netstring, bench_http, bench_cache, bench_hit_path, bench_miss_path, bench_policy
 }
 criterion_main!(benches);

@@ -1,5 +1,5 @@
 //! Property tests for every codec, through the public API only
-//! (`httpmapd::codec::{hex, tcp_table, netstring, http}` and
+//! (`httpmapd::codec::{hex, tcp_table, netstring, http, policy}` and
 //! `httpmapd::client::parse_table`).
 //!
 //! The properties live in `tests/fuzz/src/lib.rs`, shared with the cargo-fuzz
@@ -13,7 +13,7 @@
 mod checks;
 
 use httpmapd::codec::http::Framing;
-use httpmapd::codec::{hex, netstring, tcp_table};
+use httpmapd::codec::{hex, netstring, policy, tcp_table};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
@@ -336,6 +336,43 @@ proptest! {
     fn fuzz_target_client_table(data in bytes(60)) { checks::fuzz_client_table(&data); }
 }
 
+// ---------------------------------------------------------------------------
+// policy delegation
+// ---------------------------------------------------------------------------
+
+/// A policy request line: a name (sometimes empty or with odd bytes), `=`,
+/// a value with any bytes but a newline, sometimes a CR before the newline;
+/// now and then a line without `=` or a very long one.
+fn policy_line() -> impl Strategy<Value = Vec<u8>> {
+    let text = || prop::collection::vec(any::<u8>().prop_filter("no newline", |&b| b != b'\n'), 0..12);
+    prop_oneof![
+        8 => ("[a-z_]{1,12}", text(), any::<bool>()).prop_map(|(n, v, cr)| {
+            [n.as_bytes(), b"=", &v, if cr { b"\r\n" } else { b"\n" }].concat()
+        }),
+        1 => (text(), text()).prop_map(|(n, v)| [&n[..], b"=", &v, b"\n"].concat()),
+        1 => text().prop_map(|n| [&n[..], b"\n"].concat()),
+        1 => (8185usize..8200).prop_map(|n| [&b"x="[..], &vec![b'a'; n], b"\r\n"].concat()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn policy_requests_parse_the_same_however_they_arrive(
+        lines in prop::collection::vec(policy_line(), 0..8),
+        end in prop_oneof![Just(&b"\n"[..]), Just(&b"\r\n"[..]), Just(&b""[..])],
+        trailing in bytes(30),
+        max in prop_oneof![Just(policy::DEFAULT_MAX_REQUEST_BYTES), 0usize..300, 8000usize..9000],
+    ) {
+        let buf = [lines.concat(), end.to_vec(), trailing].concat();
+        checks::policy_parse_any(&buf, max);
+    }
+
+    #[test]
+    fn fuzz_target_policy(data in bytes(300)) { checks::fuzz_policy(&data); }
+}
+
 /// Inputs that once mattered, kept as plain regression cases (run the same
 /// checks as the fuzz targets).
 #[test]
@@ -351,4 +388,6 @@ fn regression_inputs() {
     checks::tcp_reply_found(&vec![b'a'; 4091]);
     checks::tcp_reply_found(&vec![b'a'; 4092]);
     checks::tcp_reply_status("é".repeat(1000).as_bytes());
+    // A line of exactly 8192 bytes with its CR, before its newline came.
+    checks::policy_parse_any(&[&b"x="[..], &vec![b'a'; 8190], b"\r\n\n"].concat(), 65536);
 }

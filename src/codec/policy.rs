@@ -40,17 +40,42 @@ impl fmt::Display for PolicyError {
     }
 }
 
-/// One request's attributes, in order.
-pub type Attributes = Vec<(Vec<u8>, Vec<u8>)>;
+/// One request's attributes, in order: the request's lines (one copy) and
+/// where each name and value lie in them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Attributes {
+    text: Vec<u8>,
+    /// (name start, `=` position, value end) in `text`.
+    spans: Vec<(u32, u32, u32)>,
+}
+
+impl Attributes {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The `(name, value)` pairs, in the order Postfix sent them.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.spans.iter().map(|&(s, eq, e)| {
+            let (s, eq, e) = (s as usize, eq as usize, e as usize);
+            (&self.text[s..eq], &self.text[eq + 1..e])
+        })
+    }
+}
 
 /// Parses one request at the front of `buf`: `Ok(Some((attributes,
 /// consumed)))`, `Ok(None)` when the empty line has not come yet.
 pub fn parse(buf: &[u8], max_request: usize) -> Result<Option<(Attributes, usize)>, PolicyError> {
-    let mut attrs = Vec::new();
+    let mut spans = Vec::with_capacity(32);
     let mut pos = 0;
     loop {
-        let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
-            if buf.len() - pos > MAX_LINE_BYTES {
+        let Some(nl) = memchr(b'\n', &buf[pos..]) else {
+            // (A line's CR may have come without its newline yet.)
+            if buf.len() - pos > MAX_LINE_BYTES + 1 {
                 return Err(PolicyError::TooLarge("a line over 8192 bytes"));
             }
             if buf.len() > max_request {
@@ -58,42 +83,51 @@ pub fn parse(buf: &[u8], max_request: usize) -> Result<Option<(Attributes, usize
             }
             return Ok(None);
         };
-        let mut line = &buf[pos..pos + nl];
+        let start = pos;
+        let mut end = pos + nl;
         pos += nl + 1;
         if pos > max_request {
             return Err(PolicyError::TooLarge("the request is over its limit"));
         }
-        if let [rest @ .., b'\r'] = line {
-            line = rest;
+        if end > start && buf[end - 1] == b'\r' {
+            end -= 1;
         }
+        let line = &buf[start..end];
         if line.len() > MAX_LINE_BYTES {
             return Err(PolicyError::TooLarge("a line over 8192 bytes"));
         }
         if line.is_empty() {
-            if attrs.is_empty() {
+            if spans.is_empty() {
                 return Err(PolicyError::Malformed("an empty request"));
             }
+            let attrs = Attributes {
+                text: buf[..pos].to_vec(),
+                spans,
+            };
             return Ok(Some((attrs, pos)));
         }
-        let Some(eq) = line.iter().position(|&b| b == b'=') else {
+        let Some(eq) = memchr(b'=', line) else {
             return Err(PolicyError::Malformed("a line without '='"));
         };
         if eq == 0 {
             return Err(PolicyError::Malformed("an attribute without a name"));
         }
-        if attrs.len() >= MAX_ATTRIBUTES {
+        if spans.len() >= MAX_ATTRIBUTES {
             return Err(PolicyError::TooLarge("too many attributes"));
         }
-        attrs.push((line[..eq].to_vec(), line[eq + 1..].to_vec()));
+        // Offsets fit in u32: a request is bounded by max_request, itself
+        // bounded by the configuration (at most a few MiB).
+        spans.push((start as u32, (start + eq) as u32, end as u32));
     }
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == needle)
 }
 
 /// The value of attribute `name`, if present (the first one).
 pub fn get<'a>(attrs: &'a Attributes, name: &[u8]) -> Option<&'a [u8]> {
-    attrs
-        .iter()
-        .find(|(n, _)| n.as_slice() == name)
-        .map(|(_, v)| v.as_slice())
+    attrs.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
 }
 
 /// Appends the reply `action=ACTION\n\n`.
@@ -111,18 +145,71 @@ pub fn valid_action(a: &[u8]) -> bool {
         && a.iter().all(|&b| b >= 0x20 && b != 0x7f || b == b'\t')
 }
 
-/// The attributes as a JSON object (strings; bytes that are not UTF-8 are
-/// replaced by U+FFFD; a repeated name keeps its last value).
+/// The attributes as a JSON object of strings, in the order Postfix sent
+/// them (bytes that are not UTF-8 are replaced by U+FFFD; a repeated name
+/// keeps its last value).
 pub fn json_body(attrs: &Attributes, out: &mut Vec<u8>) {
-    let mut map = serde_json::Map::new();
-    for (n, v) in attrs {
-        map.insert(
-            String::from_utf8_lossy(n).into_owned(),
-            serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
-        );
+    // A repeated name is rare: names are compared only where their hashes
+    // match.
+    let mut hashes = [0u64; MAX_ATTRIBUTES];
+    for (h, (n, _)) in hashes.iter_mut().zip(attrs.iter()) {
+        *h = n.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
     }
-    // Writing to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, &serde_json::Value::Object(map));
+    let hashes = &hashes[..attrs.len()];
+    out.push(b'{');
+    let mut first = true;
+    for (i, (n, v)) in attrs.iter().enumerate() {
+        let later = &hashes[i + 1..];
+        if later.contains(&hashes[i])
+            && attrs
+                .iter()
+                .skip(i + 1)
+                .zip(later)
+                .any(|((m, _), &h)| h == hashes[i] && m == n)
+        {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        json_string(n, out);
+        out.push(b':');
+        json_string(v, out);
+    }
+    out.push(b'}');
+}
+
+/// Appends `s` as a JSON string (RFC 8259: `"`, `\\` and control
+/// characters escaped).
+fn json_string(s: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let text = String::from_utf8_lossy(s);
+    let bytes = text.as_bytes();
+    out.push(b'"');
+    let mut plain = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&bytes[plain..i]);
+        plain = i + 1;
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
+                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            }
+        }
+    }
+    out.extend_from_slice(&bytes[plain..]);
+    out.push(b'"');
 }
 
 /// The attributes as `application/x-www-form-urlencoded`.
@@ -174,12 +261,12 @@ mod tests {
         // An empty value and '=' in a value.
         let (a, _) = parse(b"x=\ny=a=b\n\n", 1024).unwrap().unwrap();
         assert_eq!(
-            a,
-            vec![
-                (b"x".to_vec(), Vec::new()),
-                (b"y".to_vec(), b"a=b".to_vec())
-            ]
+            a.iter().collect::<Vec<_>>(),
+            vec![(&b"x"[..], &b""[..]), (&b"y"[..], &b"a=b"[..])]
         );
+        // A CR before the newline is not part of the value.
+        let (a, _) = parse(b"x=1\r\n\r\n", 1024).unwrap().unwrap();
+        assert_eq!(get(&a, b"x"), Some(&b"1"[..]));
     }
 
     #[test]
@@ -220,6 +307,32 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&j).unwrap();
         assert_eq!(v["sender"], "a b&c@x");
         assert_eq!(v["size"], "100");
+        assert_eq!(j, br#"{"sender":"a b&c@x","size":"100"}"#);
+        // Escapes, a repeated name (its last value, in its last place),
+        // bytes that are not UTF-8, every control character.
+        let ctl: Vec<u8> = (1u8..0x20).chain([0x7f]).collect();
+        let mut req = b"q=a\"b\\c\tz\nd=1\nbin=\xff\xfe\nd=2\nctl=".to_vec();
+        req.extend_from_slice(&ctl.iter().copied().filter(|&b| b != b'\n').collect::<Vec<_>>());
+        req.extend_from_slice(b"\nu=caf\xc3\xa9\n\n");
+        let (a, _) = parse(&req, 1024).unwrap().unwrap();
+        j.clear();
+        json_body(&a, &mut j);
+        let head = [
+            &br#"{"q":"a\"b\\c\tz","bin":""#[..],
+            "\u{fffd}\u{fffd}".as_bytes(),
+            br#"","d":"2","ctl":"\u0001\u0002"#,
+        ]
+        .concat();
+        assert!(j.starts_with(&head), "{}", String::from_utf8_lossy(&j));
+        let v: serde_json::Value = serde_json::from_slice(&j).unwrap();
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 5);
+        assert_eq!(v["q"], "a\"b\\c\tz");
+        assert_eq!(v["d"], "2");
+        assert_eq!(v["bin"], "\u{fffd}\u{fffd}");
+        assert_eq!(v["u"], "café");
+        let want: String = ctl.iter().filter(|&&b| b != b'\n').map(|&b| b as char).collect();
+        assert_eq!(v["ctl"], want.as_str());
         let mut out = Vec::new();
         encode_action(b"REJECT no", &mut out);
         assert_eq!(out, b"action=REJECT no\n\n");

@@ -1,5 +1,5 @@
 //! Properties of httpmapd's pure codecs (`httpmapd::codec::{hex, tcp_table,
-//! netstring, http}` and `httpmapd::client::parse_table`), written once and
+//! netstring, http, policy}` and `httpmapd::client::parse_table`), written once and
 //! run two ways:
 //!
 //! - by the cargo-fuzz targets in `tests/fuzz/fuzz_targets/` (nightly,
@@ -13,7 +13,7 @@
 //! otherwise, whatever the input.
 
 use httpmapd::codec::http::{self, BodyDecoder, Framing, HttpError};
-use httpmapd::codec::{hex, netstring, tcp_table};
+use httpmapd::codec::{hex, netstring, policy, tcp_table};
 
 // ---------------------------------------------------------------------------
 // Deriving structured arguments from fuzz bytes
@@ -856,4 +856,100 @@ pub fn client_parse_table(s: &str) {
 
 pub fn fuzz_client_table(data: &[u8]) {
     client_parse_table(&String::from_utf8_lossy(data));
+}
+
+// ---------------------------------------------------------------------------
+// Policy delegation
+// ---------------------------------------------------------------------------
+
+/// Any bytes: parse never panics; a request it takes is at most `max` bytes,
+/// ends with its empty line and has 1..=MAX_ATTRIBUTES attributes, the
+/// lines before it; every shorter prefix of it is incomplete (whatever way
+/// the bytes arrive, the answer is the same); the JSON and form bodies made
+/// from it decode back to its attributes.
+pub fn policy_parse_any(buf: &[u8], max: usize) {
+    match policy::parse(buf, max) {
+        Ok(Some((attrs, n))) => {
+            assert!(n <= buf.len() && n <= max, "took {n} of {}", buf.len());
+            let request = &buf[..n];
+            assert!(request.ends_with(b"\n\n") || request.ends_with(b"\n\r\n"));
+            assert!(!attrs.is_empty() && attrs.len() <= policy::MAX_ATTRIBUTES);
+            let lines: Vec<&[u8]> = request[..request.len() - 1]
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty() && *l != b"\r")
+                .collect();
+            assert_eq!(lines.len(), attrs.len());
+            for (line, (name, value)) in lines.iter().zip(attrs.iter()) {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                assert_eq!(line, [name, &b"="[..], value].concat().as_slice());
+                assert!(!name.is_empty() && !name.contains(&b'='));
+            }
+            for cut in 0..n {
+                assert_eq!(policy::parse(&buf[..cut], max), Ok(None), "cut at {cut}");
+            }
+            policy_bodies(&attrs);
+        }
+        Ok(None) => assert!(buf.len() <= max),
+        Err(_) => {}
+    }
+}
+
+/// The JSON body is an object of strings in which each name (as UTF-8,
+/// lossy) has the value of its last attribute; the form body decodes to the
+/// attributes, byte for byte, in order.
+fn policy_bodies(attrs: &policy::Attributes) {
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut json = Vec::new();
+    policy::json_body(attrs, &mut json);
+    let v: serde_json::Value = serde_json::from_slice(&json)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&json)));
+    let obj = v.as_object().expect("a JSON object");
+    let mut want = std::collections::BTreeMap::new();
+    for (n, val) in attrs.iter() {
+        want.insert(lossy(n), lossy(val));
+    }
+    assert_eq!(obj.len(), want.len());
+    for (n, val) in &want {
+        assert_eq!(obj[n].as_str(), Some(val.as_str()), "{n:?}");
+    }
+    let mut form = Vec::new();
+    policy::form_body(attrs, &mut form);
+    let got: Vec<(Vec<u8>, Vec<u8>)> = form
+        .split(|&b| b == b'&')
+        .map(|pair| {
+            let eq = pair.iter().position(|&b| b == b'=').expect("name=value");
+            (form_decode(&pair[..eq]), form_decode(&pair[eq + 1..]))
+        })
+        .collect();
+    let want: Vec<(Vec<u8>, Vec<u8>)> = attrs.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+    assert_eq!(got, want);
+}
+
+fn form_decode(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(&s[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 2;
+            }
+            b'&' | b'=' => panic!("unencoded {:?} in a form", s[i] as char),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Fuzz bytes: a limit, then the request.
+pub fn fuzz_policy(data: &[u8]) {
+    let mut inp = Input::new(data);
+    let max = match inp.u8() {
+        0 => policy::DEFAULT_MAX_REQUEST_BYTES,
+        b => usize::from(b) * 8,
+    };
+    policy_parse_any(inp.rest(), max);
 }
