@@ -445,12 +445,20 @@ fn bench_policy(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let max = policy::DEFAULT_MAX_REQUEST_BYTES;
     g.bench_function("parse", |b| {
-        b.iter(|| black_box(policy::parse(black_box(POLICY_REQUEST), max).unwrap().unwrap()))
+        b.iter(|| {
+            black_box(
+                policy::parse(black_box(POLICY_REQUEST), max)
+                    .unwrap()
+                    .unwrap(),
+            )
+        })
     });
     let mut body = Vec::with_capacity(2048);
     g.bench_function("parse+json_body", |b| {
         b.iter(|| {
-            let (a, _) = policy::parse(black_box(POLICY_REQUEST), max).unwrap().unwrap();
+            let (a, _) = policy::parse(black_box(POLICY_REQUEST), max)
+                .unwrap()
+                .unwrap();
             body.clear();
             policy::json_body(&a, &mut body);
             black_box(&body);
@@ -458,7 +466,9 @@ fn bench_policy(c: &mut Criterion) {
     });
     g.bench_function("parse+form_body", |b| {
         b.iter(|| {
-            let (a, _) = policy::parse(black_box(POLICY_REQUEST), max).unwrap().unwrap();
+            let (a, _) = policy::parse(black_box(POLICY_REQUEST), max)
+                .unwrap()
+                .unwrap();
             body.clear();
             policy::form_body(&a, &mut body);
             black_box(&body);

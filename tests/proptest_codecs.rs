@@ -344,7 +344,12 @@ proptest! {
 /// a value with any bytes but a newline, sometimes a CR before the newline;
 /// now and then a line without `=` or a very long one.
 fn policy_line() -> impl Strategy<Value = Vec<u8>> {
-    let text = || prop::collection::vec(any::<u8>().prop_filter("no newline", |&b| b != b'\n'), 0..12);
+    let text = || {
+        prop::collection::vec(
+            any::<u8>().prop_filter("no newline", |&b| b != b'\n'),
+            0..12,
+        )
+    };
     prop_oneof![
         8 => ("[a-z_]{1,12}", text(), any::<bool>()).prop_map(|(n, v, cr)| {
             [n.as_bytes(), b"=", &v, if cr { b"\r\n" } else { b"\n" }].concat()

@@ -312,7 +312,12 @@ mod tests {
         // bytes that are not UTF-8, every control character.
         let ctl: Vec<u8> = (1u8..0x20).chain([0x7f]).collect();
         let mut req = b"q=a\"b\\c\tz\nd=1\nbin=\xff\xfe\nd=2\nctl=".to_vec();
-        req.extend_from_slice(&ctl.iter().copied().filter(|&b| b != b'\n').collect::<Vec<_>>());
+        req.extend_from_slice(
+            &ctl.iter()
+                .copied()
+                .filter(|&b| b != b'\n')
+                .collect::<Vec<_>>(),
+        );
         req.extend_from_slice(b"\nu=caf\xc3\xa9\n\n");
         let (a, _) = parse(&req, 1024).unwrap().unwrap();
         j.clear();
@@ -331,7 +336,11 @@ mod tests {
         assert_eq!(v["d"], "2");
         assert_eq!(v["bin"], "\u{fffd}\u{fffd}");
         assert_eq!(v["u"], "café");
-        let want: String = ctl.iter().filter(|&&b| b != b'\n').map(|&b| b as char).collect();
+        let want: String = ctl
+            .iter()
+            .filter(|&&b| b != b'\n')
+            .map(|&b| b as char)
+            .collect();
         assert_eq!(v["ctl"], want.as_str());
         let mut out = Vec::new();
         encode_action(b"REJECT no", &mut out);

@@ -148,9 +148,7 @@ impl Worker {
                 continue;
             }
             // (No more than the read buffer holds per read.)
-            let space = limit
-                .saturating_sub(s.rbuf.len())
-                .min(self.read_buf.len());
+            let space = limit.saturating_sub(s.rbuf.len()).min(self.read_buf.len());
             if space == 0 {
                 // A full buffer without one complete request: the codec says so.
                 self.serve(sid, now);

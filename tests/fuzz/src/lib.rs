@@ -921,7 +921,10 @@ fn policy_bodies(attrs: &policy::Attributes) {
             (form_decode(&pair[..eq]), form_decode(&pair[eq + 1..]))
         })
         .collect();
-    let want: Vec<(Vec<u8>, Vec<u8>)> = attrs.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+    let want: Vec<(Vec<u8>, Vec<u8>)> = attrs
+        .iter()
+        .map(|(n, v)| (n.to_vec(), v.to_vec()))
+        .collect();
     assert_eq!(got, want);
 }
 
