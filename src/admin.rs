@@ -218,22 +218,22 @@ fn purge_keys(
         .as_ref()
         .ok_or("no shared cache")?
         .prefix;
-    let mut args: Vec<Vec<u8>> = vec![b"DEL".to_vec()];
-    for k in keys {
-        let mut rk = Vec::new();
-        value::value_key(prefix, map, k, &mut rk);
-        args.push(rk);
-    }
+    // `DEL` of the Redis key each of `keys` has under `key_of`.
+    let del = |key_of: fn(&str, &str, &[u8], &mut Vec<u8>)| -> Vec<Vec<u8>> {
+        let mut args = vec![b"DEL".to_vec()];
+        for k in keys {
+            let mut rk = Vec::new();
+            key_of(prefix, map, k, &mut rk);
+            args.push(rk);
+        }
+        args
+    };
     // Their claims too: a later miss must not wait for a fetch in no one's hands.
-    let mut claims: Vec<Vec<u8>> = vec![b"DEL".to_vec()];
-    for k in keys {
-        let mut ck = Vec::new();
-        value::claim_key(prefix, map, k, &mut ck);
-        claims.push(ck);
-    }
+    let claims = del(value::claim_key);
     let refs: Vec<&[u8]> = claims.iter().map(Vec::as_slice).collect();
     c.ok(&refs).map_err(|e| format!("shared cache: {e}"))?;
-    let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+    let values = del(value::value_key);
+    let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
     match c.ok(&refs).map_err(|e| format!("shared cache: {e}"))? {
         Value::Integer(n) => Ok(n.max(0) as usize),
         other => Err(format!("shared cache: unexpected answer to DEL: {other:?}")),

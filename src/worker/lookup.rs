@@ -30,14 +30,7 @@ impl Worker {
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
         };
-        let seq = s.next_seq;
-        s.next_seq += 1;
-        let waiter = Waiter {
-            worker: self.id,
-            session: sid as u32,
-            gen: s.gen,
-            seq,
-        };
+        let waiter = s.next_waiter(self.id, sid);
         let proto = s.proto;
         let counters = &self.shared.stats.maps[map as usize];
         let r = cache.lookup(&self.ckey_buf, cache.ms_at(now), waiter, |v| {

@@ -59,6 +59,19 @@ impl Session {
             && self.owed_bytes() < MAX_WRITE_BUFFER_BYTES / 2
     }
 
+    /// Takes the next request's sequence number: the waiter that request's
+    /// answer is addressed to (worker, session slot and generation, seq).
+    pub(super) fn next_waiter(&mut self, worker: u32, sid: usize) -> Waiter {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Waiter {
+            worker,
+            session: sid as u32,
+            gen: self.gen,
+            seq,
+        }
+    }
+
     /// Answers the session's newest request (its sequence number already
     /// taken) at once: straight into the write buffer when nothing is owed
     /// before it, else queued behind the answers still awaited.
