@@ -23,7 +23,10 @@
 
 mod common;
 
-use common::{free_port, postmap_q, rss_kib, wait_until, Daemon, LineClient, Reply, TestServer};
+use common::{
+    free_port, metric_value, metrics, postmap_q, rss_kib, try_stats_request, wait_until, Daemon,
+    LineClient, Reply, StatsResponse, TestServer,
+};
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -89,32 +92,6 @@ const QUICK: &[&str] = &[
     "retry_interval = \"1s\"",
 ];
 
-/// A free loopback port for the daemon to listen on, taken below the
-/// kernel's ephemeral range when there is room: the hundreds of outgoing
-/// connections these tests make (and the `free_port()`s of other tests)
-/// come from that range and could take a port between our pick and the
-/// daemon's bind.
-fn port() -> u16 {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let lo: usize = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    if lo < 11_024 {
-        return free_port();
-    }
-    let span = 10_000;
-    let base = lo - span;
-    let start = std::process::id() as usize * 7_919;
-    for _ in 0..span {
-        let p = (base + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % span) as u16;
-        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    free_port()
-}
-
 fn sleep_until(t: Instant) {
     let now = Instant::now();
     if t > now {
@@ -158,66 +135,10 @@ fn count_lines(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
 }
 
-/// `GET path` on 127.0.0.1:port, the whole response read within `within`:
-/// (status, body), or why not.
-fn http_get(port: u16, path: &str, within: Duration) -> Result<(u16, String), String> {
-    let deadline = Instant::now() + within;
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), within)
-        .map_err(|e| format!("connect: {e}"))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 16384];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "no complete response within {within:?} (have {} bytes)",
-                raw.len()
-            ));
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-    let text = show(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no end of head in {text:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    Ok((status, body.to_string()))
-}
-
-/// The /metrics text (panics unless 200 within WAIT).
-fn metrics(stats: u16) -> String {
-    let (status, body) = http_get(stats, "/metrics", WAIT).expect("GET /metrics");
-    assert_eq!(status, 200, "/metrics status; body:\n{body}");
-    body
-}
-
-/// The value of the sample `series` (name and labels exactly), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    let prefix = format!("{series} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().expect("sample value"))
-}
-
-/// As [`sample`], panicking (with the related lines) when it is missing.
+/// As [`metric_value`], panicking (with the family's lines and the
+/// server request counts) when it is missing.
 fn must_sample(text: &str, series: &str) -> f64 {
-    sample(text, series).unwrap_or_else(|| {
+    metric_value(text, series).unwrap_or_else(|| {
         let family = series.split('{').next().unwrap();
         let related: Vec<&str> = text
             .lines()
@@ -240,43 +161,20 @@ fn protocol_errors(text: &str, map: &str, url: &str, kind: &str) -> f64 {
     )
 }
 
-/// Whether process `pid` catches `sig` (its `SigCgt` mask in /proc).
-fn catches(pid: u32, sig: i32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
-}
-
 /// `Daemon::start`, then (for tests that signal it) waits until SIGHUP is handled.
 fn start_for_reload(config: &str, ready_port: u16) -> Daemon {
     let d = Daemon::start(config, ready_port);
-    let pid = d.pid();
-    assert!(
-        wait_until(WAIT, || catches(pid, libc::SIGHUP)),
-        "httpmapd does not handle SIGHUP:\n{}",
-        d.stderr()
-    );
+    d.wait_handling(&[libc::SIGHUP]);
     d
 }
 
-/// Writes `config`, sends SIGHUP and waits until the log has `done + 1`
-/// "reloaded" lines (panics on "reload refused" or after WAIT).
-fn reload(d: &Daemon, config: &str, done: usize) {
+/// Writes `config`, sends SIGHUP and waits until it is reloaded (panics
+/// on "reload refused" or after 10 s).
+fn reload(d: &Daemon, config: &str) {
     std::fs::write(&d.config_path, config).expect("write the config");
-    d.signal(libc::SIGHUP);
-    let mut log = String::new();
-    let ok = wait_until(WAIT, || {
-        log = d.stderr();
-        count_lines(&log, "reloaded") > done || log.contains("reload refused")
-    });
-    assert!(
-        ok && !log.contains("reload refused"),
-        "reload {} not done within {WAIT:?}:\n{log}",
-        done + 1
-    );
+    if let Err(refused) = d.reload() {
+        panic!("reload refused: {refused}\n{}", d.stderr());
+    }
 }
 
 /// What many sequential lookups got.
@@ -541,7 +439,7 @@ fn duplicating_server(echo: bool, gap: Option<Duration>, copies: Arc<AtomicUsize
 
 /// One daemon, one map "m" on tcp_table (and stats), over `urls`.
 fn start_m(urls: &[String], workers: usize, extra: &[&str]) -> (Daemon, u16, u16) {
-    let (port, stats) = (port(), port());
+    let (port, stats) = (free_port(), free_port());
     let mut lines: Vec<&str> = QUICK.to_vec();
     lines.extend_from_slice(extra);
     let stats_line = format!("stats_listen = \"127.0.0.1:{stats}\"");
@@ -582,7 +480,7 @@ fn duplicate_reply_written_20ms_later_with_echo_gives_no_wrong_answer() {
     let (d, port, stats) = start_m(&[server.url()], 1, &[]);
     let t = drive(port, 2, 100, "b");
     let m = metrics(stats);
-    let mismatch = sample(
+    let mismatch = metric_value(
         &m,
         &format!(
             "httpmapd_server_protocol_errors_total{{map=\"m\",server=\"{}\",kind=\"echo_mismatch\"}}",
@@ -913,7 +811,7 @@ fn underscore_server() -> TestServer {
 #[test]
 fn a_server_whose_every_echo_mismatches_gives_a_temporary_error() {
     let server = underscore_server();
-    let (port, sm, stats) = (port(), port(), port());
+    let (port, sm, stats) = (free_port(), free_port(), free_port());
     let sm_line = format!("socketmap_listen = \"127.0.0.1:{sm}\"");
     let stats_line = format!("stats_listen = \"127.0.0.1:{stats}\"");
     let url = server.url("/mismatch");
@@ -944,7 +842,7 @@ fn a_server_whose_every_echo_mismatches_gives_a_temporary_error() {
 #[test]
 fn require_key_echo_accepts_the_underscore_echo_of_the_folded_key() {
     let server = underscore_server();
-    let (port, sm, stats) = (port(), port(), port());
+    let (port, sm, stats) = (free_port(), free_port(), free_port());
     let sm_line = format!("socketmap_listen = \"127.0.0.1:{sm}\"");
     let stats_line = format!("stats_listen = \"127.0.0.1:{stats}\"");
     let url = server.url("/good");
@@ -960,7 +858,7 @@ fn require_key_echo_accepts_the_underscore_echo_of_the_folded_key() {
     assert_eq!(server.requests(), 2);
     let m = metrics(stats);
     for kind in ["echo_mismatch", "echo_missing"] {
-        let n = sample(
+        let n = metric_value(
             &m,
             &format!(
                 "httpmapd_server_protocol_errors_total{{map=\"good\",server=\"{url}\",kind=\"{kind}\"}}"
@@ -977,7 +875,7 @@ fn require_key_echo_accepts_the_underscore_echo_of_the_folded_key() {
 #[test]
 fn require_key_echo_rejects_a_reply_without_echo() {
     let server = TestServer::start(|_| Reply::found(b"v@x"));
-    let (strict_port, lax_port, sm, stats) = (port(), port(), port(), port());
+    let (strict_port, lax_port, sm, stats) = (free_port(), free_port(), free_port(), free_port());
     let sm_line = format!("socketmap_listen = \"127.0.0.1:{sm}\"");
     let stats_line = format!("stats_listen = \"127.0.0.1:{stats}\"");
     let strict_url = server.url("/strict");
@@ -1033,7 +931,7 @@ fn require_key_echo_rejects_a_reply_without_echo() {
         count_lines(&log, "reply rejected") >= 1,
         "no \"reply rejected\" warning:\n{log}"
     );
-    let lax_missing = sample(
+    let lax_missing = metric_value(
         &m,
         &format!(
             "httpmapd_server_protocol_errors_total{{map=\"lax\",server=\"{lax_url}\",kind=\"echo_missing\"}}"
@@ -1125,7 +1023,7 @@ fn pipelined_socketmap_cache_hits_of_a_60kb_value_all_arrive() {
     let value: Vec<u8> = (0..60_000).map(|i| b'a' + (i % 26) as u8).collect();
     let v = value.clone();
     let server = TestServer::start(move |_| Reply::body(200, &v));
-    let sm = port();
+    let sm = free_port();
     let cfg = daemon_toml(1, &[&format!("socketmap_listen = \"127.0.0.1:{sm}\"")])
         + &map_toml("m", None, &[server.url("/m")], &["result = \"body\""]);
     let _d = Daemon::start(&cfg, sm);
@@ -1177,7 +1075,7 @@ fn answers_queued_behind_a_slow_lookup_are_bounded_in_bytes() {
         }
         Reply::body(200, &v)
     });
-    let sm = port();
+    let sm = free_port();
     let cfg = daemon_toml(1, &[&format!("socketmap_listen = \"127.0.0.1:{sm}\"")])
         + &map_toml(
             "m",
@@ -1236,7 +1134,7 @@ fn answers_queued_behind_a_slow_lookup_are_bounded_in_bytes() {
 fn lookup_after_a_reload_never_joins_a_fetch_to_the_old_server() {
     let old = TestServer::start(|_| Reply::found(b"old@x").delayed(Duration::from_secs(1)));
     let new = TestServer::start(|_| Reply::found(b"new@x"));
-    let port = port();
+    let port = free_port();
     let cfg = |url: String| daemon_toml(2, &[]) + &map_toml("m", Some(port), &[url], QUICK);
     let d = start_for_reload(&cfg(old.url("/m")), port);
 
@@ -1248,7 +1146,7 @@ fn lookup_after_a_reload_never_joins_a_fetch_to_the_old_server() {
         old.wait_for_requests(1, WAIT),
         "L1 never reached the old server"
     );
-    reload(&d, &cfg(new.url("/m")), 0);
+    reload(&d, &cfg(new.url("/m")));
     let mut c = LineClient::connect(port);
     let t = Instant::now();
     let l2 = get(&mut c, "k@x");
@@ -1296,7 +1194,7 @@ fn three_hundred_reloads_with_lookups_in_flight() {
     };
     let a = TestServer::start(handler.clone());
     let b = TestServer::start(handler);
-    let port = port();
+    let port = free_port();
     let cfg = |url: String| {
         daemon_toml(2, &[])
             + &map_toml(
@@ -1352,7 +1250,7 @@ fn three_hundred_reloads_with_lookups_in_flight() {
     let mut stalled = Vec::new();
     for r in 1..=RELOADS {
         let url = if r % 2 == 1 { b.url("/m") } else { a.url("/m") };
-        reload(&d, &cfg(url), r - 1);
+        reload(&d, &cfg(url));
         reloads_done.store(r, Ordering::SeqCst);
         // Let the slow lookups released now be answered before the next
         // reload (bounded: a lost reply only shows later, as a failure).
@@ -1430,7 +1328,7 @@ fn lookups_queued_on_a_slow_mirror_move_to_the_fast_one() {
     });
     let fast =
         TestServer::start(|req| Reply::found(&value_of(req.key.as_deref().unwrap_or_default())));
-    let port = port();
+    let port = free_port();
     let cfg = daemon_toml(1, &[])
         + &map_toml(
             "m",
@@ -1503,7 +1401,7 @@ fn lookups_queued_on_a_slow_mirror_move_to_the_fast_one() {
 /// not-found reply.
 fn expired_entries_then_outage(cache_extra: &[&str], map_extra: &[&str]) -> (Daemon, u16, String) {
     let server = TestServer::with_map(&[("f@x", "fval@x")]);
-    let port = port();
+    let port = free_port();
     let mut cache = vec![
         "ttl = \"1s\"",
         "negative_ttl = \"1s\"",
@@ -1601,7 +1499,7 @@ fn cache_memory_budget_holds_with_large_values() {
         v
     };
     let server = TestServer::start(move |req| Reply::body(200, &value(&req.key_str())));
-    let (sm, stats) = (port(), port());
+    let (sm, stats) = (free_port(), free_port());
     let cfg = daemon_toml(
         1,
         &[
@@ -1654,7 +1552,7 @@ fn max_memory_units_and_default() {
         (Some("max_memory = \"8MiB\""), 8_388_608.0),
         (Some("max_memory = \"1GiB\""), 1_073_741_824.0),
     ] {
-        let (port, stats) = (port(), port());
+        let (port, stats) = (free_port(), free_port());
         let cfg = daemon_toml(1, &[&format!("stats_listen = \"127.0.0.1:{stats}\"")])
             + &cache_toml(line.as_slice())
             + &map_toml("m", Some(port), &[server.url("/m")], QUICK);
@@ -1703,7 +1601,7 @@ fn nul_and_control_bytes_and_json_scalars() {
         };
         Reply::body(200, doc)
     });
-    let (tcp, sm) = (port(), port());
+    let (tcp, sm) = (free_port(), free_port());
     let cfg = daemon_toml(1, &[&format!("socketmap_listen = \"127.0.0.1:{sm}\"")])
         + &map_toml(
             "body",
@@ -1809,10 +1707,10 @@ fn a_slow_stats_client_does_not_block_metrics_or_health() {
     let idle = TcpStream::connect(("127.0.0.1", stats)).expect("connect to stats");
     for path in ["/metrics", "/health"] {
         let t = Instant::now();
-        let r = http_get(stats, path, Duration::from_secs(1));
+        let r = try_stats_request(stats, "GET", path, Duration::from_secs(1));
         let took = t.elapsed();
         match r {
-            Ok((status, body)) => {
+            Ok(StatsResponse { status, body, .. }) => {
                 assert_eq!(status, 200, "{path}: {body}");
                 if path == "/metrics" {
                     assert!(body.contains("httpmapd_lookups_total"), "{body}");

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{free_port, rss_kib, Daemon, LineClient, Reply, Request, TestServer};
+use common::{free_port, proc_status_kib, rss_kib, Daemon, LineClient, Reply, Request, TestServer};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,12 +101,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// Peak RSS of PID (/proc/PID/status VmHWM), in KiB.
 fn hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status")
+    proc_status_kib(pid, "VmHWM")
 }
 
 /// Resets PID's peak RSS to its current RSS (clear_refs "5"); false if not

@@ -9,66 +9,40 @@
 
 mod common;
 
-use common::{free_port, Daemon, TestServer};
+use common::{free_port, output_within, Daemon, TestServer};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LOAD: &str = env!("CARGO_BIN_EXE_httpmapd-load");
 
-/// Runs the load generator with `args`, stdin closed, stdout and stderr
-/// captured; kills it and panics after `limit`.
-fn run(args: &[&str], limit: Duration) -> Output {
-    let child = Command::new(LOAD)
+/// Starts the load generator with `args`, stdin closed, stdout and stderr
+/// piped.
+fn spawn(args: &[&str]) -> Child {
+    Command::new(LOAD)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn httpmapd-load");
-    wait_output(child, limit, args)
+        .expect("spawn httpmapd-load")
 }
 
-fn wait_output(mut child: std::process::Child, limit: Duration, args: &[&str]) -> Output {
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    let out_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.read_to_end(&mut v);
-        }
-        v
-    });
-    let err_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_end(&mut v);
-        }
-        v
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("httpmapd-load {args:?} still running after {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-    }
+/// Runs the load generator with `args`, stdin closed, stdout and stderr
+/// captured; kills it and panics after `limit`.
+fn run(args: &[&str], limit: Duration) -> Output {
+    wait_output(spawn(args), limit, args)
+}
+
+/// `child`'s output once it exits; kills it and panics after `limit`.
+fn wait_output(child: Child, limit: Duration, args: &[&str]) -> Output {
+    output_within(child, limit, &format!("httpmapd-load {args:?}"))
 }
 
 fn text(b: &[u8]) -> String {
@@ -280,13 +254,7 @@ fn a_closed_stdout_or_stderr_ends_quietly() {
         vec![target.as_str(), "-n", "50", "-c", "1", "-q", "--json"],
         vec!["--help"],
     ] {
-        let mut child = Command::new(LOAD)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn(&args);
         drop(child.stdout.take());
         let o = wait_output(child, SHORT, &args);
         let err = text(&o.stderr);
@@ -295,13 +263,7 @@ fn a_closed_stdout_or_stderr_ends_quietly() {
     }
     // stderr closed at once: the progress lines' writes fail.
     let args = [target.as_str(), "-d", "1300ms", "-c", "1"];
-    let mut child = Command::new(LOAD)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&args);
     drop(child.stderr.take());
     let o = wait_output(child, SHORT, &args);
     assert_eq!(o.status.code(), Some(0));

@@ -8,6 +8,9 @@
 //! temporary tallies in `--json`, pipelining with `--depth`, `--miss-ratio`,
 //! `policy:unix:PATH`, and a reply without an action as a protocol error.
 
+mod common;
+
+use common::output_within;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -18,7 +21,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LOAD: &str = env!("CARGO_BIN_EXE_httpmapd-load");
 const LIMIT: Duration = Duration::from_secs(30);
@@ -252,26 +255,17 @@ fn tmp(name: &str) -> PathBuf {
     ))
 }
 
+/// Runs the load generator with `args`, stdin closed, stdout and stderr
+/// captured; kills it and panics after [`LIMIT`].
 fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(LOAD)
+    let child = Command::new(LOAD)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn httpmapd-load");
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("httpmapd-load {args:?} still running after {LIMIT:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
+    output_within(child, LIMIT, &format!("httpmapd-load {args:?}"))
 }
 
 /// Runs with `--json -q`; the report (status checked: 0).

@@ -9,7 +9,8 @@
 mod common;
 
 use common::{
-    free_port, rss_kib, unique_temp_dir, wait_until, Daemon, LineClient, Reply, TestServer,
+    free_port, metric, rss_kib, stats_get, try_stats_request, unique_temp_dir, wait_until, Daemon,
+    LineClient, Reply, StatsResponse, TestServer,
 };
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -56,29 +57,13 @@ fn wait_log(d: &Daemon, needle: &str) -> String {
     text
 }
 
-/// Whether process `pid` catches `sig` (its `SigCgt` mask in /proc).
-fn catches(pid: u32, sig: i32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
-}
-
 /// Waits until the daemon handles SIGHUP, SIGINT, SIGTERM and SIGUSR1, so a
 /// test's signal never meets a default action even if the daemon's
 /// listeners accept (and `Daemon::start` returns) before its handlers are
 /// in place (as at 3728e72; see
 /// `signal_right_after_the_port_accepts_does_not_kill_it`).
 fn wait_signals_handled(d: &Daemon) {
-    let pid = d.pid();
-    let sigs = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM, libc::SIGUSR1];
-    assert!(
-        wait_until(WAIT, || sigs.iter().all(|&s| catches(pid, s))),
-        "httpmapd does not handle its signals after {WAIT:?}:\n{}",
-        d.stderr()
-    );
+    d.wait_handling(&[libc::SIGHUP, libc::SIGINT, libc::SIGTERM, libc::SIGUSR1]);
 }
 
 /// `Daemon::start`, then waits until the daemon handles its signals.
@@ -190,24 +175,11 @@ fn wait_not_listening(d: &Daemon, port: u16) {
 fn reload_on_fresh_port(d: &Daemon, make: impl Fn(u16) -> String) -> (u16, String) {
     for _ in 0..5 {
         let port = free_port();
-        let before = d.stderr();
-        let n_ok = log_lines(&before, "reloaded").len();
-        let n_refused = log_lines(&before, "reload refused").len();
         std::fs::write(&d.config_path, make(port)).unwrap();
-        d.signal(libc::SIGHUP);
-        let mut text = String::new();
-        assert!(
-            wait_until(WAIT, || {
-                text = d.stderr();
-                log_lines(&text, "reloaded").len() > n_ok
-                    || log_lines(&text, "reload refused").len() > n_refused
-            }),
-            "neither reloaded nor refused after {WAIT:?}:\n{text}"
-        );
-        if let Some(line) = log_lines(&text, "reloaded").get(n_ok) {
-            return (port, line.clone());
-        }
-        let refused = log_lines(&text, "reload refused").pop().unwrap();
+        let refused = match d.reload() {
+            Ok(line) => return (port, line),
+            Err(refused) => refused,
+        };
         assert!(
             refused.contains(&format!("cannot listen on 127.0.0.1:{port}: ")),
             "{refused}"
@@ -230,67 +202,22 @@ fn assert_reply(got: Vec<u8>, want: &str) {
     assert_eq!(show(&got), want, "reply bytes");
 }
 
-/// An HTTP/1.1 response from the stats endpoint.
-struct HttpResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl HttpResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// `GET path` over a plain std TcpStream; reads until the server closes.
 /// A `HEAD` request's whole answer, as text.
 fn http_head(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to stats_listen");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the stats response");
-    String::from_utf8(raw).unwrap()
+    let r = try_stats_request(port, "HEAD", path, WAIT)
+        .unwrap_or_else(|e| panic!("HEAD {path} on the stats port: {e}"));
+    format!("{}\r\n\r\n{}", r.head, r.body)
 }
 
-fn http_get(port: u16, path: &str) -> HttpResponse {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to stats_listen");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: ops-test\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the stats response");
-    let text = String::from_utf8(raw).expect("stats response is UTF-8");
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let mut parts = status_line.splitn(3, ' ');
-    assert_eq!(
-        parts.next(),
-        Some("HTTP/1.1"),
-        "status line {status_line:?}"
+/// `GET path` on the stats port: the response, whose status line must be
+/// HTTP/1.1 and whose `Content-Length` must match its body.
+fn http_get(port: u16, path: &str) -> StatsResponse {
+    let r = stats_get(port, path);
+    assert!(
+        r.head.starts_with("HTTP/1.1 "),
+        "status line of {:?}",
+        r.head
     );
-    let status = parts.next().unwrap().parse().expect("status code");
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (n, v) = l.split_once(':').expect("header line");
-            (n.trim().to_string(), v.trim().to_string())
-        })
-        .collect();
-    let r = HttpResponse {
-        status,
-        headers,
-        body: body.to_string(),
-    };
     let len: usize = r
         .header("Content-Length")
         .expect("Content-Length")
@@ -1042,16 +969,6 @@ fn assert_families_documented(text: &str) {
     }
 }
 
-/// The value of the sample whose line starts with `series ` exactly.
-fn sample(text: &str, series: &str) -> f64 {
-    let prefix = format!("{series} ");
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"));
-    line[prefix.len()..].parse().unwrap()
-}
-
 /// A histogram's `_bucket` lines are cumulative and end at `_count`.
 fn assert_histogram(text: &str, name: &str, labels: &str, count: u64) {
     let prefix = format!("{name}_bucket{{{labels},le=\"");
@@ -1073,7 +990,7 @@ fn assert_histogram(text: &str, name: &str, labels: &str, count: u64) {
         "not cumulative: {buckets:?}"
     );
     assert_line(text, &format!("{name}_count{{{labels}}} {count}"));
-    assert!(sample(text, &format!("{name}_sum{{{labels}}}")) >= 0.0);
+    assert!(metric(text, &format!("{name}_sum{{{labels}}}")) >= 0.0);
 }
 
 #[test]
@@ -1187,18 +1104,18 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    let started = sample(t, "process_start_time_seconds");
+    let started = metric(t, "process_start_time_seconds");
     assert!(
         started <= now + 1.0 && started > now - 600.0,
         "started {started}, now {now}"
     );
-    let rss = sample(t, "process_resident_memory_bytes");
+    let rss = metric(t, "process_resident_memory_bytes");
     let vm_rss_kib = rss_kib(d.pid()) as f64;
     assert!(
         (rss / 1024.0 - vm_rss_kib).abs() < vm_rss_kib / 2.0,
         "process_resident_memory_bytes {rss} vs VmRSS {vm_rss_kib} KiB"
     );
-    let fds = sample(t, "process_open_fds");
+    let fds = metric(t, "process_open_fds");
     let open_now = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
         .unwrap()
         .count() as f64;
@@ -1206,7 +1123,7 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
         (fds - open_now).abs() <= 4.0,
         "process_open_fds {fds}, /proc says {open_now}"
     );
-    assert!(sample(t, "process_max_fds") >= fds);
+    assert!(metric(t, "process_max_fds") >= fds);
     // HEAD: the same head, no body.
     let head = http_head(stats, "/metrics");
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head:?}");

@@ -24,7 +24,10 @@
 
 mod common;
 
-use common::{free_port, unique_temp_dir, wait_until, Daemon, LineClient, Reply, TestServer};
+use common::{
+    free_port, metric, metrics, stats_get, unique_temp_dir, wait_until, Daemon, LineClient, Reply,
+    TestServer,
+};
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -641,14 +644,12 @@ impl Node {
     }
 
     fn metrics(&self) -> String {
-        let (status, body) = http_get(self.stats, "/metrics");
-        assert_eq!(status, 200, "/metrics: {body}");
-        body
+        metrics(self.stats)
     }
 
     /// One series of /metrics (panics if absent).
     fn metric(&self, series: &str) -> f64 {
-        sample(&self.metrics(), series)
+        metric(&self.metrics(), series)
     }
 
     /// Waits until every worker is connected to the shared cache.
@@ -705,53 +706,6 @@ fn lines_with(log: &str, needle: &str) -> String {
         .filter(|l| l.contains(needle))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// `GET path` (Connection: close): (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    // The tcp_table listeners (what `Daemon::start` waits for) are bound
-    // a moment before stats_listen: retry a refused connect.
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut conn = TcpStream::connect_timeout(&addr, WAIT);
-    let deadline = Instant::now() + WAIT;
-    while conn.is_err() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(10));
-        conn = TcpStream::connect_timeout(&addr, WAIT);
-    }
-    let mut s = conn.unwrap_or_else(|e| panic!("connect to stats port {port}: {e}"));
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the stats response");
-    let text = show(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status");
-    (status, body.to_string())
-}
-
-/// The value of one series (`name{labels}` exactly as written).
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| {
-            let family = series.split('{').next().unwrap();
-            panic!(
-                "no series {series} in /metrics; related:\n{}",
-                lines_with(metrics, family)
-            )
-        })
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// A command's outcome.
@@ -929,24 +883,24 @@ fn three_nodes_share_what_one_fetched() {
 
     // The counters say the same, node by node.
     let m = nodes[0].metrics();
-    assert_eq!(sample(&m, "httpmapd_shared_cache_misses_total"), 101.0);
-    assert_eq!(sample(&m, "httpmapd_shared_cache_hits_total"), 0.0);
-    assert_eq!(sample(&m, "httpmapd_shared_cache_writes_total"), 101.0);
+    assert_eq!(metric(&m, "httpmapd_shared_cache_misses_total"), 101.0);
+    assert_eq!(metric(&m, "httpmapd_shared_cache_hits_total"), 0.0);
+    assert_eq!(metric(&m, "httpmapd_shared_cache_writes_total"), 101.0);
     assert_eq!(
-        sample(&m, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
+        metric(&m, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
         101.0
     );
     for n in &nodes[1..] {
         let m = n.metrics();
-        assert_eq!(sample(&m, "httpmapd_shared_cache_hits_total"), 101.0);
-        assert_eq!(sample(&m, "httpmapd_shared_cache_misses_total"), 0.0);
+        assert_eq!(metric(&m, "httpmapd_shared_cache_hits_total"), 101.0);
+        assert_eq!(metric(&m, "httpmapd_shared_cache_misses_total"), 0.0);
         assert_eq!(
-            sample(&m, "httpmapd_shared_cache_claims_total{result=\"lost\"}"),
+            metric(&m, "httpmapd_shared_cache_claims_total{result=\"lost\"}"),
             0.0
         );
-        assert_eq!(sample(&m, "httpmapd_shared_cache_writes_total"), 0.0);
+        assert_eq!(metric(&m, "httpmapd_shared_cache_writes_total"), 0.0);
         assert_eq!(
-            sample(&m, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
+            metric(&m, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
             0.0
         );
     }
@@ -954,7 +908,7 @@ fn three_nodes_share_what_one_fetched() {
         let m = n.metrics();
         for kind in ["unavailable", "timeout", "reply", "protocol"] {
             assert_eq!(
-                sample(
+                metric(
                     &m,
                     &format!("httpmapd_shared_cache_errors_total{{kind=\"{kind}\"}}")
                 ),
@@ -962,7 +916,7 @@ fn three_nodes_share_what_one_fetched() {
                 "errors of kind {kind}"
             );
         }
-        assert_eq!(sample(&m, "httpmapd_shared_cache_connections"), 2.0);
+        assert_eq!(metric(&m, "httpmapd_shared_cache_connections"), 2.0);
     }
 
     // Redis holds exactly those 101 values, under the default prefix.
@@ -1419,9 +1373,9 @@ fn a_server_speaking_garbage_in_place_of_redis_is_only_misses() {
         thread::sleep(Duration::from_millis(700));
         let m = node.metrics();
         let log = node.log();
-        let protocol = sample(&m, "httpmapd_shared_cache_errors_total{kind=\"protocol\"}");
-        let reply = sample(&m, "httpmapd_shared_cache_errors_total{kind=\"reply\"}");
-        let unavailable = sample(
+        let protocol = metric(&m, "httpmapd_shared_cache_errors_total{kind=\"protocol\"}");
+        let reply = metric(&m, "httpmapd_shared_cache_errors_total{kind=\"reply\"}");
+        let unavailable = metric(
             &m,
             "httpmapd_shared_cache_errors_total{kind=\"unavailable\"}",
         );
@@ -1432,12 +1386,12 @@ fn a_server_speaking_garbage_in_place_of_redis_is_only_misses() {
             lines_with(&log, "shared cache")
         );
         assert_eq!(
-            sample(&m, "httpmapd_shared_cache_connections"),
+            metric(&m, "httpmapd_shared_cache_connections"),
             0.0,
             "{fake:?}"
         );
         assert_eq!(
-            sample(&m, "httpmapd_shared_cache_hits_total"),
+            metric(&m, "httpmapd_shared_cache_hits_total"),
             0.0,
             "{fake:?}"
         );
@@ -1527,7 +1481,7 @@ fn the_password_shows_nowhere() {
     // /metrics and /health.
     for n in [&good, &wrong, &none, &user] {
         assert_no_password("/metrics", &n.metrics());
-        assert_no_password("/metrics", &http_get(n.stats, "/health").1);
+        assert_no_password("/metrics", &stats_get(n.stats, "/health").body);
     }
 
     // An admin command's error (Redis down) names Redis without the password.

@@ -18,8 +18,8 @@
 mod common;
 
 use common::{
-    free_port, nginx_path, postmap_q, unique_temp_dir, wait_until, Daemon, LineClient, Reply,
-    TestServer,
+    free_port, metric, metrics, postmap_q, stats_body, unique_temp_dir, wait_until, Daemon,
+    LineClient, NginxProcess, Reply, TestServer,
 };
 use rcgen::{
     date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType,
@@ -28,7 +28,7 @@ use rcgen::{
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -186,6 +186,15 @@ impl Site {
         Site::default()
     }
 
+    /// The address to listen on.
+    fn ip(&self) -> &'static str {
+        if self.ip.is_empty() {
+            "127.0.0.1"
+        } else {
+            self.ip
+        }
+    }
+
     fn on(mut self, ip: &'static str) -> Site {
         self.ip = ip;
         self
@@ -227,12 +236,10 @@ struct Hit {
 /// - anything else: the keys of `pairs` found, others not found;
 ///
 /// each reply echoes the key (`POSTFIX-DICT-EMAIL`). One worker; the access
-/// log is unbuffered, so it counts requests exactly. Dropped: TERM, then
-/// KILL, and its directory removed.
+/// log is unbuffered, so it counts requests exactly. Dropped: stopped and
+/// its directory removed (see `common::NginxProcess`).
 struct TlsNginx {
-    child: Child,
-    dir: PathBuf,
-    ports: Vec<u16>,
+    nginx: NginxProcess,
 }
 
 /// A free port on `ip` (bind port 0 there).
@@ -247,27 +254,28 @@ fn free_port_on(ip: &str) -> u16 {
 }
 
 impl TlsNginx {
-    /// Starts nginx with `sites`; panics (in CI) or returns None after a
-    /// loud SKIPPED line when nginx is not installed.
+    /// Starts nginx with `sites`, each on a free port; panics (in CI) or
+    /// returns None after a loud SKIPPED line when nginx is not installed.
     fn start(sites: &[Site], pairs: &[(&str, &str)]) -> Option<TlsNginx> {
-        let Some(nginx) = nginx_path() else {
-            if std::env::var_os("CI").is_some() {
-                panic!("nginx not installed, but CI is set (install nginx-light)");
-            }
-            eprintln!("SKIPPED: nginx not installed (install nginx-light)");
-            return None;
+        let listen = || {
+            sites
+                .iter()
+                .map(|s| {
+                    let ip = s.ip();
+                    SocketAddr::new(ip.parse().unwrap(), free_port_on(ip))
+                })
+                .collect()
         };
-        let mut last = String::new();
-        for _ in 0..3 {
-            match TlsNginx::try_start(&nginx, sites, pairs) {
-                Ok(n) => return Some(n),
-                Err(e) => last = e,
-            }
-        }
-        panic!("nginx did not start:\n{last}");
+        let http = |dir: &Path, addrs: &[SocketAddr]| {
+            let ports: Vec<u16> = addrs.iter().map(SocketAddr::port).collect();
+            TlsNginx::http_block(dir, sites, &ports, pairs)
+        };
+        let nginx = NginxProcess::start("httpmapd-tls-nginx", listen, http)?;
+        Some(TlsNginx { nginx })
     }
 
-    fn config(dir: &Path, sites: &[Site], ports: &[u16], pairs: &[(&str, &str)]) -> String {
+    /// The inside of nginx.conf's `http {}` block.
+    fn http_block(dir: &Path, sites: &[Site], ports: &[u16], pairs: &[(&str, &str)]) -> String {
         let d = dir.display();
         let mut map = String::new();
         for (k, v) in pairs {
@@ -279,7 +287,7 @@ impl TlsNginx {
         }
         let mut servers = String::new();
         for (s, port) in sites.iter().zip(ports) {
-            let ip = if s.ip.is_empty() { "127.0.0.1" } else { s.ip };
+            let ip = s.ip();
             let mut block = String::new();
             match &s.tls {
                 Some((cert, key)) => {
@@ -316,20 +324,7 @@ impl TlsNginx {
             ));
         }
         format!(
-            r#"# Written by tests/tls.rs.
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{
-    worker_connections 256;
-}}
-http {{
-    client_body_temp_path {d}/client_body_temp;
-    proxy_temp_path {d}/proxy_temp;
-    fastcgi_temp_path {d}/fastcgi_temp;
-    uwsgi_temp_path {d}/uwsgi_temp;
-    scgi_temp_path {d}/scgi_temp;
-    default_type text/plain;
+            r#"    # Written by tests/tls.rs.
     log_format tls '$server_port $connection $connection_requests $status "$ssl_protocol" "$ssl_session_reused" "$ssl_client_s_dn" "$http_postfix_dict_email" "$http_authorization"';
     access_log {d}/access.log tls;
     keepalive_timeout 60s;
@@ -340,68 +335,20 @@ http {{
     map $http_postfix_dict_email $dict_result {{
         default "";
 {map}    }}
-{servers}}}
-"#
+{servers}"#
         )
-    }
-
-    fn try_start(nginx: &Path, sites: &[Site], pairs: &[(&str, &str)]) -> Result<TlsNginx, String> {
-        let dir = unique_temp_dir("httpmapd-tls-nginx");
-        let ports: Vec<u16> = sites
-            .iter()
-            .map(|s| free_port_on(if s.ip.is_empty() { "127.0.0.1" } else { s.ip }))
-            .collect();
-        let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, TlsNginx::config(&dir, sites, &ports, pairs)).unwrap();
-        let child = Command::new(nginx)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", nginx.display()))?;
-        let mut n = TlsNginx { child, dir, ports };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = n.child.try_wait().unwrap() {
-                return Err(format!(
-                    "nginx exited ({status}); stderr:\n{}\nerror.log:\n{}",
-                    std::fs::read_to_string(n.dir.join("stderr.log")).unwrap_or_default(),
-                    n.error_log()
-                ));
-            }
-            let up = sites.iter().zip(&n.ports).all(|(s, &p)| {
-                let ip = if s.ip.is_empty() { "127.0.0.1" } else { s.ip };
-                let addr = SocketAddr::new(ip.parse().unwrap(), p);
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            });
-            if up && n.error_log().contains("start worker process") {
-                return Ok(n);
-            }
-            if Instant::now() >= deadline {
-                panic!("nginx not ready after 10 s; error.log:\n{}", n.error_log());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// The port of site `i`.
     fn port(&self, i: usize) -> u16 {
-        self.ports[i]
-    }
-
-    fn error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+        self.nginx.addrs[i].port()
     }
 
     /// Every request so far, in order.
     fn hits(&self) -> Vec<Hit> {
-        let text = std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
-        text.lines()
+        self.nginx
+            .access_log()
+            .lines()
             .map(|line| {
                 let parse = || -> Option<Hit> {
                     let mut it = line.splitn(5, ' ');
@@ -446,34 +393,6 @@ http {{
         }
         let port = self.port(i);
         self.hits().into_iter().filter(|h| h.port == port).collect()
-    }
-}
-
-impl Drop for TlsNginx {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!(
-                "---- nginx error.log ({}) ----\n{}---- access.log ----\n{}---- end ----",
-                self.dir.display(),
-                self.error_log(),
-                std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
-            );
-        }
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_dir_all(&self.dir);
-                return;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -553,53 +472,13 @@ impl Drop for Stall {
 // The daemon
 // ---------------------------------------------------------------------------
 
-/// Whether process `pid` catches `sig` (its `SigCgt` mask in /proc).
-fn catches(pid: u32, sig: i32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
-}
-
 /// Starts the daemon on `config` with the command `make(config_path)`
-/// (stdio and readiness done here): ready when 127.0.0.1:`ready_port`
-/// accepts and it handles SIGHUP.
+/// (stdio and readiness done by `Daemon::start_command`): ready when
+/// 127.0.0.1:`ready_port` accepts and it handles SIGHUP.
 fn start_with(config: &str, ready_port: u16, make: impl FnOnce(&Path) -> Command) -> Daemon {
-    let dir = unique_temp_dir("httpmapd-tls-test");
-    let config_path = dir.join("httpmapd.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let child = make(&config_path)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
-        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-        .spawn()
-        .expect("spawn httpmapd");
-    let mut d = Daemon {
-        child,
-        dir,
-        config_path,
-    };
-    let addr = SocketAddr::from(([127, 0, 0, 1], ready_port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = d.child.try_wait().unwrap() {
-            panic!(
-                "httpmapd exited before becoming ready ({status}); stderr:\n{}",
-                d.stderr()
-            );
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            && catches(d.pid(), libc::SIGHUP)
-        {
-            return d;
-        }
-        if Instant::now() >= deadline {
-            panic!("httpmapd not ready on {addr} after 10 s:\n{}", d.stderr());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    let d = Daemon::start_command(config, ready_port, make);
+    d.wait_handling(&[libc::SIGHUP]);
+    d
 }
 
 /// The daemon on `config`, with these extra environment variables.
@@ -638,24 +517,9 @@ fn wait_log_n(d: &Daemon, needle: &str, n: usize) -> String {
 
 /// SIGHUP, then waits for the next "reloaded" line (panics on "reload refused").
 fn reload(d: &Daemon) {
-    let log = d.stderr();
-    let before = log_lines(&log, "info: reloaded ").len();
-    let refused = log_lines(&log, "reload refused").len();
-    d.signal(libc::SIGHUP);
-    let mut text = String::new();
-    assert!(
-        wait_until(WAIT, || {
-            text = d.stderr();
-            log_lines(&text, "info: reloaded ").len() > before
-                || log_lines(&text, "reload refused").len() > refused
-        }),
-        "no reload within {WAIT:?}:\n{text}"
-    );
-    assert_eq!(
-        log_lines(&text, "reload refused").len(),
-        refused,
-        "reload refused:\n{text}"
-    );
+    if let Err(refused) = d.reload() {
+        panic!("reload refused: {refused}\n{}", d.stderr());
+    }
     // The workers take the new configuration from their mailboxes.
     thread::sleep(Duration::from_millis(100));
 }
@@ -703,34 +567,6 @@ fn assert_temp(reply: &str, what: &str) {
         reply.starts_with("400 ") && reply.ends_with('\n') && reply.matches('\n').count() == 1,
         "{what}: expected a temporary error \"400 ...\\n\", got {reply:?}"
     );
-}
-
-/// GET `path` from the stats listener: the body.
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to stats_listen");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the stats response");
-    let t = String::from_utf8(raw).expect("UTF-8");
-    let (head, body) = t.split_once("\r\n\r\n").expect("a head");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
-/// The value of one metrics series (the whole `name{labels}` as written).
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no series {series} in:\n{metrics}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// `{map="M",server="URL"}` labels plus more.
@@ -1134,18 +970,18 @@ servers = ["{}"]
     // Metrics: the failed servers are down, each with one failure per
     // lookup that tried it (the expired one was asked twice: with every
     // server of its map resting, one is probed anyway).
-    let metrics = http_get(stats, "/metrics");
+    let metrics = metrics(stats);
     for (map, bad, _, _) in &cases {
         let failures = if *map == "expired" { 2.0 } else { 1.0 };
         assert_eq!(
-            sample(
+            metric(
                 &metrics,
                 &format!("httpmapd_server_up{}", labels(map, bad, ""))
             ),
             0.0
         );
         assert_eq!(
-            sample(
+            metric(
                 &metrics,
                 &format!(
                     "httpmapd_server_requests_total{}",
@@ -1157,7 +993,7 @@ servers = ["{}"]
         );
     }
     assert_eq!(
-        sample(
+        metric(
             &metrics,
             &format!("httpmapd_server_up{}", labels("expired_m", &good_url, ""))
         ),
@@ -1302,28 +1138,28 @@ header_files = {{ Authorization = "{token}" }}
     assert_eq!(seq, (1..=300).collect::<Vec<u64>>());
     assert!(hits.iter().all(|h| h.reused == "."), "one full handshake");
     assert!(hits.iter().all(|h| h.authorization == "Bearer over-tls"));
-    let metrics = http_get(stats, "/metrics");
+    let metrics = metrics(stats);
     let l = |more: &str| labels("virtual", &url, more);
     assert_eq!(
-        sample(
+        metric(
             &metrics,
             &format!("httpmapd_server_requests_total{}", l("outcome=\"ok\""))
         ),
         300.0
     );
     assert_eq!(
-        sample(&metrics, &format!("httpmapd_server_connections{}", l(""))),
+        metric(&metrics, &format!("httpmapd_server_connections{}", l(""))),
         1.0
     );
     assert_eq!(
-        sample(
+        metric(
             &metrics,
             &format!("httpmapd_server_connects_total{}", l(""))
         ),
         1.0
     );
     assert_eq!(
-        sample(
+        metric(
             &metrics,
             &format!(
                 "httpmapd_server_tls_handshakes_total{}",
@@ -1430,9 +1266,9 @@ ttl = "0s"
     eprintln!("resumption after reloads: TLS 1.3 {f13}, TLS 1.2 {f12}");
     assert_eq!((f13.as_str(), f12.as_str()), (".rrrrrr.r", ".rrrrrrrr"));
 
-    let metrics = http_get(stats, "/metrics");
+    let metrics = metrics(stats);
     let hs = |url: &str, resumed: &str| {
-        sample(
+        metric(
             &metrics,
             &format!(
                 "httpmapd_server_tls_handshakes_total{}",
@@ -1597,8 +1433,8 @@ header_files = {{ Authorization = "{token}" }}
         .collect();
     assert_eq!(auth, [SECRET, SECRET, SECRET2]);
 
-    let metrics = http_get(stats, "/metrics");
-    let health = http_get(stats, "/health");
+    let metrics = metrics(stats);
+    let health = stats_body(stats, "/health");
     let log = d.stderr();
     assert!(log.contains("debug: "), "debug lines are logged:\n{log}");
     for secret in ["s3cr3t", "T0KEN"] {

@@ -1,13 +1,18 @@
 //! Shared harness for the integration tests: a scriptable HTTP/1.1 backend
-//! (`TestServer`), the real `httpmapd` binary under test (`Daemon`),
-//! clients for the Postfix side (`postmap_q`, `LineClient`), and a private
-//! real nginx serving dict_http (`Nginx`).
+//! (`TestServer`), the real `httpmapd` binary under test (`Daemon`: start,
+//! signals, reload), clients for the Postfix side (`postmap_q`,
+//! `LineClient`), a private real nginx (`NginxProcess`, and `Nginx` serving
+//! dict_http from it), the daemon's stats listener (`stats_get`, `metrics`,
+//! `metric`), small process helpers, and a private real Postfix instance
+//! (the `postfix` submodule).
 //!
 //! Everything talks over real loopback sockets; nothing here knows the
-//! daemon's internals. Each `tests/*.rs` does `mod common;`; not every test
+//! daemon's internals. Most `tests/*.rs` do `mod common;`; not every test
 //! uses every item, hence the `dead_code` allowances.
 
 #![allow(dead_code)]
+
+pub mod postfix;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -757,15 +762,27 @@ impl Daemon {
 
     /// As `start`, with extra command-line arguments after `-c PATH`.
     pub fn start_with_args(config: &str, ready_port: u16, extra_args: &[&str]) -> Daemon {
+        Daemon::start_command(config, ready_port, |config_path| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_httpmapd"));
+            c.arg("-c").arg(config_path).args(extra_args);
+            c
+        })
+    }
+
+    /// As `start`, running the command `make(CONFIG_PATH)` (e.g. with more
+    /// environment variables, or inside another program); its stdio is
+    /// set here.
+    pub fn start_command(
+        config: &str,
+        ready_port: u16,
+        make: impl FnOnce(&Path) -> Command,
+    ) -> Daemon {
         let dir = unique_temp_dir("httpmapd-test");
         let config_path = dir.join("httpmapd.toml");
         std::fs::write(&config_path, config).expect("write config");
         let stderr = std::fs::File::create(dir.join("stderr.log")).expect("create stderr.log");
         let stdout = std::fs::File::create(dir.join("stdout.log")).expect("create stdout.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_httpmapd"))
-            .arg("-c")
-            .arg(&config_path)
-            .args(extra_args)
+        let child = make(&config_path)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -832,6 +849,50 @@ impl Daemon {
                 return None;
             }
             thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (up to 10 s) until the daemon catches every one of `signals`
+    /// (e.g. `libc::SIGHUP`): its handlers are installed a moment after its
+    /// listeners accept, so `start` may return before them, and a signal
+    /// sent then would meet the default action. Panics if they are not.
+    pub fn wait_handling(&self, signals: &[i32]) {
+        let pid = self.pid();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                signals.iter().all(|&s| catches(pid, s))
+            }),
+            "httpmapd does not handle the signals {signals:?}:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Sends SIGHUP and waits (up to 10 s) for its outcome in the log:
+    /// Ok(the new "reloaded" line) or Err(the new "reload refused" line).
+    /// Panics if neither comes.
+    pub fn reload(&self) -> Result<String, String> {
+        let lines = |text: &str, needle: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.contains(needle))
+                .map(str::to_string)
+                .collect()
+        };
+        let before = self.stderr();
+        let done = lines(&before, "reloaded ").len();
+        let refused = lines(&before, "reload refused").len();
+        self.signal(libc::SIGHUP);
+        let mut text = String::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                text = self.stderr();
+                lines(&text, "reloaded ").len() > done
+                    || lines(&text, "reload refused").len() > refused
+            }),
+            "neither reloaded nor refused after 10 s:\n{text}"
+        );
+        match lines(&text, "reloaded ").get(done) {
+            Some(line) => Ok(line.clone()),
+            None => Err(lines(&text, "reload refused").swap_remove(refused)),
         }
     }
 }
@@ -1123,7 +1184,7 @@ pub fn crate_file(rel: &str) -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------
-// (d) A real nginx speaking dict_http
+// (d) A private real nginx, and one speaking dict_http
 // ---------------------------------------------------------------------------
 
 /// The `POSTFIX-DICT-RETMSG` the nginx of [`Nginx`] sends with its 503s.
@@ -1165,10 +1226,9 @@ pub struct NginxLogLine {
 /// The key is the `POSTFIX-DICT-EMAIL` request header; nginx `map` keys
 /// match case-insensitively. Every request is one line in the access log
 /// (unbuffered), so [`Nginx::requests`] counts exactly. Dropping it stops
-/// nginx (TERM, then KILL) and removes its directory.
+/// nginx and removes its directory (see [`NginxProcess`]).
 pub struct Nginx {
-    child: Child,
-    dir: PathBuf,
+    process: NginxProcess,
     port: u16,
 }
 
@@ -1202,31 +1262,20 @@ fn nginx_has_e_flag(nginx: &Path) -> bool {
 }
 
 impl Nginx {
-    /// Starts nginx serving `pairs` (key → value). Returns None after
-    /// printing "SKIPPED: nginx not installed" when there is no nginx;
-    /// panics instead when the environment variable `CI` is set (a skip in
-    /// CI would be a silent pass). Panics if nginx does not come up.
+    /// Starts nginx serving `pairs` (key → value) on a free port. Returns
+    /// None when there is no nginx (see [`NginxProcess::start`]).
     pub fn start(pairs: &[(&str, &str)]) -> Option<Nginx> {
-        let Some(nginx) = nginx_path() else {
-            if std::env::var_os("CI").is_some() {
-                panic!("nginx not installed, but CI is set (install nginx-light)");
-            }
-            eprintln!("SKIPPED: nginx not installed (install nginx-light)");
-            return None;
-        };
-        // A free port can be taken by someone else before nginx binds it:
-        // try a few.
-        let mut last_error = String::new();
-        for _ in 0..3 {
-            match Nginx::try_start(&nginx, pairs) {
-                Ok(n) => return Some(n),
-                Err(e) => last_error = e,
-            }
-        }
-        panic!("nginx did not start:\n{last_error}");
+        let process = NginxProcess::start(
+            "httpmapd-nginx",
+            || vec![SocketAddr::from(([127, 0, 0, 1], free_port()))],
+            |dir, addrs| Nginx::http_block(dir, addrs[0].port(), pairs),
+        )?;
+        let port = process.addrs[0].port();
+        Some(Nginx { process, port })
     }
 
-    fn config(dir: &Path, port: u16, pairs: &[(&str, &str)]) -> String {
+    /// The inside of nginx.conf's `http {}` block.
+    fn http_block(dir: &Path, port: u16, pairs: &[(&str, &str)]) -> String {
         let d = dir.display();
         let mut map = String::new();
         for (key, value) in pairs {
@@ -1243,21 +1292,7 @@ impl Nginx {
         }
         let retmsg = nginx_quote(NGINX_RETMSG);
         format!(
-            r#"# Written by the httpmapd test harness.
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{
-    worker_connections 256;
-}}
-http {{
-    client_body_temp_path {d}/client_body_temp;
-    proxy_temp_path {d}/proxy_temp;
-    fastcgi_temp_path {d}/fastcgi_temp;
-    uwsgi_temp_path {d}/uwsgi_temp;
-    scgi_temp_path {d}/scgi_temp;
-    default_type text/plain;
-    log_format dict '$connection $connection_requests $status "$request_uri" "$http_postfix_dict_email"';
+            r#"    log_format dict '$connection $connection_requests $status "$request_uri" "$http_postfix_dict_email"';
     access_log {d}/access.log dict;
     keepalive_timeout 60s;
     keepalive_requests 10000;
@@ -1284,56 +1319,8 @@ http {{
             return 503;
         }}
     }}
-}}
 "#
         )
-    }
-
-    fn try_start(nginx: &Path, pairs: &[(&str, &str)]) -> Result<Nginx, String> {
-        let dir = unique_temp_dir("httpmapd-nginx");
-        let port = free_port();
-        let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, Nginx::config(&dir, port, pairs)).expect("write nginx.conf");
-        let mut cmd = Command::new(nginx);
-        cmd.arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off;"]);
-        if nginx_has_e_flag(nginx) {
-            cmd.arg("-e").arg(dir.join("error.log"));
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout.log")).expect("create stdout.log"))
-            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("create stderr.log"))
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", nginx.display()))?;
-        let mut n = Nginx { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        loop {
-            if let Some(status) = n.child.try_wait().expect("try_wait nginx") {
-                return Err(format!(
-                    "nginx exited ({status}); stderr:\n{}\nerror.log:\n{}",
-                    std::fs::read_to_string(n.dir.join("stderr.log")).unwrap_or_default(),
-                    n.error_log()
-                ));
-            }
-            // Listening and the worker started (it logs "start worker process").
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                && n.error_log().contains("start worker process")
-            {
-                return Ok(n);
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "nginx not ready on {addr} after 10 s; error.log:\n{}",
-                    n.error_log()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
     }
 
     pub fn port(&self) -> u16 {
@@ -1347,8 +1334,9 @@ http {{
 
     /// The access log, parsed (one entry per request, in order).
     pub fn log(&self) -> Vec<NginxLogLine> {
-        let text = std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
-        text.lines()
+        self.process
+            .access_log()
+            .lines()
             .map(|line| {
                 let parse = || -> Option<NginxLogLine> {
                     let mut it = line.splitn(4, ' ');
@@ -1396,17 +1384,156 @@ http {{
 
     /// nginx's error log so far.
     pub fn error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+        self.process.error_log()
     }
 }
 
-impl Drop for Nginx {
+/// A private nginx process, for [`Nginx`] and for tests that write their
+/// own nginx.conf: a prefix directory of its own (the config, pid file,
+/// logs and temp dirs) and the master process (`daemon off`). Dropping it
+/// stops nginx (TERM, then KILL after 5 s) and removes the directory,
+/// printing the error and access logs first if the test is panicking.
+pub struct NginxProcess {
+    child: Child,
+    /// The prefix directory; the config must keep nginx's files in it
+    /// (`error_log DIR/error.log`, `access_log DIR/access.log`, ...).
+    pub dir: PathBuf,
+    /// The addresses it listens on, as `listen` gave them.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl NginxProcess {
+    /// Starts nginx in a fresh temp dir named after `prefix`: `listen()`
+    /// picks the addresses to listen on, `http(DIR, ADDRS)` gives the inside
+    /// of nginx.conf's `http {}` block (both called again on each try); the
+    /// rest of nginx.conf (one worker, the pid file, the error log, the
+    /// temp dirs, all in DIR) is written here. Ready when every
+    /// address accepts and the worker has started (error.log, at `info`,
+    /// says "start worker process"). Returns None after printing "SKIPPED:
+    /// nginx not installed" when there is no nginx; panics instead when the
+    /// environment variable `CI` is set (a skip in CI would be a silent
+    /// pass). Tries three times (a free port can be taken by someone else
+    /// before nginx binds it), then panics with the last failure.
+    pub fn start(
+        prefix: &str,
+        listen: impl Fn() -> Vec<SocketAddr>,
+        http: impl Fn(&Path, &[SocketAddr]) -> String,
+    ) -> Option<NginxProcess> {
+        let Some(nginx) = nginx_path() else {
+            if std::env::var_os("CI").is_some() {
+                panic!("nginx not installed, but CI is set (install nginx-light)");
+            }
+            eprintln!("SKIPPED: nginx not installed (install nginx-light)");
+            return None;
+        };
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match NginxProcess::try_start(&nginx, prefix, listen(), &http) {
+                Ok(n) => return Some(n),
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("nginx did not start:\n{last_error}");
+    }
+
+    fn try_start(
+        nginx: &Path,
+        prefix: &str,
+        addrs: Vec<SocketAddr>,
+        http: impl Fn(&Path, &[SocketAddr]) -> String,
+    ) -> Result<NginxProcess, String> {
+        let dir = unique_temp_dir(prefix);
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, NginxProcess::config(&dir, &http(&dir, &addrs)))
+            .expect("write nginx.conf");
+        let mut cmd = Command::new(nginx);
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"]);
+        if nginx_has_e_flag(nginx) {
+            cmd.arg("-e").arg(dir.join("error.log"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("stdout.log")).expect("create stdout.log"))
+            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("create stderr.log"))
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", nginx.display()))?;
+        let mut n = NginxProcess { child, dir, addrs };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = n.child.try_wait().expect("try_wait nginx") {
+                return Err(format!(
+                    "nginx exited ({status}); stderr:\n{}\nerror.log:\n{}",
+                    std::fs::read_to_string(n.dir.join("stderr.log")).unwrap_or_default(),
+                    n.error_log()
+                ));
+            }
+            // Listening and the worker started (it logs "start worker process").
+            let up = n
+                .addrs
+                .iter()
+                .all(|a| TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok());
+            if up && n.error_log().contains("start worker process") {
+                return Ok(n);
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "nginx not ready on {:?} after 10 s; error.log:\n{}",
+                    n.addrs,
+                    n.error_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// nginx.conf around `http`, the inside of its `http {}` block: one
+    /// worker, and the pid file, the error log (at `info`, where the
+    /// worker's start shows) and the temp dirs in `dir`.
+    fn config(dir: &Path, http: &str) -> String {
+        let d = dir.display();
+        format!(
+            r#"# Written by the httpmapd test harness (tests/common/mod.rs).
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{
+    worker_connections 256;
+}}
+http {{
+    client_body_temp_path {d}/client_body_temp;
+    proxy_temp_path {d}/proxy_temp;
+    fastcgi_temp_path {d}/fastcgi_temp;
+    uwsgi_temp_path {d}/uwsgi_temp;
+    scgi_temp_path {d}/scgi_temp;
+    default_type text/plain;
+{http}}}
+"#
+        )
+    }
+
+    /// The error log so far.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    /// The access log so far (`DIR/access.log`).
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NginxProcess {
     fn drop(&mut self) {
         if thread::panicking() {
             eprintln!(
-                "---- nginx error.log ({}) ----\n{}---- end ----",
+                "---- nginx error.log ({}) ----\n{}---- access.log ----\n{}---- end ----",
                 self.dir.display(),
-                self.error_log()
+                self.error_log(),
+                self.access_log()
             );
         }
         // TERM: the master stops its worker and exits. A KILLed master would
@@ -1449,10 +1576,232 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// VmRSS of process `pid` (from /proc/PID/status), in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// The `field` (e.g. `VmRSS`, `VmHWM`) of /proc/`pid`/status, in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// Whether process `pid` catches `sig` (its `SigCgt` mask in /proc).
+pub fn catches(pid: u32, sig: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
+}
+
+/// Waits for `child` (spawned with stdout and stderr piped, or not) and
+/// collects its output, reading both pipes as it runs so that it cannot
+/// block on a full one. Kills it and panics with "`what` still running
+/// after `limit`" if it has not exited by then.
+pub fn output_within(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (f) The daemon's stats listener: GET and /metrics samples
+// ---------------------------------------------------------------------------
+
+/// How long [`stats_get`] gives the stats listener to accept and answer.
+pub const STATS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One response of the stats listener (`stats_listen`), which answers one
+/// request per connection and then closes it.
+#[derive(Debug, Clone)]
+pub struct StatsResponse {
+    pub status: u16,
+    /// The status line and the header lines, CRLF between them, without
+    /// the empty line that ends the head.
+    pub head: String,
+    /// Everything after the head.
+    pub body: String,
+}
+
+impl StatsResponse {
+    /// The header lines as (name, value), trimmed, in order (panics on a
+    /// line without ':').
+    pub fn headers(&self) -> Vec<(&str, &str)> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .map(|l| {
+                let (n, v) = l
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("malformed header line {l:?}"));
+                (n.trim(), v.trim())
+            })
+            .collect()
+    }
+
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers()
+            .into_iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+}
+
+/// `METHOD path HTTP/1.1` (with `Connection: close`) to 127.0.0.1:`port`,
+/// the whole response read until the server closes, all within `within`.
+/// A refused connect is retried until then: `stats_listen` is bound a
+/// moment after the tcp_table listeners [`Daemon::start`] may have waited
+/// for. Err says what went wrong: the connect, the write or a read failed,
+/// no complete response in time, not UTF-8, no end of head, no status.
+pub fn try_stats_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    within: Duration,
+) -> Result<StatsResponse, String> {
+    let deadline = Instant::now() + within;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !left.is_zero() => {
+                thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => return Err(format!("connect to {addr}: {e}")),
+        }
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no complete response within {within:?} (have {:?})",
+                String::from_utf8_lossy(&raw)
+            ));
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let text = String::from_utf8(raw).map_err(|e| format!("the response is not UTF-8: {e}"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no end of head in {text:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    Ok(StatsResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    })
+}
+
+/// `GET path` from the stats listener on `port`, within [`STATS_TIMEOUT`]
+/// (panics if there is no complete response; any status is returned).
+pub fn stats_get(port: u16, path: &str) -> StatsResponse {
+    try_stats_request(port, "GET", path, STATS_TIMEOUT)
+        .unwrap_or_else(|e| panic!("GET {path} on 127.0.0.1:{port}: {e}"))
+}
+
+/// The body of `GET path`, which must be answered `HTTP/1.1 200`.
+pub fn stats_body(port: u16, path: &str) -> String {
+    let r = stats_get(port, path);
+    assert!(
+        r.head.starts_with("HTTP/1.1 200 "),
+        "GET {path}: {}\n\n{}",
+        r.head,
+        r.body
+    );
+    r.body
+}
+
+/// The `/metrics` page (which must be answered `HTTP/1.1 200`).
+pub fn metrics(port: u16) -> String {
+    stats_body(port, "/metrics")
+}
+
+/// The value of the sample `series` (the name and labels exactly as
+/// written, e.g. `httpmapd_server_up{map="m",server="URL"}`) in the
+/// /metrics text, if there is one; panics if its value is not a number.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|e| panic!("sample {series}: value {v:?}: {e}"))
+        })
+}
+
+/// As [`metric_value`], panicking (with the family's lines) when the
+/// sample is missing.
+pub fn metric(text: &str, series: &str) -> f64 {
+    metric_value(text, series).unwrap_or_else(|| {
+        let family = series.split('{').next().unwrap();
+        let related: Vec<&str> = text.lines().filter(|l| l.contains(family)).collect();
+        panic!(
+            "no sample {series} in /metrics; related lines:\n{}",
+            related.join("\n")
+        )
+    })
+}
+
+/// The samples of the family `name` whose labels include the text
+/// `labels`, as (series, value), in page order.
+pub fn metric_samples(text: &str, name: &str, labels: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+        .map(|l| {
+            let (series, v) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), v.parse().unwrap())
+        })
+        .collect()
 }
