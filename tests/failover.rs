@@ -224,20 +224,21 @@ impl Drop for ResetServer {
 
 /// A listener whose accept queue is full (backlog 0, filled by us): further
 /// SYNs are dropped, so a connect to it hangs until the connector gives up.
-/// `None` when the kernel does not behave so here.
+/// Fails the test when the kernel does not behave so here: without a
+/// connect that hangs there is no connect timeout to test.
 struct Blackhole {
     listener: TcpListener,
     _fill: Vec<TcpStream>,
 }
 
 impl Blackhole {
-    fn start() -> Option<Blackhole> {
-        let listener = TcpListener::bind("127.0.0.1:0").ok()?;
+    fn start() -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         // SAFETY: listen(2) again on our own listening socket only changes its backlog.
         if unsafe { libc::listen(listener.as_raw_fd(), 0) } != 0 {
-            return None;
+            panic!("listen(backlog 0): {}", std::io::Error::last_os_error());
         }
-        let addr = listener.local_addr().ok()?;
+        let addr = listener.local_addr().expect("local_addr");
         let mut fill = Vec::new();
         for _ in 0..4 {
             match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
@@ -246,11 +247,18 @@ impl Blackhole {
             }
         }
         match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Some(Blackhole {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Blackhole {
                 listener,
                 _fill: fill,
-            }),
-            _ => None,
+            },
+            other => panic!(
+                "\n{}: FAILED: cannot make a listener that lets connects hang here \
+                 (a connect to a full accept queue, after {} filling connects, \
+                 gave {other:?} instead of timing out), so there is no connect \
+                 timeout to test.\n",
+                common::test_name(),
+                fill.len()
+            ),
         }
     }
 
@@ -434,10 +442,7 @@ fn reset_connection_fails_over_and_rests() {
 
 #[test]
 fn connect_timeout_fails_over_and_rests() {
-    let Some(hole) = Blackhole::start() else {
-        eprintln!("SKIPPED: cannot make a listener that lets connects hang here");
-        return;
-    };
+    let hole = Blackhole::start();
     let hole_url = hole.url();
     let good = good_server();
     let (d, port) = start(&[hole_url.clone(), good.url("/m")], &Setup::default());

@@ -11,13 +11,12 @@
 //!   the unit, restart it on upgrade and stop it on removal.
 //! - The extracted binaries run, carry no debug info and no symbol table, and
 //!   the extracted `httpmapd` accepts the extracted config with `--check`.
-//! - The man pages render without a warning (`groff -man -ww`, and `man -l`
-//!   when man-db is there); httpmapd.toml(5) has an entry for every key the
+//! - The man pages render without a warning (`groff -man -ww` and `man -l`);
+//!   httpmapd.toml(5) has an entry for every key the
 //!   config parser accepts (its `Raw*` structs under src/config) and for no
 //!   other, and for every key the shipped config shows.
 //! - The unit runs the packaged paths with the settings the daemon relies on,
-//!   and passes `systemd-analyze verify` (skipped, loudly, without
-//!   systemd-analyze).
+//!   and passes `systemd-analyze verify`.
 //!
 //! The package is built once per run (the tests share it) into
 //! `target/tmp/deb-test-PID/`; the build itself goes to `target/deb/`, apart
@@ -25,8 +24,11 @@
 //! (about a minute on two cores).
 //!
 //! Needs cargo-deb, dpkg-deb, dpkg-shlibdeps (dpkg-dev), readelf (binutils)
-//! and groff (groff-base): without one of them these tests fail when `CI` is
-//! set and are skipped, loudly, otherwise.
+//! and groff (groff-base); the man page test also man (man-db), the unit
+//! test also systemd-analyze (systemd). Without one of them these tests
+//! fail, saying which is missing.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -92,17 +94,23 @@ const MAN_PAGES: &[&str] = &[
     "usr/share/man/man5/httpmapd.toml.5.gz",
 ];
 
-/// Tools the package cannot be built or inspected without, and where they
-/// come from.
+/// Tools the package cannot be built or inspected without, and how to get
+/// them.
 const TOOLS: &[(&str, &str)] = &[
     ("cargo-deb", "cargo install cargo-deb --locked"),
-    ("dpkg-deb", "Debian package dpkg"),
+    ("dpkg-deb", "the Debian package dpkg (apt-get install dpkg)"),
     (
         "dpkg-shlibdeps",
-        "Debian package dpkg-dev (computes Depends)",
+        "the Debian package dpkg-dev (apt-get install dpkg-dev)",
     ),
-    ("readelf", "Debian package binutils"),
-    ("groff", "Debian package groff-base"),
+    (
+        "readelf",
+        "the Debian package binutils (apt-get install binutils)",
+    ),
+    (
+        "groff",
+        "the Debian package groff-base (apt-get install groff-base)",
+    ),
 ];
 
 // ---------------------------------------------------------------------------
@@ -124,10 +132,10 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
 }
 
-/// Missing tools, with where they come from. cargo-deb counts as present
-/// when `cargo deb` runs (cargo also finds it in `$CARGO_HOME/bin`).
-fn missing_tools() -> &'static [String] {
-    static MISSING: OnceLock<Vec<String>> = OnceLock::new();
+/// Missing tools, with how to get them. cargo-deb counts as present when
+/// `cargo deb` runs (cargo also finds it in `$CARGO_HOME/bin`).
+fn missing_tools() -> &'static [(&'static str, &'static str)] {
+    static MISSING: OnceLock<Vec<(&str, &str)>> = OnceLock::new();
     MISSING.get_or_init(|| {
         TOOLS
             .iter()
@@ -141,34 +149,30 @@ fn missing_tools() -> &'static [String] {
                     !on_path(tool)
                 }
             })
-            .map(|(tool, from)| format!("{tool} ({from})"))
+            .copied()
             .collect()
     })
 }
 
-/// Returns from the test when a needed tool is missing, saying so loudly;
-/// with `CI` set that is a failure instead.
-macro_rules! require_tools {
-    () => {
-        let missing = missing_tools();
-        if !missing.is_empty() {
-            let name = std::thread::current()
-                .name()
-                .unwrap_or("<unnamed>")
-                .to_string();
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "CI is set but the Debian package cannot be built or inspected without: {}",
-                    missing.join(", ")
-                );
-            }
-            eprintln!(
-                "SKIPPED {name}: the Debian package needs {} (set CI to make this a failure)",
-                missing.join(", ")
-            );
-            return;
-        }
-    };
+/// Fails the test when a tool the package needs is missing (see
+/// [`common::missing`]).
+fn require_tools() {
+    let missing = missing_tools();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|(tool, _)| *tool).collect();
+        let how: Vec<String> = missing
+            .iter()
+            .map(|(tool, how)| format!("{tool}: {how}"))
+            .collect();
+        common::missing(&names.join(", "), &how.join("; "));
+    }
+}
+
+/// Fails the test when man (man-db) is missing.
+fn require_man() {
+    if !on_path("man") {
+        common::missing("man", "the Debian package man-db (apt-get install man-db)");
+    }
 }
 
 /// The built package and its extracted tree.
@@ -379,7 +383,7 @@ fn values(unit: &[(String, String, String)], section: &str, key: &str) -> Vec<St
 
 #[test]
 fn package_installs_exactly_the_expected_files() {
-    require_tools!();
+    require_tools();
     let p = package();
     let listing = run_ok("dpkg-deb", &["-c".as_ref(), p.deb.as_os_str()]);
 
@@ -454,7 +458,7 @@ fn package_installs_exactly_the_expected_files() {
 
 #[test]
 fn control_fields_name_the_package_for_apt() {
-    require_tools!();
+    require_tools();
     let p = package();
     let text = run_ok("dpkg-deb", &["-f".as_ref(), p.deb.as_os_str()]);
     let f = control_fields(&text);
@@ -519,7 +523,7 @@ fn control_fields_name_the_package_for_apt() {
 
 #[test]
 fn control_archive_has_the_conffile_and_systemd_scripts() {
-    require_tools!();
+    require_tools();
     let p = package();
     assert_eq!(
         run_ok(
@@ -586,7 +590,7 @@ fn control_archive_has_the_conffile_and_systemd_scripts() {
 
 #[test]
 fn packaged_binaries_run_and_accept_the_packaged_config() {
-    require_tools!();
+    require_tools();
     let p = package();
     let httpmapd = p.path("usr/bin/httpmapd");
     let config = p.path(CONFIG);
@@ -623,7 +627,7 @@ fn packaged_binaries_run_and_accept_the_packaged_config() {
 
 #[test]
 fn packaged_binaries_carry_no_debug_info_or_symbols() {
-    require_tools!();
+    require_tools();
     let p = package();
     for bin in BINARIES {
         let path = p.path(bin);
@@ -654,14 +658,11 @@ fn packaged_binaries_carry_no_debug_info_or_symbols() {
 
 #[test]
 fn man_pages_render_without_warnings() {
-    require_tools!();
+    require_tools();
+    require_man();
     let p = package();
     let scratch = p.dir.join("man");
     std::fs::create_dir_all(&scratch).unwrap();
-    let man_db = on_path("man");
-    if !man_db {
-        eprintln!("NOTE: man (man-db) not installed: the pages are checked with groff only");
-    }
     for page in MAN_PAGES {
         let name = Path::new(page).file_stem().unwrap();
         let plain = scratch.join(name);
@@ -682,21 +683,19 @@ fn man_pages_render_without_warnings() {
                 stderr(&o)
             );
         }
-        if man_db {
-            let o = Command::new("man")
-                .arg("-l")
-                .arg(p.path(page))
-                .env("MANWIDTH", "80")
-                .env("MAN_KEEP_FORMATTING", "0")
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success() && o.stderr.is_empty() && !o.stdout.is_empty(),
-                "man -l {page}: {}\n{}",
-                o.status,
-                stderr(&o)
-            );
-        }
+        let o = Command::new("man")
+            .arg("-l")
+            .arg(p.path(page))
+            .env("MANWIDTH", "80")
+            .env("MAN_KEEP_FORMATTING", "0")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success() && o.stderr.is_empty() && !o.stdout.is_empty(),
+            "man -l {page}: {}\n{}",
+            o.status,
+            stderr(&o)
+        );
     }
 }
 
@@ -870,7 +869,7 @@ fn config_man_page_describes_every_key() {
 
 #[test]
 fn unit_runs_the_packaged_paths() {
-    require_tools!();
+    require_tools();
     let p = package();
     let text = String::from_utf8(read(&p.path(UNIT))).unwrap();
     let unit = unit_directives(&text);
@@ -933,10 +932,13 @@ fn unit_runs_the_packaged_paths() {
 
 #[test]
 fn unit_passes_systemd_analyze_verify() {
-    require_tools!();
+    require_tools();
+    require_man();
     if !on_path("systemd-analyze") {
-        eprintln!("SKIPPED unit_passes_systemd_analyze_verify: systemd-analyze not installed (Debian package systemd)");
-        return;
+        common::missing(
+            "systemd-analyze",
+            "the Debian package systemd (apt-get install systemd)",
+        );
     }
     let p = package();
     // A root holding the unit, the binary it runs and the man pages its
@@ -955,17 +957,14 @@ fn unit_passes_systemd_analyze_verify() {
     )
     .unwrap();
 
-    let man_db = on_path("man");
-    let mut cmd = Command::new("systemd-analyze");
-    cmd.arg("verify")
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
         .arg(format!("--root={}", root.display()))
-        .arg(format!("--man={}", if man_db { "yes" } else { "no" }))
+        .arg("--man=yes")
         .arg(format!("/{UNIT}"))
-        .env("MANPATH", root.join("usr/share/man"));
-    if !man_db {
-        eprintln!("NOTE: man (man-db) not installed: Documentation=man:... not checked by systemd-analyze");
-    }
-    let o = cmd.output().unwrap();
+        .env("MANPATH", root.join("usr/share/man"))
+        .output()
+        .unwrap();
     // systemd-analyze reports unknown keys and bad values as warnings with
     // exit 0: any output is a failure.
     assert!(

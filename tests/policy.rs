@@ -2195,10 +2195,7 @@ impl Smtp {
 
 #[test]
 fn postfix_smtpd_asks_httpmapd_over_one_policy_connection() {
-    if !postfix::usable("the Postfix policy test", &["postfix"]) {
-        return;
-    }
-    let version = Command::new(postfix::program("postconf").expect("postconf"))
+    let version = Command::new(postfix::program("postconf"))
         .args(["-d", "-h", "mail_version"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

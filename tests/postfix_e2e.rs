@@ -507,9 +507,6 @@ fn wait_found(port: u16, key: &str, expected: &str, timeout: Duration) -> Durati
 
 #[test]
 fn postfix_delivers_through_httpmapd_and_defers_while_the_directory_is_down() {
-    if !postfix::usable("the Postfix end-to-end test", &["postfix", "postqueue"]) {
-        return;
-    }
     let t0 = Instant::now();
 
     // Setup: sink, directory, httpmapd, Postfix (dropped in reverse order:

@@ -13,8 +13,9 @@
 //!   rules, which `promtool check rules` parses.
 //!
 //! promtool comes from Debian's `prometheus` package (`.ci/run` installs it);
-//! `PROMTOOL=/path/to/promtool` picks another. Without it these tests fail
-//! when `CI` is set and are skipped (loudly) otherwise.
+//! `PROMTOOL=/path/to/promtool` picks another. Without it these tests fail.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -85,33 +86,24 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
-/// The promtool to run, or None (after a loud SKIPPED line) when there is
-/// none outside CI. In CI a missing promtool is a failure.
-fn promtool() -> Option<PathBuf> {
+/// The promtool to run: `PROMTOOL`, else the first on PATH, /usr/bin or
+/// /usr/local/bin. Fails the test when there is none.
+fn promtool() -> PathBuf {
     if let Some(p) = std::env::var_os("PROMTOOL") {
-        return Some(PathBuf::from(p));
+        return PathBuf::from(p);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
+    std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
         .map(|d| d.join("promtool"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "promtool not found (PATH, /usr/bin, /usr/local/bin) and CI is set: \
-                 install Debian's prometheus package (.ci/run does) or set PROMTOOL"
-            );
-        }
-        eprintln!(
-            "\n********************************************************************\n\
-             SKIPPED: promtool not found; the alerting rules and the dashboard's\n\
-             PromQL were NOT checked. Install it (apt-get install prometheus)\n\
-             or set PROMTOOL=/path/to/promtool.\n\
-             ********************************************************************\n"
-        );
-    }
-    found
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            common::missing(
+                "promtool (looked for on PATH, in /usr/bin and /usr/local/bin)",
+                "the Debian package prometheus (apt-get install prometheus), \
+                 or set PROMTOOL=/path/to/promtool",
+            )
+        })
 }
 
 /// Runs promtool with `args` from the repository's top; returns whether it
@@ -328,7 +320,7 @@ fn rules_pass_promtool_check() {
             "every alert needs a {key}"
         );
     }
-    let Some(promtool) = promtool() else { return };
+    let promtool = promtool();
     check_rules(&promtool, RULES, alerts.len() + records.len());
 }
 
@@ -368,7 +360,7 @@ fn rules_unit_tests_pass() {
         assert!(quiet, "{RULE_TESTS} never shows {a} quiet");
     }
 
-    let Some(promtool) = promtool() else { return };
+    let promtool = promtool();
     let (ok, out) = run(&promtool, &["test", "rules", RULE_TESTS]);
     assert!(
         ok && out.lines().any(|l| l.trim() == "SUCCESS") && !out.contains("FAILED"),
@@ -507,7 +499,7 @@ fn dashboard_is_valid() {
     for e in &checked {
         assert!(!e.contains('$'), "a variable left after substitution: {e}");
     }
-    let Some(promtool) = promtool() else { return };
+    let promtool = promtool();
     let file = scratch_rules("dashboard", &checked);
     check_rules(&promtool, file.to_str().unwrap(), checked.len());
     let _ = std::fs::remove_file(file);
@@ -534,7 +526,7 @@ fn dashboard_checks_catch_mistakes() {
         r#"sum by (map) (rate(httpmapd_lookups_total{job=~".*", instance=~".*", map=~".*"}[5m]))"#
     );
 
-    let Some(promtool) = promtool() else { return };
+    let promtool = promtool();
     let file = scratch_rules(
         "broken",
         &[

@@ -19,8 +19,9 @@
 //! - stale answers from Redis during an outage, on a node that never saw
 //!   the key.
 //!
-//! Without `redis-server` a test prints a loud SKIPPED and returns; with the
-//! environment variable `CI` set it fails instead.
+//! Without `redis-server` (the Debian package redis-server) a test fails,
+//! saying so; so does the admin-socket test when it cannot run a command as
+//! another user (it needs root and setpriv or runuser).
 
 mod common;
 
@@ -51,13 +52,19 @@ const PASSWORD: &str = "pw-Zq81-Topsecret";
 /// Bound on polls (generous for a loaded 2-core machine).
 const WAIT: Duration = Duration::from_secs(5);
 
-/// Where `redis-server` is, if installed.
-fn redis_server_path() -> Option<PathBuf> {
+/// Where `redis-server` is; fails the test when it is not installed.
+fn redis_server_path() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
         .map(|d| d.join("redis-server"))
         .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            common::missing(
+                "redis-server",
+                "the Debian package redis-server (apt-get install redis-server)",
+            )
+        })
 }
 
 /// A private `redis-server`: 127.0.0.1 on a free port (and a Unix socket in
@@ -72,21 +79,14 @@ struct Redis {
 }
 
 impl Redis {
-    /// With [`PASSWORD`]. `None` (after a loud SKIPPED) when redis-server is
-    /// not installed, a panic instead when `CI` is set.
-    fn start() -> Option<Redis> {
+    /// With [`PASSWORD`]. Fails the test when redis-server is not
+    /// installed.
+    fn start() -> Redis {
         Redis::start_with(Some(PASSWORD))
     }
 
-    fn start_with(password: Option<&'static str>) -> Option<Redis> {
-        let Some(bin) = redis_server_path() else {
-            let name = thread::current().name().unwrap_or("<unnamed>").to_string();
-            if std::env::var_os("CI").is_some() {
-                panic!("redis-server not installed, but CI is set (install redis-server): {name}");
-            }
-            eprintln!("SKIPPED (redis-server not installed; apt-get install redis-server): {name}");
-            return None;
-        };
+    fn start_with(password: Option<&'static str>) -> Redis {
+        let bin = redis_server_path();
         let dir = unique_temp_dir("httpmapd-redis");
         let mut r = Redis {
             bin,
@@ -100,7 +100,7 @@ impl Redis {
         for _ in 0..5 {
             r.port = free_port();
             match r.spawn() {
-                Ok(()) => return Some(r),
+                Ok(()) => return r,
                 Err(e) => last = e,
             }
         }
@@ -742,31 +742,40 @@ fn httpmapd(args: &[&str]) -> Out {
     run(c)
 }
 
-/// How to run a command as another user (`nobody`), if this process can.
-fn as_nobody() -> Option<Vec<String>> {
+/// How to run a command as another user (`nobody`): setpriv or runuser,
+/// as root. Fails the test when this process cannot (not root, or neither
+/// program installed).
+fn as_nobody() -> Vec<String> {
     // SAFETY: geteuid has no side effects.
     if unsafe { libc::geteuid() } != 0 {
-        return None;
+        panic!(
+            "\n{}: FAILED: this test connects to the admin socket as another user (nobody), \
+             which needs root: run the tests as root.\n",
+            common::test_name()
+        );
     }
     let exists = |p: &str| Path::new(p).is_file();
     for dir in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
         let setpriv = format!("{dir}/setpriv");
         if exists(&setpriv) {
-            return Some(vec![
+            return vec![
                 setpriv,
                 "--reuid=nobody".into(),
                 "--regid=nogroup".into(),
                 "--clear-groups".into(),
-            ]);
+            ];
         }
     }
     for dir in ["/usr/sbin", "/sbin", "/usr/bin"] {
         let runuser = format!("{dir}/runuser");
         if exists(&runuser) {
-            return Some(vec![runuser, "-u".into(), "nobody".into(), "--".into()]);
+            return vec![runuser, "-u".into(), "nobody".into(), "--".into()];
         }
     }
-    None
+    common::missing(
+        "setpriv or runuser",
+        "the Debian package util-linux (apt-get install util-linux)",
+    )
 }
 
 /// `httpmapd ARGS...` as user nobody (`prefix` from [`as_nobody`]).
@@ -839,7 +848,7 @@ fn assert_no_password(what: &str, text: &str) {
 
 #[test]
 fn three_nodes_share_what_one_fetched() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"1h\"");
     let nodes: Vec<Node> = (0..3).map(|_| Node::start(&cfg)).collect();
@@ -931,7 +940,7 @@ fn three_nodes_share_what_one_fetched() {
 /// A value read from Redis lives in L1 only for the time it has left.
 #[test]
 fn a_value_from_redis_keeps_the_lifetime_it_has_left() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"10s\"");
     let a = Node::start(&cfg);
@@ -973,7 +982,7 @@ fn a_value_from_redis_keeps_the_lifetime_it_has_left() {
 
 #[test]
 fn purge_on_one_node_reaches_every_node_within_a_second() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"1h\"");
     let nodes: Vec<Node> = (0..3).map(|_| Node::start(&cfg)).collect();
@@ -1091,9 +1100,7 @@ struct LoadCount {
 
 #[test]
 fn redis_killed_mid_load_loses_and_falsifies_nothing() {
-    let Some(mut redis) = Redis::start() else {
-        return;
-    };
+    let mut redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     // Short lifetimes: known keys keep going back to Redis and the servers.
     let cfg = Cfg::new(Some(&redis.url()), &backend.url())
@@ -1196,9 +1203,7 @@ fn redis_killed_mid_load_loses_and_falsifies_nothing() {
 
 #[test]
 fn redis_restarted_empty_sharing_resumes() {
-    let Some(mut redis) = Redis::start() else {
-        return;
-    };
+    let mut redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"1h\"");
     let a = Node::start(&cfg);
@@ -1436,9 +1441,7 @@ fn a_server_speaking_garbage_in_place_of_redis_is_only_misses() {
 
 #[test]
 fn the_password_shows_nowhere() {
-    let Some(mut redis) = Redis::start() else {
-        return;
-    };
+    let mut redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let good = Node::start(&Cfg::new(Some(&redis.url()), &backend.url()));
     good.wait_connected();
@@ -1553,7 +1556,7 @@ fn the_password_shows_nowhere() {
 
 #[test]
 fn redis_commands_per_lookup() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url())
         .shared("prefix = \"fleet7:\"")
@@ -1682,7 +1685,7 @@ fn fan_out(redis: &Redis, claim_wait: &str, prefix: &str, rounds: usize) -> (usi
 
 #[test]
 fn a_cold_key_asked_by_every_node_at_once_is_fetched_once() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let rounds = 5;
     let (requests, nodes) = fan_out(&redis, "1s", "fan1:", rounds);
     eprintln!("fan-out with claims: {requests} server requests for {rounds} keys x 3 nodes");
@@ -1730,9 +1733,7 @@ fn a_cold_key_asked_by_every_node_at_once_is_fetched_once() {
 
 #[test]
 fn admin_commands_show_dump_purge() {
-    let Some(mut redis) = Redis::start() else {
-        return;
-    };
+    let mut redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url())
         .cache("ttl = \"1h\"")
@@ -1917,25 +1918,24 @@ fn admin_commands_show_dump_purge() {
     let meta = std::fs::metadata(&node.admin).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
-    match as_nobody() {
-        Some(prefix) => {
-            let out = httpmapd_as(&prefix, &["show", "-c", &f, "virtual", "a@x.org"]);
-            assert_eq!(out.code, 1, "as nobody: {out:?}");
-            assert!(
-                out.stderr.contains("cannot reach the daemon") && out.stderr.contains("Permission denied"),
-                "as nobody: {out:?}"
-            );
-            // The same as nobody with mode 0666: it is the mode that refused.
-            let open = Node::start(&cfg.clone().daemon("admin_socket_mode = \"0666\""));
-            let meta = std::fs::metadata(&open.admin).unwrap();
-            assert_eq!(meta.permissions().mode() & 0o7777, 0o666);
-            let out = httpmapd_as(&prefix, &["dump", "-c", open.config_str()]);
-            assert_eq!((out.code, out.stderr.as_str()), (0, ""), "as nobody, mode 0666: {out:?}");
-        }
-        None => eprintln!(
-            "NOTE: not root or no setpriv/runuser: the admin socket's mode is checked, not a connection as another user"
-        ),
-    }
+    let prefix = as_nobody();
+    let out = httpmapd_as(&prefix, &["show", "-c", &f, "virtual", "a@x.org"]);
+    assert_eq!(out.code, 1, "as nobody: {out:?}");
+    assert!(
+        out.stderr.contains("cannot reach the daemon") && out.stderr.contains("Permission denied"),
+        "as nobody: {out:?}"
+    );
+    // The same as nobody with mode 0666: it is the mode that refused.
+    let open = Node::start(&cfg.clone().daemon("admin_socket_mode = \"0666\""));
+    let meta = std::fs::metadata(&open.admin).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o666);
+    let out = httpmapd_as(&prefix, &["dump", "-c", open.config_str()]);
+    assert_eq!(
+        (out.code, out.stderr.as_str()),
+        (0, ""),
+        "as nobody, mode 0666: {out:?}"
+    );
+    drop(open);
 
     // Redis down: purge fails (exit 1, a clear message); dump needs no Redis.
     redis.kill();
@@ -2018,7 +2018,7 @@ fn admin_purge_without_a_shared_cache() {
 
 #[test]
 fn a_node_that_never_saw_a_key_answers_it_stale_from_redis_during_an_outage() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url())
         .cache("ttl = \"1s\"")
@@ -2059,7 +2059,7 @@ fn a_node_that_never_saw_a_key_answers_it_stale_from_redis_during_an_outage() {
 /// after SIGCONT.
 #[test]
 fn a_stalled_redis_costs_a_timeout_not_an_answer() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url()).shared("timeout = \"50ms\"");
     let a = Node::start(&cfg);
@@ -2116,7 +2116,7 @@ fn a_stalled_redis_costs_a_timeout_not_an_answer() {
 /// node's L1.
 #[test]
 fn refused_writes_do_not_swallow_later_invalidations() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url()).cache("ttl = \"1h\"");
     let a = Node::start(&cfg);
@@ -2176,9 +2176,7 @@ fn refused_writes_do_not_swallow_later_invalidations() {
 
 #[test]
 fn unix_socket_and_database_number() {
-    let Some(redis) = Redis::start_with(None) else {
-        return;
-    };
+    let redis = Redis::start_with(None);
     let backend = Backend::start(Duration::ZERO);
     let url = format!("unix:{}?db=3", redis.socket_path().display());
     let cfg = Cfg::new(Some(&url), &backend.url());
@@ -2251,7 +2249,7 @@ fn purge_refuses_keys_and_all_together() {
 /// fetch nobody is making.
 #[test]
 fn a_lookup_after_a_purge_does_not_wait_for_a_finished_claim() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url()).shared("claim_wait = \"1s\"");
     let a = Node::start(&cfg);
@@ -2287,7 +2285,7 @@ fn a_lookup_after_a_purge_does_not_wait_for_a_finished_claim() {
 /// changed prefix is a new connection, and L1 is dropped.
 #[test]
 fn reload_keeps_or_renews_the_shared_cache() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let backend = Backend::start(Duration::ZERO);
     let cfg = Cfg::new(Some(&redis.url()), &backend.url());
     let a = Node::start(&cfg);

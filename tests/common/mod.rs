@@ -9,6 +9,10 @@
 //! Everything talks over real loopback sockets; nothing here knows the
 //! daemon's internals. Most `tests/*.rs` do `mod common;`; not every test
 //! uses every item, hence the `dead_code` allowances.
+//!
+//! A test that needs a component that is not installed (postmap, nginx,
+//! redis-server, promtool, ...) fails, with [`missing`] saying which and how
+//! to get it: in CI or not, it never passes without having tested.
 
 #![allow(dead_code)]
 
@@ -22,6 +26,27 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+/// The running test's name (its thread's name, which cargo test sets).
+pub fn test_name() -> String {
+    thread::current()
+        .name()
+        .unwrap_or("<unnamed thread>")
+        .to_string()
+}
+
+/// Fails the running test because `component` is not installed here: a
+/// test that needs a missing component fails, in CI or not (it never
+/// passes without having tested). `how` says how to get it, e.g. "the
+/// Debian package nginx-light (apt-get install nginx-light)".
+#[track_caller]
+pub fn missing(component: &str, how: &str) -> ! {
+    panic!(
+        "\n{}: FAILED: this test needs {component}, which is not installed. \
+         Get it: {how}. (`.ci/run` installs everything the tests need.)\n",
+        test_name()
+    )
+}
 
 // ---------------------------------------------------------------------------
 // (a) The scriptable HTTP backend
@@ -920,62 +945,39 @@ impl Drop for Daemon {
 /// timeouts are 100 s; a reconnect loop against a dead port takes ~11 s.
 const POSTMAP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The postmap binary, looked up on PATH and then in /usr/sbin.
-pub fn postmap_path() -> Option<PathBuf> {
+/// The postmap binary, looked up on PATH and then in /usr/sbin; fails the
+/// test (see [`missing`]) when Postfix is not installed.
+pub fn postmap_path() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin")])
         .map(|dir| dir.join("postmap"))
         .find(|p| p.is_file())
-}
-
-/// Whether Postfix's `postmap` is installed.
-pub fn postmap_available() -> bool {
-    postmap_path().is_some()
-}
-
-/// Returns early from a test when postmap is missing, saying so loudly; in
-/// CI (env var `CI` set) a missing postmap is a failure instead.
-#[macro_export]
-macro_rules! require_postmap {
-    () => {
-        if !$crate::common::postmap_available() {
-            let name = ::std::thread::current()
-                .name()
-                .unwrap_or("<unnamed>")
-                .to_string();
-            if ::std::env::var_os("CI").is_some() {
-                panic!(
-                    "postmap not installed, but CI is set (install postfix): {}",
-                    name
-                );
-            }
-            eprintln!("SKIPPED (postmap not installed): {}", name);
-            return;
-        }
-    };
+        .unwrap_or_else(|| {
+            missing(
+                "Postfix's postmap",
+                "the Debian package postfix (apt-get install postfix)",
+            )
+        })
 }
 
 /// Runs Postfix's own `postmap -q KEY TABLE` with MAIL_CONFIG pointing at a
-/// temp dir holding an empty main.cf. Returns None (after printing a loud
-/// "SKIPPED: postmap not installed" line) when postmap is missing.
-/// Returns (exit code, stdout, stderr). Note postmap exits 1 both for "not
-/// found" and for a fatal query error; tell them apart by stderr.
-pub fn postmap_q(key: &str, table: &str) -> Option<(i32, String, String)> {
+/// temp dir holding an empty main.cf; fails the test when postmap is not
+/// installed. Returns (exit code, stdout, stderr). Note postmap exits 1
+/// both for "not found" and for a fatal query error; tell them apart by
+/// stderr.
+pub fn postmap_q(key: &str, table: &str) -> (i32, String, String) {
     run_postmap(&["-q", key, table], None)
 }
 
 /// `postmap -q - TABLE` with `input` on stdin (many keys over one connection).
 /// stdout has one "key<TAB>value" line per key found.
-pub fn postmap_q_stdin(input: &str, table: &str) -> Option<(i32, String, String)> {
+pub fn postmap_q_stdin(input: &str, table: &str) -> (i32, String, String) {
     run_postmap(&["-q", "-", table], Some(input))
 }
 
-fn run_postmap(args: &[&str], stdin: Option<&str>) -> Option<(i32, String, String)> {
-    let Some(postmap) = postmap_path() else {
-        eprintln!("SKIPPED: postmap not installed (install the postfix package)");
-        return None;
-    };
+fn run_postmap(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let postmap = postmap_path();
     let config_dir = unique_temp_dir("httpmapd-postmap");
     // Postfix re-reads a main.cf modified within the last second or two
     // (it waits for a file "being edited" to settle, 300 ms at a time), so
@@ -1029,7 +1031,7 @@ fn run_postmap(args: &[&str], stdin: Option<&str>) -> Option<(i32, String, Strin
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&config_dir);
-    Some((status.code().unwrap_or(-1), stdout, stderr))
+    (status.code().unwrap_or(-1), stdout, stderr)
 }
 
 /// How long `LineClient` waits for a reply before failing the test.
@@ -1190,13 +1192,20 @@ pub fn crate_file(rel: &str) -> PathBuf {
 /// The `POSTFIX-DICT-RETMSG` the nginx of [`Nginx`] sends with its 503s.
 pub const NGINX_RETMSG: &str = "service in maintenance";
 
-/// The nginx binary, looked up on PATH and then in /usr/sbin.
-pub fn nginx_path() -> Option<PathBuf> {
+/// The nginx binary, looked up on PATH and then in /usr/sbin; fails the
+/// test (see [`missing`]) when nginx is not installed.
+pub fn nginx_path() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin")])
         .map(|dir| dir.join("nginx"))
         .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            missing(
+                "nginx",
+                "the Debian package nginx-light (apt-get install nginx-light)",
+            )
+        })
 }
 
 /// One line of the private nginx's access log.
@@ -1262,16 +1271,16 @@ fn nginx_has_e_flag(nginx: &Path) -> bool {
 }
 
 impl Nginx {
-    /// Starts nginx serving `pairs` (key → value) on a free port. Returns
-    /// None when there is no nginx (see [`NginxProcess::start`]).
-    pub fn start(pairs: &[(&str, &str)]) -> Option<Nginx> {
+    /// Starts nginx serving `pairs` (key → value) on a free port; fails the
+    /// test when nginx is not installed (see [`NginxProcess::start`]).
+    pub fn start(pairs: &[(&str, &str)]) -> Nginx {
         let process = NginxProcess::start(
             "httpmapd-nginx",
             || vec![SocketAddr::from(([127, 0, 0, 1], free_port()))],
             |dir, addrs| Nginx::http_block(dir, addrs[0].port(), pairs),
-        )?;
+        );
         let port = process.addrs[0].port();
-        Some(Nginx { process, port })
+        Nginx { process, port }
     }
 
     /// The inside of nginx.conf's `http {}` block.
@@ -1409,27 +1418,20 @@ impl NginxProcess {
     /// rest of nginx.conf (one worker, the pid file, the error log, the
     /// temp dirs, all in DIR) is written here. Ready when every
     /// address accepts and the worker has started (error.log, at `info`,
-    /// says "start worker process"). Returns None after printing "SKIPPED:
-    /// nginx not installed" when there is no nginx; panics instead when the
-    /// environment variable `CI` is set (a skip in CI would be a silent
-    /// pass). Tries three times (a free port can be taken by someone else
-    /// before nginx binds it), then panics with the last failure.
+    /// says "start worker process"). Fails the test (see [`missing`]) when
+    /// nginx is not installed. Tries three times (a free port can be taken
+    /// by someone else before nginx binds it), then panics with the last
+    /// failure.
     pub fn start(
         prefix: &str,
         listen: impl Fn() -> Vec<SocketAddr>,
         http: impl Fn(&Path, &[SocketAddr]) -> String,
-    ) -> Option<NginxProcess> {
-        let Some(nginx) = nginx_path() else {
-            if std::env::var_os("CI").is_some() {
-                panic!("nginx not installed, but CI is set (install nginx-light)");
-            }
-            eprintln!("SKIPPED: nginx not installed (install nginx-light)");
-            return None;
-        };
+    ) -> NginxProcess {
+        let nginx = nginx_path();
         let mut last_error = String::new();
         for _ in 0..3 {
             match NginxProcess::try_start(&nginx, prefix, listen(), &http) {
-                Ok(n) => return Some(n),
+                Ok(n) => return n,
                 Err(e) => last_error = e,
             }
         }

@@ -17,7 +17,7 @@
 // Not every test that includes `common` uses this module.
 #![allow(dead_code)]
 
-use super::{free_port, unique_temp_dir};
+use super::{free_port, missing, test_name, unique_temp_dir};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
@@ -28,38 +28,20 @@ use std::time::{Duration, Instant};
 /// How long one Postfix command may run before it is killed.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A Postfix program: /usr/sbin first, then PATH.
-pub fn program(name: &str) -> Option<PathBuf> {
+/// A Postfix program: /usr/sbin first, then PATH. Fails the test (see
+/// [`missing`]) when Postfix is not installed.
+pub fn program(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::iter::once(PathBuf::from("/usr/sbin"))
         .chain(std::env::split_paths(&path))
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-}
-
-/// Whether `what` (a test, named in the messages) can run a private
-/// Postfix: every one of `programs` is installed and we are root (`postfix
-/// start`). If not, prints a SKIPPED line and returns false; when the
-/// environment variable `CI` is set it panics instead (a skip in CI would be
-/// a silent pass).
-pub fn usable(what: &str, programs: &[&str]) -> bool {
-    let ci = std::env::var_os("CI").is_some();
-    if programs.iter().any(|p| program(p).is_none()) {
-        if ci {
-            panic!("postfix not installed, but CI is set (apt-get install -y postfix)");
-        }
-        eprintln!("SKIPPED: postfix not installed");
-        return false;
-    }
-    // SAFETY: geteuid(2) has no memory effects.
-    if unsafe { libc::geteuid() } != 0 {
-        if ci {
-            panic!("{what} must run as root (postfix start), but CI is set");
-        }
-        eprintln!("SKIPPED: {what} needs root (postfix start)");
-        return false;
-    }
-    true
+        .unwrap_or_else(|| {
+            missing(
+                &format!("Postfix's {name}"),
+                "the Debian package postfix (apt-get install postfix)",
+            )
+        })
 }
 
 /// Writes `text` to `path`, dated an hour back: Postfix waits for a config
@@ -200,6 +182,8 @@ impl PrivatePostfix {
     /// followed by [`standard_services`]). Ready when every listener greets
     /// with 220. Tries three times with fresh ports (a "free" port can be
     /// taken before master binds it), then panics with what each try said.
+    /// Fails the test when not run as root (`postfix start` needs it) or
+    /// when Postfix is not installed.
     pub fn start(
         prefix: &str,
         main_cf: &str,
@@ -214,6 +198,16 @@ impl PrivatePostfix {
             again.is_empty(),
             "main.cf sets {again:?}, which the harness sets"
         );
+        // `postfix start` is reserved for the superuser: there is no
+        // private Postfix, and nothing for the test to test, without root.
+        // SAFETY: geteuid(2) has no memory effects.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!(
+                "\n{}: FAILED: this test runs a private Postfix, and `postfix start` needs root: \
+                 run the tests as root.\n",
+                test_name()
+            );
+        }
         let mut failures = String::new();
         for _ in 0..3 {
             let dir = unique_temp_dir(prefix);
@@ -276,8 +270,7 @@ impl PrivatePostfix {
     /// `-c` for `postfix` itself), stdout and stderr to a file (so a daemon
     /// that keeps them open cannot block us); kills it after 30 s.
     pub fn run(&self, program_name: &str, args: &[&str]) -> CmdOutput {
-        let exe = program(program_name)
-            .unwrap_or_else(|| panic!("{program_name} not found (the postfix package has it)"));
+        let exe = program(program_name);
         let out_path = self.dir.join(format!("{program_name}.out"));
         let out = std::fs::File::create(&out_path).expect("create command output file");
         let mut cmd = Command::new(&exe);
