@@ -103,30 +103,14 @@ pub fn write_get(
     key: &[u8],
     extra: &[(String, String)],
 ) -> Result<(), ()> {
-    if has_ctl_break(key)
-        || has_ctl_break(target)
-        || has_ctl_break(host.as_bytes())
-        || extra
-            .iter()
-            .any(|(n, v)| has_ctl_break(n.as_bytes()) || has_ctl_break(v.as_bytes()))
-    {
-        return Err(());
-    }
-    out.extend_from_slice(b"GET ");
-    out.extend_from_slice(target);
-    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    out.extend_from_slice(host.as_bytes());
-    out.extend_from_slice(b"\r\nPOSTFIX-DICT-EMAIL: ");
-    out.extend_from_slice(key);
-    out.extend_from_slice(b"\r\nConnection: keep-alive\r\n");
-    for (name, value) in extra {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(())
+    write_head(
+        out,
+        b"GET",
+        target,
+        host,
+        &[(b"POSTFIX-DICT-EMAIL", key)],
+        extra,
+    )
 }
 
 /// Writes a `POST` carrying a policy request: `body` with its
@@ -143,26 +127,51 @@ pub fn write_post(
     body: &[u8],
     extra: &[(String, String)],
 ) -> Result<(), ()> {
+    let length = body.len().to_string();
+    let fields: [(&[u8], &[u8]); 3] = [
+        (b"POSTFIX-POLICY-ID", id.as_bytes()),
+        (b"Content-Type", content_type.as_bytes()),
+        (b"Content-Length", length.as_bytes()),
+    ];
+    write_head(out, b"POST", target, host, &fields, extra)?;
+    out.extend_from_slice(body);
+    Ok(())
+}
+
+/// The head of a request: the request line, `Host`, `fields`, `Connection:
+/// keep-alive`, the `extra` headers, the empty line. Refuses (`Err`, `out`
+/// untouched) CR, LF or NUL in the target, the host and every header value
+/// or name.
+fn write_head(
+    out: &mut Vec<u8>,
+    method: &[u8],
+    target: &[u8],
+    host: &str,
+    fields: &[(&[u8], &[u8])],
+    extra: &[(String, String)],
+) -> Result<(), ()> {
     if has_ctl_break(target)
         || has_ctl_break(host.as_bytes())
-        || has_ctl_break(id.as_bytes())
+        || fields.iter().any(|(_, v)| has_ctl_break(v))
         || extra
             .iter()
             .any(|(n, v)| has_ctl_break(n.as_bytes()) || has_ctl_break(v.as_bytes()))
     {
         return Err(());
     }
-    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(method);
+    out.push(b' ');
     out.extend_from_slice(target);
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host.as_bytes());
-    out.extend_from_slice(b"\r\nPOSTFIX-POLICY-ID: ");
-    out.extend_from_slice(id.as_bytes());
-    out.extend_from_slice(b"\r\nContent-Type: ");
-    out.extend_from_slice(content_type.as_bytes());
-    out.extend_from_slice(b"\r\nContent-Length: ");
-    out.extend_from_slice(body.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\nConnection: keep-alive\r\n");
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in fields {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: keep-alive\r\n");
     for (name, value) in extra {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -170,7 +179,6 @@ pub fn write_post(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
     Ok(())
 }
 
@@ -1465,6 +1473,35 @@ mod tests {
             write_get(&mut Vec::new(), b"/\r\n", "h", b"k", &[]),
             Err(())
         );
+    }
+
+    #[test]
+    fn write_post_bytes() {
+        let extra = vec![("X-Api-Key".to_string(), "s3cret".to_string())];
+        let mut out = b"PREV".to_vec();
+        let body = br#"{"sender":"a@b"}"#;
+        let got = write_post(
+            &mut out,
+            b"/check",
+            "p.example",
+            "application/json",
+            "00000000000000ff",
+            body,
+            &extra,
+        );
+        assert_eq!(got, Ok(()));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "PREVPOST /check HTTP/1.1\r\nHost: p.example\r\nPOSTFIX-POLICY-ID: 00000000000000ff\r\n\
+             Content-Type: application/json\r\nContent-Length: 16\r\nConnection: keep-alive\r\n\
+             X-Api-Key: s3cret\r\n\r\n{\"sender\":\"a@b\"}"
+        );
+        let mut out = b"PREV".to_vec();
+        for (target, id) in [(&b"/\r\n"[..], "1"), (b"/", "1\n2"), (b"/", "1\x002")] {
+            let got = write_post(&mut out, target, "h", "text/plain", id, b"x", &[]);
+            assert_eq!(got, Err(()), "{target:?} {id:?}");
+            assert_eq!(out, b"PREV", "output untouched on error");
+        }
     }
 
     #[test]
