@@ -122,9 +122,20 @@ fn map_id(shared: &Shared, name: &[u8]) -> Result<u16, String> {
         .ok_or_else(|| format!("no map {:?}", String::from_utf8_lossy(name)))
 }
 
-fn shared_cache(shared: &Shared) -> Option<Result<Blocking, String>> {
-    let sc = shared.cfg.shared_cache.as_ref()?;
-    Some(Blocking::connect(sc, SHARED_CACHE_TIMEOUT))
+/// The shared cache's part of a purge, when there is a shared cache:
+/// `purge` runs on a connection of its own, with the key prefix. Its
+/// failure says that this node's part is done.
+fn purge_shared(
+    shared: &Shared,
+    purge: impl FnOnce(&mut Blocking, &str) -> Result<usize, String>,
+) -> Result<Option<usize>, String> {
+    let Some(sc) = shared.cfg.shared_cache.as_ref() else {
+        return Ok(None);
+    };
+    let unreachable =
+        |e: String| format!("purged from this node's cache, but not from the shared cache: {e}");
+    let mut c = Blocking::connect(sc, SHARED_CACHE_TIMEOUT).map_err(unreachable)?;
+    purge(&mut c, &sc.prefix).map(Some).map_err(unreachable)
 }
 
 /// Runs one command; data lines go to `out`.
@@ -146,13 +157,7 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
                 keys.push(fold.clone());
             }
             shared.stats.l2.purges.fetch_add(1, Ordering::Relaxed);
-            let l2 = match shared_cache(shared) {
-                None => None,
-                Some(c) => Some(
-                    purge_keys(c.map_err(unreachable)?, shared, &name, &keys)
-                        .map_err(unreachable)?,
-                ),
-            };
+            let l2 = purge_shared(shared, |c, prefix| purge_keys(c, prefix, &name, &keys))?;
             Ok(counts(l1, l2))
         }
         b"purge-map" if f.len() == 2 => {
@@ -161,12 +166,7 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
             let l1 = shared.cache.map_len(id) as usize;
             shared.cache.purge_prefix(&id.to_be_bytes());
             shared.stats.l2.purges.fetch_add(1, Ordering::Relaxed);
-            let l2 = match shared_cache(shared) {
-                None => None,
-                Some(c) => Some(
-                    purge_map(c.map_err(unreachable)?, shared, Some(&name)).map_err(unreachable)?,
-                ),
-            };
+            let l2 = purge_shared(shared, |c, prefix| purge_map(c, prefix, Some(&name)))?;
             Ok(counts(l1, l2))
         }
         b"purge-all" if f.len() == 1 => {
@@ -176,12 +176,7 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
                 shared.cache.purge_prefix(&id.to_be_bytes());
             }
             shared.stats.l2.purges.fetch_add(1, Ordering::Relaxed);
-            let l2 = match shared_cache(shared) {
-                None => None,
-                Some(c) => {
-                    Some(purge_map(c.map_err(unreachable)?, shared, None).map_err(unreachable)?)
-                }
-            };
+            let l2 = purge_shared(shared, |c, prefix| purge_map(c, prefix, None))?;
             Ok(counts(l1, l2))
         }
         b"show" if f.len() == 3 => show(shared, &f[1], &f[2], out),
@@ -193,11 +188,6 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
     }
 }
 
-/// A purge whose shared-cache part failed (this node's part is done).
-fn unreachable(e: String) -> String {
-    format!("purged from this node's cache, but not from the shared cache: {e}")
-}
-
 /// "in-process N" and, with a shared cache, "shared M".
 fn counts(l1: usize, l2: Option<usize>) -> String {
     match l2 {
@@ -206,18 +196,13 @@ fn counts(l1: usize, l2: Option<usize>) -> String {
     }
 }
 
+/// Deletes the value keys of `keys` (folded) in `map`, and their claims.
 fn purge_keys(
-    mut c: Blocking,
-    shared: &Shared,
+    c: &mut Blocking,
+    prefix: &str,
     map: &str,
     keys: &[Vec<u8>],
 ) -> Result<usize, String> {
-    let prefix = &shared
-        .cfg
-        .shared_cache
-        .as_ref()
-        .ok_or("no shared cache")?
-        .prefix;
     // `DEL` of the Redis key each of `keys` has under `key_of`.
     let del = |key_of: fn(&str, &str, &[u8], &mut Vec<u8>)| -> Vec<Vec<u8>> {
         let mut args = vec![b"DEL".to_vec()];
@@ -241,13 +226,7 @@ fn purge_keys(
 }
 
 /// Deletes every value key of `map` (every map: `None`) under the prefix.
-fn purge_map(mut c: Blocking, shared: &Shared, map: Option<&str>) -> Result<usize, String> {
-    let prefix = &shared
-        .cfg
-        .shared_cache
-        .as_ref()
-        .ok_or("no shared cache")?
-        .prefix;
+fn purge_map(c: &mut Blocking, prefix: &str, map: Option<&str>) -> Result<usize, String> {
     let mut pattern = Vec::new();
     value::glob_escape(prefix.as_bytes(), &mut pattern);
     pattern.extend_from_slice(b"v:");
@@ -327,16 +306,10 @@ fn show(shared: &Shared, map: &[u8], key: &[u8], out: &mut Emit<'_>) -> Result<S
         }
         None => out(b"in-process\tabsent")?,
     }
-    if let Some(c) = shared_cache(shared) {
-        let mut c = c?;
-        let prefix = &shared
-            .cfg
-            .shared_cache
-            .as_ref()
-            .ok_or("no shared cache")?
-            .prefix;
+    if let Some(sc) = shared.cfg.shared_cache.as_ref() {
+        let mut c = Blocking::connect(sc, SHARED_CACHE_TIMEOUT)?;
         let mut rk = Vec::new();
-        value::value_key(prefix, &String::from_utf8_lossy(map), &fold, &mut rk);
+        value::value_key(&sc.prefix, &String::from_utf8_lossy(map), &fold, &mut rk);
         match c
             .ok(&[b"GET", &rk])
             .map_err(|e| format!("shared cache: {e}"))?
