@@ -34,6 +34,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 
+/// Where the backend listens unless told otherwise, and where the shipped
+/// configuration's servers are.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+
 /// Largest request head (request line plus headers) we accept. A lookup
 /// request is a few hundred bytes; anything near this is a confused client.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -285,27 +289,15 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, BadRequest> {
     Ok(Some((request, head_len)))
 }
 
-/// The last path segment, percent-decoded; `None` if it is empty.
+/// The last path segment, percent-decoded (leniently: a `%` that starts
+/// no escape is kept); `None` if it is empty.
 fn key_from_path(path: &str) -> Option<String> {
     let segment = path.rsplit('/').next().unwrap_or("");
     if segment.is_empty() {
         return None;
     }
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(hi << 4 | lo);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
+    let mut out = Vec::with_capacity(segment.len());
+    crate::codec::hex::decode_lenient(segment.as_bytes(), &mut out);
     Some(String::from_utf8_lossy(&out).into_owned())
 }
 
@@ -433,6 +425,9 @@ mod tests {
     fn key_from_path_decodes_last_segment() {
         assert_eq!(key_from_path("/virtual/a%40b.c").as_deref(), Some("a@b.c"));
         assert_eq!(key_from_path("/x/%zz%4").as_deref(), Some("%zz%4"));
+        assert_eq!(key_from_path("/x/%+1%2B").as_deref(), Some("%+1+"));
+        assert_eq!(key_from_path("/x/%a\u{e9}").as_deref(), Some("%a\u{e9}"));
+        assert_eq!(key_from_path("/x/%C3%A9").as_deref(), Some("\u{e9}"));
         assert_eq!(key_from_path("/virtual/"), None);
         assert_eq!(key_from_path("/"), None);
     }

@@ -727,6 +727,14 @@ servers = ["http://127.0.0.1:9000/check"]
             "[policies.p]\nlisten = \"127.0.0.1:10040\"\nservers = [\"http://127.0.0.1:9/\"]\ntcp_listen = \"127.0.0.1:1\"\n",
             "tcp_listen",
         ),
+        (
+            "[policies.p]\nlisten = \"127.0.0.1:10040\"\n",
+            "policies.p: servers is required",
+        ),
+        (
+            "[policies.p]\nlisten = \"127.0.0.1:10040\"\nservers = [\"http://127.0.0.1:9/\"]\nttl = \"30s\"\n",
+            "ttl without cache_key caches nothing",
+        ),
     ];
     for (text, want) in cases {
         let (code, err) = check_config(text);
@@ -1065,6 +1073,14 @@ fn a_unix_socket_listener_answers() {
     let mut got = vec![0u8; want.len()];
     s.read_exact(&mut got).expect("two replies");
     assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+    drop(s);
+    // The socket file goes with the daemon, as a table's does.
+    let mut daemon = _daemon;
+    daemon.wait_handling(&[libc::SIGTERM]);
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert_eq!(status.code(), Some(0));
+    assert!(!path.exists(), "{} left behind", path.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

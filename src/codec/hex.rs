@@ -1,7 +1,8 @@
 //! Postfix's `%XX` quoting, as used by tcp_table keys and values
 //! (`hex_quote.c` / `hex_unquote.c`). This module owns the byte classification
-//! ([`needs_quoting`]), the encoder ([`encode`], [`encoded_len`]) and the
-//! decoder ([`decode`]). It works on byte slices only and touches no IO.
+//! ([`needs_quoting`]), the encoder ([`encode`], [`encoded_len`]), the
+//! decoder ([`decode`]) and its lenient form for URLs ([`decode_lenient`]).
+//! It works on byte slices only and touches no IO.
 
 use std::fmt;
 
@@ -119,6 +120,28 @@ pub fn decode(input: &[u8], out: &mut Vec<u8>) -> Result<(), MalformedEscape> {
     Ok(())
 }
 
+/// Appends the decoded bytes of `input` to `out`, leniently, as URL parts
+/// are read (a path segment, a user or password): `%` and two hex digits
+/// (either case) is the byte they spell; any other `%` (`%zz`, `%+1`, a `%`
+/// too near the end) is kept as it is, like every other byte. Never fails.
+pub fn decode_lenient(input: &[u8], out: &mut Vec<u8>) {
+    out.reserve(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' {
+            let hi = input.get(i + 1).copied().and_then(hex_value);
+            let lo = input.get(i + 2).copied().and_then(hex_value);
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                out.push((hi << 4) | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(input[i]);
+        i += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +257,42 @@ mod tests {
             Err(MalformedEscape { offset: 2 })
         );
         assert_eq!(out, b"ab");
+    }
+
+    #[test]
+    fn decode_lenient_cases() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b""),
+            (b"plain", b"plain"),
+            (b"a%40b", b"a@b"),
+            (b"%c3%A9", "\u{e9}".as_bytes()),
+            (b"%2525", b"%25"),
+            // Not an escape: kept as written.
+            (b"%", b"%"),
+            (b"%4", b"%4"),
+            (b"ab%", b"ab%"),
+            (b"%zz%4", b"%zz%4"),
+            (b"%+1", b"%+1"),
+            (b"%-1", b"%-1"),
+            (b"% 41", b"% 41"),
+            (b"%%41", b"%A"),
+            // A byte past the '%' that is not ASCII (no panic, kept).
+            ("%a\u{e9}".as_bytes(), "%a\u{e9}".as_bytes()),
+            ("%\u{e9}".as_bytes(), "%\u{e9}".as_bytes()),
+        ];
+        for &(input, expected) in cases {
+            let mut out = b"k=".to_vec();
+            decode_lenient(input, &mut out);
+            assert_eq!(&out[2..], expected, "input {input:?}");
+        }
+        // Every two-hex-digit escape decodes as the strict decoder does.
+        for b in 0..=255u8 {
+            for e in [format!("%{b:02x}"), format!("%{b:02X}")] {
+                let mut out = Vec::new();
+                decode_lenient(e.as_bytes(), &mut out);
+                assert_eq!(out, [b], "{e}");
+            }
+        }
     }
 
     #[test]

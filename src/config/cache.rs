@@ -11,15 +11,7 @@ use super::{
 const MIN_MAX_MEMORY_BYTES: usize = 1 << 20;
 
 pub(super) fn cache(cx: &mut Ctx<'_>, c: Option<RawCache>) -> Cache {
-    let c = c.unwrap_or(RawCache {
-        max_entries: None,
-        max_memory: None,
-        stale_negative: None,
-        ttl: None,
-        negative_ttl: None,
-        stale_ttl: None,
-        refresh_ahead: None,
-    });
+    let c = c.unwrap_or_default();
     let refresh_ahead_percent = match c.refresh_ahead {
         None => 10,
         Some(v) => match v

@@ -10,25 +10,7 @@ use toml::Spanned;
 /// The `[daemon]` section, and where its `socketmap_listen` is (for errors
 /// about the addresses it lists).
 pub(super) fn daemon(cx: &mut Ctx<'_>, d: Option<RawDaemon>) -> (Daemon, usize) {
-    let d = d.unwrap_or(RawDaemon {
-        workers: None,
-        socketmap_listen: None,
-        stats_listen: None,
-        max_request_bytes: None,
-        log_level: None,
-        log_timestamps: None,
-        unix_socket_mode: None,
-        unix_socket_owner: None,
-        unix_socket_group: None,
-        max_clients: None,
-        max_query_size: None,
-        max_reply_size: None,
-        allow_from: None,
-        admin_socket: None,
-        admin_socket_mode: None,
-        admin_socket_owner: None,
-        admin_socket_group: None,
-    });
+    let d = d.unwrap_or_default();
     let mut workers = cx.count("workers", d.workers, 0, 1024, 0);
     if workers == 0 {
         workers = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -14,24 +14,24 @@ pub(super) fn maps(
     raw_maps: BTreeMap<String, Spanned<RawMap>>,
     cache: &Cache,
 ) -> Vec<(MapConfig, Option<usize>)> {
-    let mut maps = Vec::new();
-    if raw_maps.len() > MAX_MAPS {
-        cx.err_file(format!("more than {MAX_MAPS} maps"));
-    }
-    for (name, m) in raw_maps {
-        maps.push(map(cx, name, m, cache));
-    }
-    maps
+    raw_maps
+        .into_iter()
+        .map(|(name, m)| map(cx, "maps", name, m, cache))
+        .collect()
 }
 
+/// One map, or a policy read as a map: `section` is the table it is in
+/// (`maps`, `policies`), which errors name it by (`maps.NAME: ...`).
 pub(super) fn map(
     cx: &mut Ctx<'_>,
+    section: &str,
     name: String,
     m: Spanned<RawMap>,
     cache: &Cache,
 ) -> (MapConfig, Option<usize>) {
     let map_at = m.span().start;
     let m = m.into_inner();
+    let label = format!("{section}.{name}");
     if name.is_empty() || name.bytes().any(|b| b <= b' ' || b >= 0x7f) {
         cx.err(map_at, format!("map name {name:?}: must be printable ASCII without spaces (it is the socketmap name)"));
     }
@@ -45,10 +45,10 @@ pub(super) fn map(
     });
     let mut servers = Vec::new();
     match m.servers {
-        None => cx.err(map_at, format!("maps.{name}: servers is required")),
+        None => cx.err(map_at, format!("{label}: servers is required")),
         Some(list) => {
             if list.get_ref().is_empty() {
-                cx.err(list.span().start, format!("maps.{name}: servers is empty"));
+                cx.err(list.span().start, format!("{label}: servers is empty"));
             }
             for s in list.into_inner() {
                 match parse_server_url(s.get_ref()) {
@@ -117,7 +117,7 @@ pub(super) fn map(
     }
     let tls = tls_client(
         cx,
-        &name,
+        &label,
         map_at,
         [
             &m.tls_ca_file,
@@ -150,13 +150,13 @@ pub(super) fn map(
     .zip(timeout_at)
     {
         if d.is_zero() {
-            cx.err(at, format!("maps.{name}: {k} must be more than 0"));
+            cx.err(at, format!("{label}: {k} must be more than 0"));
         }
     }
     if lookup_timeout >= Duration::from_secs(100) {
         cx.err(
             timeout_at[2],
-            format!("maps.{name}: lookup_timeout must stay under Postfix's 100s client timeout"),
+            format!("{label}: lookup_timeout must stay under Postfix's 100s client timeout"),
         );
     }
     let map = MapConfig {
@@ -244,44 +244,85 @@ fn check_header(
     }
 }
 
-/// The map's TLS client, loaded when a server is `https://` or a `tls_*`
-/// key is set (`keys`: tls_ca_file, tls_server_name, tls_client_cert,
-/// tls_client_key); problems are reported on the key's line.
-fn tls_client(
-    cx: &mut Ctx<'_>,
-    name: &str,
-    map_at: usize,
-    keys: [&Option<Spanned<String>>; 4],
-    any_https: bool,
-) -> Option<crate::tls::TlsClient> {
-    use crate::tls::{load, Setting, TlsSettings};
+/// A section's `tls_ca_file`, `tls_server_name`, `tls_client_cert` and
+/// `tls_client_key`, as written (a map's, a policy's, `[shared_cache]`).
+pub(super) type TlsKeys<'a> = [&'a Option<Spanned<String>>; 4];
+
+/// The TLS settings `keys` give.
+pub(super) fn tls_settings(keys: TlsKeys<'_>) -> crate::tls::TlsSettings {
     let [ca, server_name, cert, key] = keys;
     let path = |v: &Option<Spanned<String>>| v.as_ref().map(|v| PathBuf::from(v.get_ref()));
-    let settings = TlsSettings {
+    crate::tls::TlsSettings {
         ca_file: path(ca),
         server_name: server_name.as_ref().map(|v| v.get_ref().clone()),
         client_cert: path(cert),
         client_key: path(key),
-    };
-    if !any_https && settings == TlsSettings::default() {
+    }
+}
+
+/// Why the TLS settings of a section do not load, and which key it is about.
+pub(super) struct TlsError {
+    /// Where the key is written (`None`: it is not set).
+    pub(super) at: Option<usize>,
+    /// The key's name (`tls_ca_file`...).
+    pub(super) key: &'static str,
+    pub(super) setting: crate::tls::Setting,
+    pub(super) message: String,
+}
+
+impl TlsError {
+    /// The trust store in force is the system's (no `tls_ca_file`).
+    pub(super) fn system_trust_store(&self) -> bool {
+        self.at.is_none() && self.setting == crate::tls::Setting::CaFile
+    }
+}
+
+/// Loads `settings`, read from `keys` by [`tls_settings`].
+pub(super) fn load_tls(
+    settings: &crate::tls::TlsSettings,
+    keys: TlsKeys<'_>,
+) -> Result<crate::tls::TlsClient, TlsError> {
+    use crate::tls::Setting;
+    crate::tls::load(settings).map_err(|(setting, message)| {
+        let [ca, server_name, cert, key] = keys;
+        let (v, key) = match setting {
+            Setting::CaFile => (ca, "tls_ca_file"),
+            Setting::ServerName => (server_name, "tls_server_name"),
+            Setting::ClientCert => (cert, "tls_client_cert"),
+            Setting::ClientKey => (key, "tls_client_key"),
+        };
+        TlsError {
+            at: v.as_ref().map(|v| v.span().start),
+            key,
+            setting,
+            message,
+        }
+    })
+}
+
+/// The map's TLS client, loaded when a server is `https://` or a `tls_*`
+/// key is set; problems are reported on the key's line (`label`: the
+/// section, `maps.NAME` or `policies.NAME`).
+fn tls_client(
+    cx: &mut Ctx<'_>,
+    label: &str,
+    map_at: usize,
+    keys: TlsKeys<'_>,
+    any_https: bool,
+) -> Option<crate::tls::TlsClient> {
+    let settings = tls_settings(keys);
+    if !any_https && settings == crate::tls::TlsSettings::default() {
         return None;
     }
-    match load(&settings) {
+    match load_tls(&settings, keys) {
         Ok(c) => Some(c),
-        Err((setting, e)) => {
-            let (v, what) = match setting {
-                Setting::CaFile => (ca, "tls_ca_file"),
-                Setting::ServerName => (server_name, "tls_server_name"),
-                Setting::ClientCert => (cert, "tls_client_cert"),
-                Setting::ClientKey => (key, "tls_client_key"),
-            };
-            let at = v.as_ref().map_or(map_at, |v| v.span().start);
-            let what = if v.is_none() && setting == Setting::CaFile {
-                format!("maps.{name}: the system trust store")
+        Err(e) => {
+            let what = if e.system_trust_store() {
+                format!("{label}: the system trust store")
             } else {
-                what.to_string()
+                e.key.to_string()
             };
-            cx.err(at, format!("{what}: {e}"));
+            cx.err(e.at.unwrap_or(map_at), format!("{what}: {}", e.message));
             None
         }
     }

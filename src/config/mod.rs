@@ -351,7 +351,8 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Most maps one daemon serves (map ids are 16 bits in cache keys).
+/// Most maps and policy services together one daemon serves (map ids are
+/// 16 bits in cache keys).
 pub const MAX_MAPS: usize = 1024;
 
 /// Reads and validates a config file.
@@ -407,6 +408,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     if raw_maps.is_empty() && raw_policies.is_empty() {
         cx.err_file("no maps: add a [maps.NAME] section with servers = [...]");
     }
+    // Maps and policy services share the ids (the daemon numbers both).
+    if raw_maps.len() + raw_policies.len() > MAX_MAPS {
+        cx.err_file(if raw_policies.is_empty() {
+            format!("more than {MAX_MAPS} maps")
+        } else {
+            format!("more than {MAX_MAPS} maps and policy services together")
+        });
+    }
     let (maps, tcp_at): (Vec<MapConfig>, Vec<Option<usize>>) =
         maps::maps(&mut cx, raw_maps, &cache).into_iter().unzip();
     let (policies, policy_at): (Vec<MapConfig>, Vec<Option<usize>>) =
@@ -450,6 +459,37 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_and_policies_share_the_id_budget() {
+        let sections = |maps: usize, policies: usize| {
+            let mut t = String::new();
+            for i in 0..maps {
+                t += &format!("[maps.m{i}]\nservers = [\"http://127.0.0.1:9/\"]\n");
+            }
+            for i in 0..policies {
+                t += &format!(
+                    "[policies.p{i}]\nlisten = \"127.0.0.1:{}\"\nservers = [\"http://127.0.0.1:9/\"]\n",
+                    20000 + i
+                );
+            }
+            t
+        };
+        let half = MAX_MAPS / 2;
+        assert!(parse("f", &sections(half, MAX_MAPS - half)).is_ok());
+        let e = parse("f", &sections(half, MAX_MAPS - half + 1)).unwrap_err();
+        assert_eq!(
+            e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            [format!(
+                "f: more than {MAX_MAPS} maps and policy services together"
+            )]
+        );
+        let e = parse("f", &sections(MAX_MAPS + 1, 0)).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert!(e.0[0]
+            .to_string()
+            .ends_with(&format!("more than {MAX_MAPS} maps")));
+    }
 
     const GOOD: &str = r#"
 [daemon]

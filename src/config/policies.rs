@@ -25,7 +25,7 @@ pub(super) fn policies(
     cache: &Cache,
 ) -> Vec<(MapConfig, Option<usize>)> {
     raw.into_iter()
-        .filter_map(|(name, p)| policy(cx, name, p, cache))
+        .map(|(name, p)| policy(cx, name, p, cache))
         .collect()
 }
 
@@ -34,7 +34,7 @@ fn policy(
     name: String,
     p: Spanned<RawPolicy>,
     cache: &Cache,
-) -> Option<(MapConfig, Option<usize>)> {
+) -> (MapConfig, Option<usize>) {
     let span = p.span();
     let at = span.start;
     let p = p.into_inner();
@@ -85,6 +85,22 @@ fn policy(
         crate::codec::policy::DEFAULT_MAX_REQUEST_BYTES,
     );
     let cache_key = p.cache_key.map(|v| v.into_inner()).unwrap_or_default();
+    // Without cache_key every request is a key of its own: a ttl would fill
+    // the cache with entries no request ever finds. (An invalid ttl is
+    // reported as such by the map's reading below.)
+    if let Some(t) = p.ttl.as_ref().filter(|_| cache_key.is_empty()) {
+        let caches = match t.get_ref() {
+            toml::Value::Integer(i) => *i > 0,
+            toml::Value::String(s) => parse_duration(s).is_ok_and(|d| !d.is_zero()),
+            _ => false,
+        };
+        if caches {
+            cx.err(
+                t.span().start,
+                "ttl without cache_key caches nothing: set cache_key or remove ttl",
+            );
+        }
+    }
     let zero = || Some(Spanned::new(at..at, toml::Value::String("0s".into())));
     let ttl = p.ttl.or_else(zero);
     // The rest is read as a map's (without the table-only keys).
@@ -120,12 +136,12 @@ fn policy(
         separator: None,
         allow_from: p.allow_from,
     };
-    let (mut m, listen_at) = map(cx, name, Spanned::new(span, raw), cache);
+    let (mut m, listen_at) = map(cx, "policies", name, Spanned::new(span, raw), cache);
     m.kind = MapKind::Policy(PolicySettings {
         request,
         default_action,
         cache_key,
         max_request_bytes,
     });
-    Some((m, listen_at))
+    (m, listen_at)
 }

@@ -32,7 +32,7 @@ pub(super) struct RawSharedCache {
     pub(super) tls_client_key: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDaemon {
     pub(super) workers: Option<Spanned<i64>>,
@@ -61,7 +61,7 @@ pub(super) enum OneOrMany {
     Many(Vec<String>),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCache {
     pub(super) max_entries: Option<Spanned<i64>>,
@@ -173,20 +173,14 @@ impl Ctx<'_> {
         v: Option<Spanned<toml::Value>>,
         default: Duration,
     ) -> Duration {
-        let Some(v) = v else { return default };
-        let at = v.span().start;
-        let r = match v.get_ref() {
-            toml::Value::String(s) => parse_duration(s),
-            toml::Value::Integer(i) if *i >= 0 => Ok(Duration::from_secs(*i as u64)),
-            _ => Err("expected a duration such as \"3s\"".to_string()),
-        };
-        match r {
-            Ok(d) => d,
-            Err(e) => {
-                self.err(at, format!("{key}: {e}"));
-                default
-            }
-        }
+        self.quantity(
+            key,
+            v,
+            default,
+            parse_duration,
+            Duration::from_secs,
+            "a duration such as \"3s\"",
+        )
     }
     pub(super) fn size(
         &mut self,
@@ -194,12 +188,34 @@ impl Ctx<'_> {
         v: Option<Spanned<toml::Value>>,
         default: usize,
     ) -> usize {
+        self.quantity(
+            key,
+            v,
+            default,
+            parse_size,
+            |n| n as usize,
+            "a size such as \"256MiB\"",
+        )
+    }
+    /// A duration or a size: a string `parse` reads, or a bare integer
+    /// `from_int` takes (seconds, bytes); `expected` says what a value of
+    /// another type should be. `default` when it is not set or is invalid
+    /// (reported on its line).
+    fn quantity<T>(
+        &mut self,
+        key: &str,
+        v: Option<Spanned<toml::Value>>,
+        default: T,
+        parse: fn(&str) -> Result<T, String>,
+        from_int: fn(u64) -> T,
+        expected: &str,
+    ) -> T {
         let Some(v) = v else { return default };
         let at = v.span().start;
         let r = match v.get_ref() {
-            toml::Value::String(s) => parse_size(s),
-            toml::Value::Integer(i) if *i >= 0 => Ok(*i as usize),
-            _ => Err("expected a size such as \"256MiB\"".to_string()),
+            toml::Value::String(s) => parse(s),
+            toml::Value::Integer(i) if *i >= 0 => Ok(from_int(*i as u64)),
+            _ => Err(format!("expected {expected}")),
         };
         match r {
             Ok(n) => n,

@@ -4,7 +4,9 @@
 //! trip bound and the cold-key claim wait. The password is kept out of every
 //! message.
 
+use super::maps::{load_tls, tls_settings};
 use super::raw::{Ctx, RawSharedCache};
+use super::values::split_authority;
 use super::{RedisAddr, RedisTarget, SharedCache};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,44 +45,32 @@ pub(super) fn shared_cache(cx: &mut Ctx<'_>, s: Spanned<RawSharedCache>) -> Opti
         cx.err(at, "shared_cache: timeout must be more than 0");
     }
     let claim_wait = cx.duration("claim_wait", s.claim_wait, DEFAULT_CLAIM_WAIT);
-    let path = |v: &Option<Spanned<String>>| v.as_ref().map(|v| PathBuf::from(v.get_ref()));
-    let settings = crate::tls::TlsSettings {
-        ca_file: path(&s.tls_ca_file),
-        server_name: s.tls_server_name.as_ref().map(|v| v.get_ref().clone()),
-        client_cert: path(&s.tls_client_cert),
-        client_key: path(&s.tls_client_key),
-    };
+    let keys = [
+        &s.tls_ca_file,
+        &s.tls_server_name,
+        &s.tls_client_cert,
+        &s.tls_client_key,
+    ];
+    let settings = tls_settings(keys);
     let tls = if tls {
-        match crate::tls::load(&settings) {
+        match load_tls(&settings, keys) {
             Ok(c) => Some(c),
-            Err((setting, e)) => {
-                use crate::tls::Setting;
-                let (v, key) = match setting {
-                    Setting::CaFile => (&s.tls_ca_file, "tls_ca_file"),
-                    Setting::ServerName => (&s.tls_server_name, "tls_server_name"),
-                    Setting::ClientCert => (&s.tls_client_cert, "tls_client_cert"),
-                    Setting::ClientKey => (&s.tls_client_key, "tls_client_key"),
-                };
+            Err(e) => {
                 cx.err(
-                    v.as_ref().map_or(url_at, |v| v.span().start),
-                    format!("shared_cache: {key}: {e}"),
+                    e.at.unwrap_or(url_at),
+                    format!("shared_cache: {}: {}", e.key, e.message),
                 );
                 None
             }
         }
     } else {
         if settings != crate::tls::TlsSettings::default() {
-            let first = [
-                &s.tls_ca_file,
-                &s.tls_server_name,
-                &s.tls_client_cert,
-                &s.tls_client_key,
-            ]
-            .into_iter()
-            .flatten()
-            .map(|v| v.span().start)
-            .min()
-            .unwrap_or(at);
+            let first = keys
+                .into_iter()
+                .flatten()
+                .map(|v| v.span().start)
+                .min()
+                .unwrap_or(at);
             cx.err(first, "shared_cache: tls_* settings need a rediss:// url");
         }
         None
@@ -158,25 +148,19 @@ pub fn parse_url(url: &str) -> Result<(RedisTarget, bool), String> {
         ),
         None => (hostpart, 0),
     };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h.trim_start_matches('[').trim_end_matches(']'),
-            p.parse().map_err(|_| "bad port")?,
-        ),
-        _ => (
-            authority.trim_start_matches('[').trim_end_matches(']'),
-            6379,
-        ),
-    };
+    let (host, port) = split_authority(authority, 6379).ok_or_else(|| {
+        // split_authority refuses `:PORT` as it refuses a bad port.
+        match authority.strip_prefix(':') {
+            Some(p) if p.parse::<u16>().is_ok() => "no host",
+            _ => "bad port",
+        }
+    })?;
     if host.is_empty() {
         return Err("no host".into());
     }
     Ok((
         RedisTarget {
-            addr: RedisAddr::Tcp {
-                host: host.to_string(),
-                port,
-            },
+            addr: RedisAddr::Tcp { host, port },
             user,
             password,
             db,
@@ -185,22 +169,11 @@ pub fn parse_url(url: &str) -> Result<(RedisTarget, bool), String> {
     ))
 }
 
-/// `%XX` in the user or password of a URL.
+/// `%XX` in the user or password of a URL (leniently, as a URL path's
+/// `%XX`: a `%` that starts no escape is kept as written).
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
+    let mut out = Vec::with_capacity(s.len());
+    crate::codec::hex::decode_lenient(s.as_bytes(), &mut out);
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -248,5 +221,58 @@ mod tests {
         // An error never quotes the password.
         let e = parse_url("redis://u:topsecret@h:notaport").unwrap_err();
         assert!(!e.contains("topsecret"), "{e}");
+    }
+
+    #[test]
+    fn hosts_and_ports() {
+        let tcp = |url: &str| parse_url(url).map(|(t, _)| t.addr);
+        let at = |host: &str, port| {
+            Ok(RedisAddr::Tcp {
+                host: host.into(),
+                port,
+            })
+        };
+        assert_eq!(tcp("redis://[::1]"), at("::1", 6379));
+        assert_eq!(tcp("redis://[::1]:6380"), at("::1", 6380));
+        assert_eq!(tcp("redis://[::1]/2"), at("::1", 6379));
+        assert_eq!(
+            tcp("rediss://u:p@[2001:db8::5]:7000/1"),
+            at("2001:db8::5", 7000)
+        );
+        assert_eq!(tcp("redis://h"), at("h", 6379));
+        assert_eq!(tcp("redis://h:1"), at("h", 1));
+        assert_eq!(tcp("redis://h:1/"), at("h", 1));
+        for (bad, why) in [
+            ("redis://", "no host"),
+            ("redis://:6379", "no host"),
+            ("redis://[]", "no host"),
+            ("redis://[]:6379", "no host"),
+            ("redis://:", "bad port"),
+            ("redis://:x", "bad port"),
+            ("redis://h:", "bad port"),
+            ("redis://h:port", "bad port"),
+            ("redis://h:70000", "bad port"),
+            ("redis://[::1]x", "bad port"),
+            ("redis://[::1", "bad port"),
+            ("redis://[::1]:", "bad port"),
+        ] {
+            assert_eq!(tcp(bad), Err(why.to_string()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn user_and_password_escapes() {
+        let login = |url: &str| {
+            let (t, _) = parse_url(url).unwrap();
+            (t.user, t.password)
+        };
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(login("redis://a%3Ab:c%40d%25@h"), (s("a:b"), s("c@d%")));
+        // A '%' that starts no escape is kept as written: `%+1` is not 0x01,
+        // and a '%' before a character that is not ASCII is no panic.
+        assert_eq!(login("redis://u:%+1@h"), (s("u"), s("%+1")));
+        assert_eq!(login("redis://u:%a\u{e9}@h"), (s("u"), s("%a\u{e9}")));
+        assert_eq!(login("redis://u:%\u{e9}@h"), (s("u"), s("%\u{e9}")));
+        assert_eq!(login("redis://%zz:100%@h"), (s("%zz"), s("100%")));
     }
 }

@@ -146,7 +146,7 @@ pub fn parse_server_url(url: &str) -> Result<ServerConfig, String> {
 }
 
 /// `host[:port]` or `[v6][:port]` → (host without brackets, port).
-fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
+pub(super) fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
         let port = match after.strip_prefix(':') {
