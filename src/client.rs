@@ -37,23 +37,6 @@ pub enum Reply {
     Perm(String),
 }
 
-/// As written in main.cf (for messages).
-impl std::fmt::Display for Table {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Table::Tcp(a) => write!(f, "tcp:{a}"),
-            Table::Socketmap {
-                addr: SocketmapAddr::Inet(a),
-                name,
-            } => write!(f, "socketmap:inet:{a}:{name}"),
-            Table::Socketmap {
-                addr: SocketmapAddr::Unix(p),
-                name,
-            } => write!(f, "socketmap:unix:{p}:{name}"),
-        }
-    }
-}
-
 pub fn parse_table(s: &str) -> Result<Table, String> {
     if let Some(rest) = s.strip_prefix("tcp:") {
         return Ok(Table::Tcp(rest.to_string()));

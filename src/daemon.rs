@@ -20,6 +20,7 @@ use crossbeam_channel::Sender;
 use hashbrown::HashMap;
 use mio::{Poll, Token, Waker};
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -27,26 +28,20 @@ use std::sync::{Arc, Mutex};
 /// Raises the soft open-files limit to the hard limit (10,000 Postfix
 /// connections need 10,000 descriptors). Returns the new soft limit.
 pub fn raise_nofile_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
-    unsafe {
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
+    let Some(rl) = metrics::nofile_limit() else {
+        return 0;
+    };
+    if rl.rlim_cur < rl.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: rl.rlim_max,
+            rlim_max: rl.rlim_max,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
-            return 0;
+        // SAFETY: setrlimit with a valid, initialised struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur;
         }
-        if rl.rlim_cur < rl.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
-                rlim_max: rl.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur;
-            }
-        }
-        rl.rlim_cur
     }
+    rl.rlim_cur
 }
 
 type Mailboxes = Arc<Vec<(Sender<Msg>, Arc<Waker>)>>;
@@ -58,10 +53,13 @@ struct State {
     current: Arc<Mutex<Arc<Shared>>>,
     /// Stable map ids by name: cache keys and counters survive reloads.
     ids: HashMap<String, u16>,
+    /// The listeners in force (their Unix socket files go when they do,
+    /// and at exit).
     listens: Vec<(Listen, Proto)>,
+    /// The demo's `--backend`, applied to every load of the file.
+    backend: Option<SocketAddr>,
 }
 
-/// Map ids for `cfg`, adding new names to `ids`.
 /// Map ids for `cfg`'s maps and then its policies (in that order), adding
 /// new names to `ids` (a policy is named `policy:NAME` there).
 fn assign_ids(cfg: &Config, ids: &mut HashMap<String, u16>) -> Result<Vec<u16>, String> {
@@ -86,11 +84,32 @@ fn assign_ids(cfg: &Config, ids: &mut HashMap<String, u16>) -> Result<Vec<u16>, 
     Ok(out)
 }
 
-/// A map's name in the id table: policies live apart from tables.
+/// A map's name in the id table (and its `map` label on server metrics):
+/// policies live apart from tables.
 fn id_name(m: &MapConfig) -> String {
     match m.kind {
         crate::config::MapKind::Table => m.name.clone(),
         crate::config::MapKind::Policy(_) => format!("policy:{}", m.name),
+    }
+}
+
+/// Points every plain-HTTP server at the sample backend's default address
+/// ([`crate::demo_backend::DEFAULT_ADDR`]) to `addr` instead: the demo's
+/// `--backend`, applied at start and after each reload.
+pub fn point_servers_at(cfg: &mut Config, addr: SocketAddr) {
+    let default_addr = crate::demo_backend::DEFAULT_ADDR;
+    let default: SocketAddr = default_addr.parse().expect("a valid address");
+    if addr == default {
+        return;
+    }
+    for s in cfg.maps.iter_mut().flat_map(|m| m.servers.iter_mut()) {
+        if !s.tls && s.addrs == [default] {
+            s.addrs = vec![addr];
+            s.host_name = addr.ip().to_string();
+            s.port = addr.port();
+            s.host = addr.to_string();
+            s.url = s.url.replacen(default_addr, &s.host, 1);
+        }
     }
 }
 
@@ -173,7 +192,7 @@ fn build_shared(
             (None, None) => true,
             _ => false,
         };
-        let m = &m;
+        let m = Arc::new(m);
         let servers = m
             .servers
             .iter()
@@ -185,9 +204,12 @@ fn build_shared(
                             && o.cfg.max_connections == m.max_connections
                     })
                     .and_then(|o| {
-                        o.servers.iter().find(|x| {
-                            x.cfg.url == s.url && x.cfg.host == s.host && x.cfg.tls == s.tls
-                        })
+                        // `tls` follows from the URL's scheme; `host` does
+                        // not always: the demo's --backend rewrites it, and
+                        // the URL only when it spells the backend's address.
+                        o.servers
+                            .iter()
+                            .find(|x| x.cfg.url == s.url && x.cfg.host == s.host)
                     });
                 match reuse {
                     Some(x) => {
@@ -195,12 +217,12 @@ fn build_shared(
                         x.set_addrs(s.addrs.clone());
                         x.clone()
                     }
-                    None => Arc::new(SharedServer::new(s.clone(), m)),
+                    None => Arc::new(SharedServer::new(s.clone(), &m)),
                 }
             })
             .collect();
         maps[id as usize] = Some(MapServers {
-            cfg: Arc::new(m.clone()),
+            cfg: m.clone(),
             servers,
         });
         ttls[id as usize] = Ttls {
@@ -285,7 +307,11 @@ fn bind_admin(
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Errors are start-up failures.
-pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
+/// `backend`: the demo's `--backend` (see [`point_servers_at`]).
+pub fn run(mut cfg: Config, cfg_path: PathBuf, backend: Option<SocketAddr>) -> Result<(), String> {
+    if let Some(addr) = backend {
+        point_servers_at(&mut cfg, addr);
+    }
     crate::log::set_level(cfg.daemon.log_level);
     crate::log::init(cfg.daemon.log_timestamps);
     let signals = install_signals()?;
@@ -399,6 +425,7 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
         current: current.clone(),
         ids,
         listens,
+        backend,
     };
     spawn_signal_thread(state, signals)?;
     for h in handles {
@@ -409,13 +436,13 @@ pub fn run(cfg: Config, cfg_path: PathBuf) -> Result<(), String> {
     if let Some(p) = &cfg.daemon.admin.path {
         let _ = std::fs::remove_file(p);
     }
-    for l in last
-        .cfg
-        .daemon
-        .socketmap_listen
-        .iter()
-        .chain(last.cfg.maps.iter().filter_map(|m| m.tcp_listen.as_ref()))
-    {
+    for l in last.cfg.daemon.socketmap_listen.iter().chain(
+        last.cfg
+            .maps
+            .iter()
+            .chain(&last.cfg.policies)
+            .filter_map(|m| m.tcp_listen.as_ref()),
+    ) {
         if let Listen::Unix(p) = l {
             let _ = std::fs::remove_file(p);
         }
@@ -483,6 +510,9 @@ fn try_reload(state: &mut State) -> bool {
             return false;
         }
     };
+    if let Some(addr) = state.backend {
+        point_servers_at(&mut cfg, addr);
+    }
     let prev = state
         .current
         .lock()

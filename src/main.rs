@@ -161,7 +161,7 @@ fn or_default(given: &Option<PathBuf>, defaults: [&str; 2]) -> PathBuf {
         PathBuf::from(found.unwrap_or(&defaults[0]))
     })
 }
-const DEFAULT_BACKEND_ADDR: &str = "127.0.0.1:8080";
+const DEFAULT_BACKEND_ADDR: &str = demo_backend::DEFAULT_ADDR;
 
 /// Exit status for an invalid configuration file (as `--check` gives), or a
 /// demo map that cannot be read.
@@ -212,9 +212,10 @@ fn print_line(line: &str) -> bool {
 }
 
 /// Serves (or with `check`, checks) the file at `path`. `point_at`: the
-/// demo's backend address, replacing the default one in every map.
+/// demo's backend address, replacing the default one in every map (at start
+/// and at each reload).
 fn serve(path: &Path, check: bool, point_at: Option<SocketAddr>) -> Outcome {
-    let mut cfg = match config::load(path) {
+    let cfg = match config::load(path) {
         Ok(c) => c,
         Err(errs) => {
             for e in &errs.0 {
@@ -231,40 +232,22 @@ fn serve(path: &Path, check: bool, point_at: Option<SocketAddr>) -> Outcome {
         ));
         return Ok(ExitCode::SUCCESS);
     }
-    if let Some(addr) = point_at {
-        point_servers_at(&mut cfg, addr);
-    }
-    daemon::run(cfg, path.to_path_buf()).map_err(|e| (EXIT_START_FAILURE, e))?;
+    daemon::run(cfg, path.to_path_buf(), point_at).map_err(|e| (EXIT_START_FAILURE, e))?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Points every server at the default backend address to `addr` instead
-/// (the demo's `--backend`).
-fn point_servers_at(cfg: &mut config::Config, addr: SocketAddr) {
-    let default: SocketAddr = DEFAULT_BACKEND_ADDR.parse().expect("a valid address");
-    if addr == default {
-        return;
-    }
-    for s in cfg.maps.iter_mut().flat_map(|m| m.servers.iter_mut()) {
-        if !s.tls && s.addrs == [default] {
-            s.addrs = vec![addr];
-            s.host_name = addr.ip().to_string();
-            s.port = addr.port();
-            s.host = addr.to_string();
-            s.url = s.url.replacen(DEFAULT_BACKEND_ADDR, &s.host, 1);
-        }
-    }
+/// Starts the sample backend on `addr` with the map file `map` (or the
+/// default one).
+fn start_backend(map: &Option<PathBuf>, addr: SocketAddr) -> Result<(), (u8, String)> {
+    let m = demo_backend::DemoMap::load(&or_default(map, DEFAULT_DEMO_MAP))
+        .map_err(|e| (EXIT_FAILURE, e))?;
+    demo_backend::spawn(&addr.to_string(), m)
+        .map_err(|e| (EXIT_START_FAILURE, format!("demo backend on {addr}: {e}")))?;
+    Ok(())
 }
 
 fn demo(d: &DemoArgs) -> Outcome {
-    let map = or_default(&d.map, DEFAULT_DEMO_MAP);
-    let m = demo_backend::DemoMap::load(&map).map_err(|e| (EXIT_FAILURE, e))?;
-    demo_backend::spawn(&d.backend.to_string(), m).map_err(|e| {
-        (
-            EXIT_START_FAILURE,
-            format!("demo backend on {}: {e}", d.backend),
-        )
-    })?;
+    start_backend(&d.map, d.backend)?;
     serve(
         &or_default(&d.config, DEFAULT_CONFIG),
         false,
@@ -273,14 +256,7 @@ fn demo(d: &DemoArgs) -> Outcome {
 }
 
 fn backend(b: &BackendArgs) -> Outcome {
-    let map = or_default(&b.map, DEFAULT_DEMO_MAP);
-    let m = demo_backend::DemoMap::load(&map).map_err(|e| (EXIT_FAILURE, e))?;
-    demo_backend::spawn(&b.listen.to_string(), m).map_err(|e| {
-        (
-            EXIT_START_FAILURE,
-            format!("demo backend on {}: {e}", b.listen),
-        )
-    })?;
+    start_backend(&b.map, b.listen)?;
     loop {
         std::thread::park();
     }
@@ -338,7 +314,6 @@ fn admin_socket(config: &Path) -> Result<PathBuf, String> {
 /// Sends one request to the daemon's admin socket, prints the data lines,
 /// and the `ok` line as `done` words it.
 fn admin(target: &AdminTarget, fields: &[&[u8]], done: impl Fn(&str) -> String) -> Outcome {
-    use std::io::BufRead;
     let fail = |m: String| (EXIT_FAILURE, m);
     let path = admin_socket(&target.config).map_err(fail)?;
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
@@ -375,8 +350,8 @@ fn admin(target: &AdminTarget, fields: &[&[u8]], done: impl Fn(&str) -> String) 
 fn query(q: &QueryArgs) -> Outcome {
     let err = |msg: String| (EXIT_QUERY_ERROR, msg);
     let table = client::parse_table(&q.table).map_err(err)?;
-    let mut c = Client::connect(table.clone())
-        .map_err(|e| err(format!("cannot connect to {table}: {e}")))?;
+    let mut c =
+        Client::connect(table).map_err(|e| err(format!("cannot connect to {}: {e}", q.table)))?;
     let mut all: Vec<String> = Vec::new();
     let many = q.keys.len() > 1 || q.keys[0] == "-";
     for k in &q.keys {

@@ -225,18 +225,7 @@ pub fn render_process(out: &mut String) {
         })
         .unwrap_or(0.0);
     let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
-    // SAFETY: getrlimit with a valid, initialised struct.
-    let max_fds = unsafe {
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-            rl.rlim_cur as f64
-        } else {
-            0.0
-        }
-    };
+    let max_fds = nofile_limit().map_or(0.0, |rl| rl.rlim_cur as f64);
     for (name, kind, help, v) in [
         (
             "process_cpu_seconds_total",
@@ -399,6 +388,16 @@ fn serve_one(mut s: std::net::TcpStream, render: &Render, health: &HealthFn) {
     if path.as_ref().is_none_or(|(m, _)| m != "HEAD") {
         let _ = s.write_all(body.as_bytes());
     }
+}
+
+/// The open-files limit (soft and hard); `None` if it cannot be read.
+pub fn nofile_limit() -> Option<libc::rlimit> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid, initialised struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0).then_some(rl)
 }
 
 #[cfg(test)]

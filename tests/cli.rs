@@ -259,6 +259,28 @@ fn demo_backend_option_points_the_daemon_at_it() {
         text(&o.stderr)
     );
     assert_eq!(o.status.code(), Some(0));
+    // A reload keeps --backend: a second map (its port listening says the
+    // reload took effect) and a key not asked before (no cache) still reach
+    // the backend, not 127.0.0.1:8080.
+    let tcp2 = free_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[daemon]\nworkers = 1\n[maps.virtual]\ntcp_listen = \"127.0.0.1:{tcp}\"\nservers = [\"http://127.0.0.1:8080/virtual\"]\n\
+             [maps.second]\ntcp_listen = \"127.0.0.1:{tcp2}\"\nservers = [\"http://127.0.0.1:8080/virtual\"]\n"
+        ),
+    )
+    .unwrap();
+    signal(&_running.0, libc::SIGHUP);
+    wait_listening(tcp2);
+    for (port, key, value) in [
+        (tcp, "bob@example.com", "bob@mail.example.com\n"),
+        (tcp2, "carol@example.com", "carol@mail.example.org\n"),
+    ] {
+        let o = run(&["query", &format!("tcp:127.0.0.1:{port}"), key]);
+        assert_eq!(text(&o.stdout), value, "{}", text(&o.stderr));
+        assert_eq!(o.status.code(), Some(0));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
