@@ -12,8 +12,9 @@
 //!   encode_found (tcp_table) or encode_ok (socketmap).
 //!
 //! - `miss_path`: what a miss costs beyond the codecs, on real loopback
-//!   sockets: the idle check before a pooled connection is reused (one
-//!   non-blocking `recv(MSG_PEEK)` that finds nothing), next to one whole
+//!   sockets: the idle check before a pooled connection is reused
+//!   (`Transport::idle` on plain TCP: one non-blocking `recv(MSG_PEEK)`
+//!   that finds nothing), next to one whole
 //!   keep-alive request/reply round trip with a server thread (write the
 //!   `GET`, read and parse the dict_http reply), so the check's share of a
 //!   miss is read off one run.
@@ -29,6 +30,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use httpmapd::cache::{self, Cache, Lookup, Ttls, Waiter};
 use httpmapd::codec::{http, netstring, policy, tcp_table};
+use httpmapd::transport::{Idle, Transport};
 use httpmapd::worker::fold_key;
 use std::time::Duration;
 
@@ -385,17 +387,19 @@ fn bench_miss_path(c: &mut Criterion) {
     });
     let std_stream = std::net::TcpStream::connect(addr).unwrap();
     std_stream.set_nodelay(true).unwrap();
-    let stream = mio::net::TcpStream::from_std(std_stream.try_clone().unwrap());
+    // The daemon's own check on a pooled plain-HTTP connection.
+    let mut pooled = Transport::Plain(mio::net::TcpStream::from_std(
+        std_stream.try_clone().unwrap(),
+    ));
     std_stream.set_nonblocking(true).unwrap();
+    let mut scratch = vec![0u8; 4096];
+    assert_eq!(
+        pooled.idle(&mut scratch, 4096),
+        Idle::Clean,
+        "the bench's idle connection holds data"
+    );
     g.bench_function("idle_check_peek", |b| {
-        let mut one = [0u8; 1];
-        b.iter(|| {
-            let r = stream.peek(&mut one);
-            debug_assert!(r
-                .as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock));
-            black_box(r.is_err())
-        })
+        b.iter(|| black_box(pooled.idle(&mut scratch, 4096)))
     });
     // The round trip runs blocking (the bench has no event loop).
     std_stream.set_nonblocking(false).unwrap();

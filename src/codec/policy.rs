@@ -70,6 +70,10 @@ impl Attributes {
 /// Parses one request at the front of `buf`: `Ok(Some((attributes,
 /// consumed)))`, `Ok(None)` when the empty line has not come yet.
 pub fn parse(buf: &[u8], max_request: usize) -> Result<Option<(Attributes, usize)>, PolicyError> {
+    // What is left after each request, most often: no allocation for it.
+    if buf.is_empty() {
+        return Ok(None);
+    }
     let mut spans = Vec::with_capacity(32);
     let mut pos = 0;
     loop {
@@ -149,35 +153,27 @@ pub fn valid_action(a: &[u8]) -> bool {
 /// them (bytes that are not UTF-8 are replaced by U+FFFD; a repeated name
 /// keeps its last value).
 pub fn json_body(attrs: &Attributes, out: &mut Vec<u8>) {
-    // A repeated name is rare: names are compared only where their hashes
-    // match.
-    let mut hashes = [0u64; MAX_ATTRIBUTES];
-    for (h, (n, _)) in hashes.iter_mut().zip(attrs.iter()) {
-        *h = n.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-    }
-    let hashes = &hashes[..attrs.len()];
     out.push(b'{');
     let mut first = true;
-    for (i, (n, v)) in attrs.iter().enumerate() {
-        let later = &hashes[i + 1..];
-        if later.contains(&hashes[i])
-            && attrs
-                .iter()
-                .skip(i + 1)
-                .zip(later)
-                .any(|((m, _), &h)| h == hashes[i] && m == n)
-        {
+    for (i, &(s, eq, e)) in attrs.spans.iter().enumerate() {
+        let (s, eq, e) = (s as usize, eq as usize, e as usize);
+        let name = &attrs.text[s..eq];
+        // A repeated name is rare: names are compared only where their
+        // lengths match.
+        let repeated = attrs.spans[i + 1..].iter().any(|&(t, teq, _)| {
+            let (t, teq) = (t as usize, teq as usize);
+            teq - t == name.len() && attrs.text[t..teq] == *name
+        });
+        if repeated {
             continue;
         }
         if !first {
             out.push(b',');
         }
         first = false;
-        json_string(n, out);
+        json_string(name, out);
         out.push(b':');
-        json_string(v, out);
+        json_string(&attrs.text[eq + 1..e], out);
     }
     out.push(b'}');
 }

@@ -22,8 +22,9 @@ TARGET is written like a Postfix table:
                                    with POSTFIX-DICT-EMAIL: KEY, keep-alive
   policy:HOST:PORT                 Postfix policy delegation (check_policy_service):
   policy:unix:PATH                 a 31-attribute smtpd RCPT request, sender=KEY;
-                                   action=DUNNO is not found, DEFER*/4xx temporary,
-                                   any other action (REJECT, 5xx, OK...) found
+                                   action=DUNNO is not found; DEFER, DEFER_IF_PERMIT,
+                                   DEFER_IF_REJECT and 4xx temporary; any other
+                                   action (REJECT, 5xx, OK...) found
 
 DUR is a number with a unit (500us, 250ms, 10s, 1m, 1m30s, 1.5s); a bare
 number is seconds.

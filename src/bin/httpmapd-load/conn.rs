@@ -1,13 +1,13 @@
-//! One connection of the load generator: the mio stream (TCP or Unix), its
-//! state (down, connecting, up), its read and write buffers, and the
-//! requests it has in flight ([`Sent`]: when each was due and written, and
+//! One connection of the load generator: its stream (the daemon's own
+//! `Transport`, plain TCP or Unix), its state (down, connecting, up), its
+//! read and write buffers, and the requests it has in flight ([`Sent`]: when each was due and written, and
 //! whether it is measured), oldest first, answers arriving in that order.
 
 use crate::cli::Addr;
+use httpmapd::transport::Transport;
 use mio::net::{TcpStream, UnixStream};
-use mio::{Interest, Registry, Token};
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::time::Instant;
 
 /// A request in flight.
@@ -22,67 +22,17 @@ pub struct Sent {
     pub measured: bool,
 }
 
-pub enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    pub fn connect(a: &Addr) -> io::Result<Stream> {
-        match a {
-            Addr::Tcp(sa) => {
-                let s = TcpStream::connect(*sa)?;
-                let _ = s.set_nodelay(true);
-                Ok(Stream::Tcp(s))
-            }
-            Addr::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
+/// Opens a non-blocking connection to `a`: the daemon's own [`Transport`]
+/// (plain TCP, `TCP_NODELAY` set, or a Unix stream socket), registered with
+/// the event loop through [`Transport::socket`].
+pub fn connect(a: &Addr) -> io::Result<Transport> {
+    match a {
+        Addr::Tcp(sa) => {
+            let s = TcpStream::connect(*sa)?;
+            let _ = s.set_nodelay(true);
+            Ok(Transport::Plain(s))
         }
-    }
-    /// Ok(true): connected; Ok(false): still connecting.
-    pub fn connected(&self) -> io::Result<bool> {
-        match self {
-            Stream::Tcp(s) => {
-                if let Some(e) = s.take_error()? {
-                    return Err(e);
-                }
-                match s.peer_addr() {
-                    Ok(_) => Ok(true),
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-                    Err(e) => Err(e),
-                }
-            }
-            Stream::Unix(s) => {
-                if let Some(e) = s.take_error()? {
-                    return Err(e);
-                }
-                Ok(true)
-            }
-        }
-    }
-    pub fn register(&mut self, r: &Registry, t: Token) -> io::Result<()> {
-        let i = Interest::READABLE | Interest::WRITABLE;
-        match self {
-            Stream::Tcp(s) => r.register(s, t, i),
-            Stream::Unix(s) => r.register(s, t, i),
-        }
-    }
-    pub fn deregister(&mut self, r: &Registry) {
-        let _ = match self {
-            Stream::Tcp(s) => r.deregister(s),
-            Stream::Unix(s) => r.deregister(s),
-        };
-    }
-    pub fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(b),
-            Stream::Unix(s) => s.read(b),
-        }
-    }
-    pub fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(b),
-            Stream::Unix(s) => s.write(b),
-        }
+        Addr::Unix(p) => Ok(Transport::Unix(UnixStream::connect(p)?)),
     }
 }
 
@@ -95,7 +45,7 @@ pub enum State {
 }
 
 pub struct Conn {
-    pub stream: Option<Stream>,
+    pub stream: Option<Transport>,
     pub state: State,
     /// When a connection that is down may connect again.
     pub retry_at: Instant,

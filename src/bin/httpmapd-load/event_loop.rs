@@ -6,13 +6,14 @@
 //! `--depth` in flight, the others waiting with their latency running),
 //! parsing answers, timeouts, and counting and timing what is measured.
 
-use crate::conn::{Conn, Sent, State, Stream};
+use crate::conn::{self, Conn, Sent, State};
 use crate::proto::{encode_request, parse_reply, Outcome};
 use crate::report;
 use crate::run::{Plan, ThreadResult};
 use crate::stats::{Counts, Publisher};
 use crate::timer;
-use mio::{Events, Poll, Token};
+use httpmapd::transport::Transport;
+use mio::{Events, Interest, Poll, Token};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,8 +41,11 @@ struct Loop<'a> {
     end: Option<Instant>,
     last: Option<Instant>,
     miss_serial: u64,
+    /// Requests may be sent: not before the start, never with `--idle`,
+    /// no more once the `-n` budget is spent.
     issuing: bool,
-    /// Last answer, send or connect (count mode stops after `timeout` without one).
+    /// The last answer or send, or the last wait for an open-loop request
+    /// not due yet (count mode stops after `--timeout` without any).
     progress: Instant,
     /// Measured requests answered after the end (duration mode): unanswered.
     answered_after_end: u64,
@@ -50,9 +54,15 @@ struct Loop<'a> {
 impl Loop<'_> {
     fn start_connect(&mut self, i: usize) {
         let c = &mut self.conns[i];
-        match Stream::connect(&self.plan.opts.target.addr) {
+        match conn::connect(&self.plan.opts.target.addr) {
             Ok(mut s) => {
-                if s.register(self.poll.registry(), Token(i)).is_err() {
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                if self
+                    .poll
+                    .registry()
+                    .register(s.socket(), Token(i), interest)
+                    .is_err()
+                {
                     self.counts.connect_errors += 1;
                     c.state = State::Down;
                     c.retry_at = Instant::now() + RECONNECT_DELAY;
@@ -72,7 +82,7 @@ impl Loop<'_> {
     fn close(&mut self, i: usize) {
         let c = &mut self.conns[i];
         if let Some(mut s) = c.stream.take() {
-            s.deregister(self.poll.registry());
+            let _ = self.poll.registry().deregister(s.socket());
         }
         c.state = State::Down;
         c.retry_at = Instant::now() + RECONNECT_DELAY;
@@ -140,9 +150,6 @@ impl Loop<'_> {
     /// Sends what connection `i` may send now (closed loop: up to `depth`
     /// in flight; open loop: its due requests, up to `depth` in flight).
     fn top_up(&mut self, i: usize, now: Instant) {
-        if self.plan.opts.idle {
-            return;
-        }
         let depth = self.plan.opts.depth;
         match &self.plan.schedule {
             None => {
@@ -313,7 +320,7 @@ impl Loop<'_> {
 
     fn event(&mut self, i: usize, now: Instant) {
         if self.conns[i].state == State::Connecting {
-            let r = self.conns[i].stream.as_ref().map(Stream::connected);
+            let r = self.conns[i].stream.as_ref().map(Transport::connected);
             match r {
                 Some(Ok(true)) => {
                     self.conns[i].state = State::Up;
@@ -363,7 +370,7 @@ impl Loop<'_> {
         let Some(s) = &self.plan.schedule else {
             return (longest, false);
         };
-        if !self.issuing || self.plan.opts.idle {
+        if !self.issuing {
             return (longest, false);
         }
         let depth = self.plan.opts.depth;
@@ -390,6 +397,12 @@ impl Loop<'_> {
             }
             self.connect_some(now);
             let (timeout, precise) = self.poll_timeout(now);
+            if precise {
+                // Waiting for a request that is not due yet (a connection
+                // is up with room for it) is no stall: count mode's
+                // `--timeout` without progress runs from here.
+                self.progress = now;
+            }
             let waited = if precise {
                 timer::precise_wait(&self.poll, timeout)
             } else {
@@ -417,7 +430,7 @@ impl Loop<'_> {
             self.check_timeouts(now);
             // Connections with room: due requests (open loop), or those that
             // came up without requests (e.g. after a reconnect).
-            if self.issuing && !self.plan.opts.idle {
+            if self.issuing {
                 let open = self.plan.schedule.is_some();
                 for i in 0..self.conns.len() {
                     let c = &self.conns[i];
@@ -486,7 +499,8 @@ pub fn run_thread(plan: &Plan, nconns: usize, gid_base: usize, seed: u64) -> Thr
     if o.count.is_none() {
         l.end = Some(l.record_from + o.duration);
     }
-    l.issuing = true;
+    // `--idle` never issues: nothing is sent, nothing is waited for.
+    l.issuing = !o.idle;
     l.progress = start;
     for i in 0..l.conns.len() {
         l.top_up(i, start);

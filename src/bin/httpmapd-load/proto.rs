@@ -7,6 +7,7 @@
 
 use crate::cli::Proto;
 use httpmapd::codec::{hex, http, netstring};
+use httpmapd::metrics::{policy_action_class, POLICY_ACTIONS};
 use std::io::Write;
 
 /// What a phase sends: lookups, or memcached `set`s for `--populate`.
@@ -30,7 +31,7 @@ pub enum Outcome {
     Found,
     NotFound,
     /// 400 / TEMP / TIMEOUT / non-2xx / SERVER_ERROR / NOT_STORED /
-    /// policy `DEFER*` and `4xx`.
+    /// policy `DEFER`, `DEFER_IF_PERMIT`, `DEFER_IF_REJECT` and `4xx`.
     Temp,
     /// socketmap PERM.
     Perm,
@@ -183,26 +184,21 @@ fn parse_policy_reply(buf: &[u8]) -> Result<Option<(usize, Outcome)>, ()> {
     }
 }
 
-/// What an action counts as: `DUNNO` not found; `DEFER`, `DEFER_IF_PERMIT`,
-/// `DEFER_IF_REJECT` and `4xx` temporary; anything else (`REJECT`, `5xx`,
-/// `OK`, `PREPEND`, `HOLD`, ...) found. Postfix reads action words in any
-/// case. An empty action is an error.
+/// What an action counts as, by its first word as the daemon's own
+/// `/metrics` classes it ([`policy_action_class`]): `DUNNO` not found;
+/// exactly `DEFER`, `DEFER_IF_PERMIT`, `DEFER_IF_REJECT`, and `4xx`
+/// temporary; anything else (`REJECT`, `5xx`, `OK`, `PREPEND`, `HOLD`,
+/// `DEFERRED`, ...) found. Postfix reads action words in any case. An empty
+/// action (or one that starts with a space) is an error.
 fn policy_outcome(action: &[u8]) -> Result<Outcome, ()> {
-    let word = action
-        .split(|&b| b == b' ' || b == b'\t')
-        .next()
-        .unwrap_or_default();
-    if word.is_empty() {
+    if matches!(action.first(), None | Some(b' ' | b'\t')) {
         return Err(());
     }
-    let defer = word.len() >= 5 && word[..5].eq_ignore_ascii_case(b"DEFER");
-    let code_4xx = word.len() == 3 && word[0] == b'4' && word.iter().all(u8::is_ascii_digit);
-    Ok(if word.eq_ignore_ascii_case(b"DUNNO") {
-        Outcome::NotFound
-    } else if defer || code_4xx {
-        Outcome::Temp
-    } else {
-        Outcome::Found
+    let class = POLICY_ACTIONS[policy_action_class(action)];
+    Ok(match class {
+        "DUNNO" => Outcome::NotFound,
+        "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" | "4xx" => Outcome::Temp,
+        _ => Outcome::Found,
     })
 }
 
@@ -408,8 +404,24 @@ mod tests {
             b"action=defer_if_reject x\n\n",
             b"action=DEFER\n\n",
             b"action=450 4.7.1 Try later\n\n",
+            b"action=Defer_If_Permit\tx\n\n",
         ] {
             assert_eq!(r(temp), Ok(Some((temp.len(), Outcome::Temp))), "{temp:?}");
+        }
+        // Only those exact words: others that start with DEFER, or a
+        // 4xx that is not three digits, are actions like any other.
+        for found in [
+            &b"action=DEFERRED x\n\n"[..],
+            b"action=DEFER_LATER\n\n",
+            b"action=defer_if_permitx\n\n",
+            b"action=4501 x\n\n",
+            b"action=45x\n\n",
+        ] {
+            assert_eq!(
+                r(found),
+                Ok(Some((found.len(), Outcome::Found))),
+                "{found:?}"
+            );
         }
         // Other attributes may come with the action.
         assert_eq!(
@@ -424,6 +436,7 @@ mod tests {
         assert_eq!(r(b"\n"), Err(()));
         assert_eq!(r(b"x=1\n\n"), Err(()));
         assert_eq!(r(b"action=\n\n"), Err(()));
+        assert_eq!(r(b"action= DUNNO\n\n"), Err(()));
         assert_eq!(r(b"DUNNO\n\n"), Err(()));
         assert_eq!(r(&vec![b'a'; MAX_POLICY_REPLY + 1]), Err(()));
     }

@@ -13,14 +13,13 @@ use std::io::{self, Write};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// The open-loop part of a report (`--rate`).
+/// The open-loop part of a report (`--rate`); the measured requests written
+/// and how many of them were late are the report's `counts.sent` and
+/// `counts.late`.
 #[derive(Clone, Copy, Debug)]
 pub struct OpenLoop {
     pub target_rps: f64,
-    /// Measured requests written.
-    pub sent: u64,
-    /// Of those, written more than `late_bound` after their due time.
-    pub late: u64,
+    /// A request written more than this after its due time is late.
     pub late_bound: Duration,
     /// Measured requests due but never written before the end.
     pub never_sent: u64,
@@ -51,6 +50,21 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
 
+/// A rate in requests per second to `digits` significant digits (the
+/// whole part at least), trailing zeros dropped: `100`, `0.5`, `2500.5`.
+fn rate_text(rps: f64, digits: i32) -> String {
+    if !(rps.is_finite() && rps > 0.0) {
+        return format!("{rps:.0}");
+    }
+    let decimals = (digits - 1 - rps.log10().floor() as i32).clamp(0, 9) as usize;
+    let t = format!("{rps:.decimals$}");
+    if t.contains('.') {
+        t.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        t
+    }
+}
+
 impl Report {
     fn secs(&self) -> f64 {
         self.elapsed.as_secs_f64().max(1e-9)
@@ -72,9 +86,9 @@ impl Report {
         let rate = self.open_loop.map(|o| {
             serde_json::json!({
                 "target_rps": o.target_rps,
-                "sent": o.sent,
-                "sent_rps": o.sent as f64 / secs,
-                "late": o.late,
+                "sent": c.sent,
+                "sent_rps": c.sent as f64 / secs,
+                "late": c.late,
                 "late_bound_us": o.late_bound.as_secs_f64() * 1e6,
                 "never_sent": o.never_sent,
                 "unanswered": o.unanswered,
@@ -146,12 +160,12 @@ impl Report {
         );
         if let Some(o) = &self.open_loop {
             t += &format!(
-                "  open loop: target {:.0} req/s, sent {:.0} req/s ({} requests); {} sent over {} late, \
+                "  open loop: target {} req/s, sent {} req/s ({} requests); {} sent over {} late, \
                  {} never sent, {} unanswered at the end\n",
-                o.target_rps,
-                o.sent as f64 / secs,
-                o.sent,
-                o.late,
+                rate_text(o.target_rps, 6),
+                rate_text(c.sent as f64 / secs, 3),
+                c.sent,
+                c.late,
                 humantime::format_duration(o.late_bound),
                 o.never_sent,
                 o.unanswered,
@@ -301,20 +315,41 @@ mod tests {
             assert!(j["latency_us"][k].is_f64(), "{k}");
         }
         assert_eq!(j["latency_us"]["max"].as_f64().unwrap().round(), 40.0);
-        let j = report(Some(OpenLoop {
+        let mut r = report(Some(OpenLoop {
             target_rps: 100.0,
-            sent: 5,
-            late: 1,
             late_bound: Duration::from_millis(1),
             never_sent: 195,
             unanswered: 1,
-        }))
-        .json();
+        }));
+        (r.counts.sent, r.counts.late) = (5, 1);
+        let j = r.json();
         assert_eq!(j["mode"], "open");
         assert_eq!(j["rate"]["target_rps"], 100.0);
         assert_eq!(j["rate"]["sent_rps"], 2.5);
+        assert_eq!(j["rate"]["sent"], 5);
+        assert_eq!(j["rate"]["late"], 1);
         assert_eq!(j["rate"]["never_sent"], 195);
         assert_eq!(j["rate"]["late_bound_us"], 1000.0);
+    }
+
+    #[test]
+    fn rates_keep_their_fractions() {
+        let cases = [
+            (100.0, 6, "100"),
+            (0.5, 6, "0.5"),
+            (2500.5, 6, "2500.5"),
+            (1.0 / 3.0, 6, "0.333333"),
+            (0.001, 6, "0.001"),
+            (1e9 / (1e9 / 2500.5), 6, "2500.5"),
+            (250_000.0, 6, "250000"),
+            (49.5, 3, "49.5"),
+            (0.75, 3, "0.75"),
+            (19_987.4, 3, "19987"),
+            (0.0, 3, "0"),
+        ];
+        for (rps, digits, want) in cases {
+            assert_eq!(rate_text(rps, digits), want, "{rps}");
+        }
     }
 
     #[test]
@@ -327,6 +362,18 @@ mod tests {
         assert!(t.contains("keys=7 (zipf 0.99)"), "{t}");
         assert!(
             t.contains("errors: connect 0  timeout 2  protocol 0"),
+            "{t}"
+        );
+        let mut r = report(Some(OpenLoop {
+            target_rps: 0.5,
+            late_bound: Duration::from_millis(1),
+            never_sent: 0,
+            unanswered: 1,
+        }));
+        (r.counts.sent, r.counts.late) = (3, 0);
+        let t = r.text();
+        assert!(
+            t.contains("  open loop: target 0.5 req/s, sent 1.5 req/s (3 requests); 0 sent over 1ms late, 0 never sent, 1 unanswered at the end\n"),
             "{t}"
         );
         assert_eq!(

@@ -48,16 +48,10 @@ pub fn run_phase(opts: &Opts, op: Op, keys: &Keys, count: Option<u64>) -> Report
     } else {
         opts.order
     };
-    let schedule = match (opts.rate, opts.idle) {
-        (Some(rate), false) => Some(Schedule::new(
-            rate,
-            opts.conns,
-            opts.warmup,
-            opts.duration,
-            count,
-        )),
-        _ => None,
-    };
+    // (`--idle` conflicts with `--rate`: an idle phase has no schedule.)
+    let schedule = opts
+        .rate
+        .map(|rate| Schedule::new(rate, opts.conns, opts.warmup, opts.duration, count));
     let plan = Plan {
         opts,
         op,
@@ -115,8 +109,6 @@ pub fn run_phase(opts: &Opts, op: Op, keys: &Keys, count: Option<u64>) -> Report
     };
     let open_loop = plan.schedule.as_ref().map(|s| OpenLoop {
         target_rps: s.rate(),
-        sent: counts.sent,
-        late: counts.late,
         late_bound: opts.late,
         never_sent,
         unanswered,

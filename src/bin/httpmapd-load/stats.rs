@@ -19,7 +19,8 @@ pub struct Counts {
     pub not_found: u64,
     pub stored: u64,
     /// tcp_table 400, socketmap TEMP/TIMEOUT, HTTP non-2xx, memcached
-    /// SERVER_ERROR/NOT_STORED, policy DEFER*/4xx.
+    /// SERVER_ERROR/NOT_STORED, policy DEFER, DEFER_IF_PERMIT,
+    /// DEFER_IF_REJECT and 4xx.
     pub temp: u64,
     /// socketmap PERM.
     pub perm: u64,
