@@ -407,7 +407,7 @@ impl Cache {
     }
 
     /// Whether `key` (a cache key) is of its map's current generation.
-    fn current(&self, key: &[u8]) -> bool {
+    pub fn current(&self, key: &[u8]) -> bool {
         match key {
             [a, b, g0, g1, g2, g3, ..] => {
                 self.gen(u16::from_be_bytes([*a, *b])) == u32::from_be_bytes([*g0, *g1, *g2, *g3])
@@ -440,9 +440,8 @@ impl Cache {
 
     /// An answer from the shared cache, with the lifetime it has left
     /// (`life.fresh_ms`, then `life.stale_ms` more): stored and its waiters
-    /// returned, as [`Cache::complete_ok`] does. A `fresh_ms` of zero stores
-    /// an entry already expired, good only for stale answers, and leaves the
-    /// lookup in flight (a fetch from the servers follows).
+    /// returned, as [`Cache::complete_ok`] does (with a `fresh_ms` of zero
+    /// it is answered and only kept for stale answers).
     pub fn complete_with(
         &self,
         key: &[u8],
@@ -450,7 +449,19 @@ impl Cache {
         life: Life,
         now_ms: u64,
     ) -> Vec<Waiter> {
-        self.store(key, value, life, now_ms, life.fresh_ms > 0)
+        self.store(key, value, life, now_ms, true)
+    }
+
+    /// A value past its freshness (from the shared cache), kept `stale_ms`
+    /// for a stale answer should the servers fail; the lookup stays in
+    /// flight (a fetch from the servers follows).
+    pub fn keep_stale(&self, key: &[u8], value: Option<&[u8]>, stale_ms: u64, now_ms: u64) {
+        let life = Life {
+            fresh_ms: 0,
+            stale_ms,
+            refresh_percent: 0,
+        };
+        self.store(key, value, life, now_ms, false);
     }
 
     fn store(
@@ -857,14 +868,7 @@ mod tests {
         assert_eq!(get(&c, b"\0\0\0\0\0\0a", 510, 3).0, Lookup::Fetch);
         // A stale value from L2: stored expired, the lookup stays in flight,
         // and it answers if the servers fail.
-        let stale = Life {
-            fresh_ms: 0,
-            ..life
-        };
-        assert_eq!(
-            c.complete_with(b"\0\0\0\0\0\0a", Some(b"old"), stale, 600),
-            vec![]
-        );
+        c.keep_stale(b"\0\0\0\0\0\0a", Some(b"old"), 1000, 600);
         assert_eq!(get(&c, b"\0\0\0\0\0\0a", 601, 4).0, Lookup::Joined);
         let (ws, v) = c.complete_err(b"\0\0\0\0\0\0a", 700, false);
         assert_eq!(
@@ -886,6 +890,19 @@ mod tests {
         assert!(c.drop_key(b"\0\0\0\0\0\0a"));
         assert!(!c.drop_key(b"\0\0\0\0\0\0a"));
         assert_eq!((c.len(), c.bytes()), (0, 0));
+        // A value from L2 with no freshness left here (a map ttl of zero)
+        // still answers its waiters: nothing stays in flight.
+        assert_eq!(get(&c, b"\0\0\0\0\0\0b", 800, 5).0, Lookup::Fetch);
+        let none_left = Life {
+            fresh_ms: 0,
+            stale_ms: 0,
+            refresh_percent: 0,
+        };
+        assert_eq!(
+            c.complete_with(b"\0\0\0\0\0\0b", Some(b"v"), none_left, 800),
+            vec![w(5)]
+        );
+        assert_eq!(get(&c, b"\0\0\0\0\0\0b", 801, 6).0, Lookup::Fetch);
     }
 
     #[test]

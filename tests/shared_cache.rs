@@ -2355,3 +2355,146 @@ fn reload_keeps_or_renews_the_shared_cache() {
         vec!["renewed:v:virtual:max@example.com".to_string()]
     );
 }
+
+// ---------------------------------------------------------------------------
+// Review fixes: a zero TTL, a reload mid-fetch, stale hits while waiting
+// ---------------------------------------------------------------------------
+
+/// One tcp_table lookup of `key` on port `port` on a new connection: the
+/// reply line, or an error when none comes within `within` (a hung lookup
+/// is reported, not waited out).
+fn get_within(port: u16, key: &str, within: Duration) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(within))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("get {}\n", encode_key(key)).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(_) if line.ends_with('\n') => Ok(line),
+        Ok(_) => Err(format!("connection closed after {line:?}")),
+        Err(e) => Err(format!("no answer within {within:?} ({e}); have {line:?}")),
+    }
+}
+
+/// A node whose TTLs are zero (a reload set them so, or another node of
+/// the fleet keeps values longer) finds a value Redis still holds as fresh:
+/// that value is fresh for no time on this node, so the lookup goes on to
+/// the servers and is answered; it never hangs.
+#[test]
+fn a_fresh_value_from_redis_with_a_zero_ttl_is_answered_from_the_servers() {
+    let redis = Redis::start();
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url())
+        .cache("ttl = \"0s\"")
+        .cache("negative_ttl = \"0s\"")
+        .cache("stale_ttl = \"0s\"");
+    let a = Node::start(&cfg);
+    a.wait_connected();
+    let mut c = redis.conn();
+    let fresh = unix_ms() + 3_600_000;
+    let found = encode_value(Some(b"from-another-node"), fresh);
+    c.ok(&[b"SET", &vkey("virtual", "alice"), &found, b"PX", b"7200000"]);
+    let none = encode_value(None, fresh);
+    c.ok(&[
+        b"SET",
+        &vkey("virtual", "nobody-x"),
+        &none,
+        b"PX",
+        b"7200000",
+    ]);
+    let port = a.port("virtual");
+    for round in 0..2 {
+        for key in ["alice", "nobody-x"] {
+            let got = get_within(port, key, Duration::from_secs(3));
+            assert_eq!(
+                got,
+                Ok(want(key, 1)),
+                "round {round}, key {key}; log:\n{}",
+                a.log()
+            );
+        }
+    }
+    // Nothing cached anywhere with zero TTLs: every lookup asked the servers.
+    assert_eq!(backend.requests(), 4);
+    assert_eq!(a.metric("httpmapd_shared_cache_hits_total"), 0.0);
+}
+
+/// A fetch that was under way when a reload gave the map other servers
+/// answers its own request, and is stored nowhere: neither in this node's
+/// cache nor in Redis, where every node would take it as the new servers'
+/// answer.
+#[test]
+fn a_result_fetched_under_the_old_configuration_is_not_written_to_redis() {
+    let redis = Redis::start();
+    let old = Backend::start(Duration::from_millis(1500));
+    let new = Backend::start(Duration::ZERO);
+    new.set_version(2);
+    let mut cfg = Cfg::new(Some(&redis.url()), &old.url());
+    // One worker: the old fetch's write (if any) and the next lookup's GET
+    // share one connection, so they reach Redis in that order.
+    cfg.workers = 1;
+    let a = Node::start(&cfg);
+    a.wait_connected();
+    let key = "kim@example.com";
+    let mut client = a.client();
+    client.send(format!("get {key}\n").as_bytes());
+    assert!(
+        wait_until(WAIT, || old.requests() == 1),
+        "the fetch did not start"
+    );
+    let text = std::fs::read_to_string(a.config()).unwrap();
+    assert!(text.contains(&old.url()));
+    std::fs::write(a.config(), text.replace(&old.url(), &new.url())).unwrap();
+    a.daemon.reload().expect("reloaded");
+    assert_eq!(
+        show(&client.read_line()),
+        want(key, 1),
+        "the old fetch answers its own request"
+    );
+    let mut c = redis.conn();
+    assert_eq!(
+        a.get(key),
+        want(key, 2),
+        "the old servers' answer was taken from Redis after the reload; Redis holds {:?}",
+        c.get(&vkey("virtual", key)).map(|v| show(&v))
+    );
+    assert_eq!((old.requests(), new.requests()), (1, 1));
+    wait_keys(&mut c, "httpmapd:v:*", 1);
+    let stored = c.get(&vkey("virtual", key)).expect("the new value");
+    assert!(
+        stored.ends_with(format!("v2-{key}").as_bytes()),
+        "{}",
+        show(&stored)
+    );
+}
+
+/// A lookup that waits for another node's fetch reads the key every 10 ms:
+/// a stale value it finds is one stale hit, however many times it reads it.
+#[test]
+fn waiting_on_another_nodes_claim_counts_one_stale_hit() {
+    let redis = Redis::start();
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.url()), &backend.url())
+        .shared("claim_wait = \"300ms\"")
+        .cache("stale_ttl = \"1h\"");
+    let a = Node::start(&cfg);
+    a.wait_connected();
+    let key = "sam@example.com";
+    let mut c = redis.conn();
+    let stale = encode_value(Some(b"old"), unix_ms() - 1000);
+    c.ok(&[b"SET", &vkey("virtual", key), &stale, b"PX", b"3600000"]);
+    // Another node holds the claim (and never writes).
+    let claim = format!("httpmapd:l:virtual:{key}").into_bytes();
+    c.ok(&[b"SET", &claim, b"another-node", b"PX", b"5000"]);
+    assert_eq!(a.get(key), want(key, 1));
+    assert_eq!(backend.requests(), 1);
+    assert_eq!(
+        a.metric("httpmapd_shared_cache_claims_total{result=\"lost\"}"),
+        1.0
+    );
+    assert_eq!(a.metric("httpmapd_shared_cache_stale_total"), 1.0);
+    assert_eq!(a.metric("httpmapd_shared_cache_misses_total"), 0.0);
+    assert_eq!(a.metric("httpmapd_shared_cache_hits_total"), 0.0);
+}

@@ -186,6 +186,7 @@ impl L2 {
         if self.is_ready() {
             self.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
+        self.fail_pending();
         self.state = State::Down {
             retry_at: Instant::now() + MAX_BACKOFF,
         };
@@ -193,10 +194,6 @@ impl L2 {
 
     pub fn config(&self) -> &Arc<SharedCache> {
         &self.cfg
-    }
-
-    pub fn owns(&self, token: Token) -> bool {
-        token == self.token
     }
 
     pub fn is_ready(&self) -> bool {
@@ -337,6 +334,24 @@ impl L2 {
     fn undo(&self, p: &Pending) {
         if let Some(k) = &p.undo {
             self.own_writes.take(k);
+        }
+    }
+
+    /// The connection is gone with commands unanswered: each completes as
+    /// a miss (a claim as won: the servers are asked), and a `SET` counted
+    /// as this node's own write is taken back (worker 0 will never hear of
+    /// it, and a count left behind would hide another node's change).
+    fn fail_pending(&mut self) {
+        for p in std::mem::take(&mut self.pending) {
+            self.undo(&p);
+            if p.abandoned {
+                continue;
+            }
+            match p.kind {
+                Kind::Get(tag) => self.done.push(Done::Get { tag, entry: None }),
+                Kind::Claim(tag) => self.done.push(Done::Claim { tag, won: true }),
+                _ => {}
+            }
         }
     }
 
@@ -486,17 +501,7 @@ impl L2 {
         if self.is_ready() {
             self.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        for p in std::mem::take(&mut self.pending) {
-            self.undo(&p);
-            if p.abandoned {
-                continue;
-            }
-            match p.kind {
-                Kind::Get(tag) => self.done.push(Done::Get { tag, entry: None }),
-                Kind::Claim(tag) => self.done.push(Done::Claim { tag, won: true }),
-                _ => {}
-            }
-        }
+        self.fail_pending();
         self.wbuf.clear();
         self.wpos = 0;
         self.rbuf.clear();

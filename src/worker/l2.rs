@@ -140,18 +140,23 @@ impl Worker {
         let stats = &self.shared.stats.l2;
         let now_unix = unix_ms();
         let now_ms = self.shared.cache.ms_at(now);
-        if let Some(e) = entry {
+        let stale = if let Some(e) = entry {
             let own_ttl = if e.value.is_some() {
                 ttls.ttl
             } else {
                 ttls.negative_ttl
             };
             let stale_ms = ttls.stale_ttl.as_millis() as u64;
-            if e.fresh_until_unix_ms > now_unix {
+            // The lifetime it has left, never more than this map's own: a
+            // map whose ttl is zero here takes no fresh value from others.
+            let fresh_ms = e
+                .fresh_until_unix_ms
+                .saturating_sub(now_unix)
+                .min(own_ttl.as_millis() as u64);
+            if fresh_ms > 0 {
                 stats.hits.fetch_add(1, Ordering::Relaxed);
-                // The lifetime it has left, never more than this map's own.
                 let life = Life {
-                    fresh_ms: (e.fresh_until_unix_ms - now_unix).min(own_ttl.as_millis() as u64),
+                    fresh_ms,
                     stale_ms,
                     refresh_percent: ttls.refresh_ahead_percent,
                 };
@@ -178,22 +183,28 @@ impl Worker {
                 };
                 return self.answer_waiters(waiters, &answer, now);
             }
-            // Past its freshness: kept for a stale answer if the servers fail.
-            stats.stale_hits.fetch_add(1, Ordering::Relaxed);
-            let stale_left = (e.fresh_until_unix_ms + stale_ms).saturating_sub(now_unix);
+            // Not fresh here: kept for a stale answer if the servers fail
+            // (its stale window runs from the end of its freshness, or from
+            // now when it is fresh only on nodes with a longer ttl).
+            let stale_left =
+                (e.fresh_until_unix_ms.min(now_unix) + stale_ms).saturating_sub(now_unix);
             if stale_left > 0 {
-                let life = Life {
-                    fresh_ms: 0,
-                    stale_ms: stale_left,
-                    refresh_percent: 0,
-                };
-                self.shared
-                    .cache
-                    .complete_with(&lk.cache_key, e.value.as_deref(), life, now_ms);
+                self.shared.cache.keep_stale(
+                    &lk.cache_key,
+                    e.value.as_deref(),
+                    stale_left,
+                    now_ms,
+                );
             }
-        } else if lk.wait_until.is_none() {
-            // (A poll while another node fetches is not another miss.)
-            stats.misses.fetch_add(1, Ordering::Relaxed);
+            stale_left > 0
+        } else {
+            false
+        };
+        // One stale hit or miss per lookup: a poll while another node
+        // fetches reads the same key again.
+        if lk.wait_until.is_none() {
+            let counter = if stale { &stats.stale_hits } else { &stats.misses };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         match lk.wait_until {
             // Waiting for another node's value: read again, or give up waiting.
@@ -250,6 +261,11 @@ impl Worker {
         now: Instant,
     ) {
         let Some(l2) = self.l2.as_mut() else { return };
+        if !self.shared.cache.current(cache_key) {
+            // Fetched under a configuration a reload replaced: every node
+            // would take it for the new servers' answer.
+            return;
+        }
         let ttls = self.shared.ttls(map);
         let ttl = if value.is_some() {
             ttls.ttl
