@@ -858,13 +858,7 @@ fn require_key_echo_accepts_the_underscore_echo_of_the_folded_key() {
     assert_eq!(server.requests(), 2);
     let m = metrics(stats);
     for kind in ["echo_mismatch", "echo_missing"] {
-        let n = metric_value(
-            &m,
-            &format!(
-                "httpmapd_server_protocol_errors_total{{map=\"good\",server=\"{url}\",kind=\"{kind}\"}}"
-            ),
-        );
-        assert!(n.unwrap_or(0.0) == 0.0, "{kind}: {n:?}");
+        assert_eq!(protocol_errors(&m, "good", &url, kind), 0.0, "{kind}");
     }
 }
 
@@ -931,15 +925,10 @@ fn require_key_echo_rejects_a_reply_without_echo() {
         count_lines(&log, "reply rejected") >= 1,
         "no \"reply rejected\" warning:\n{log}"
     );
-    let lax_missing = metric_value(
-        &m,
-        &format!(
-            "httpmapd_server_protocol_errors_total{{map=\"lax\",server=\"{lax_url}\",kind=\"echo_missing\"}}"
-        ),
-    );
-    assert!(
-        lax_missing.unwrap_or(0.0) == 0.0,
-        "lax map echo_missing {lax_missing:?}"
+    assert_eq!(
+        protocol_errors(&m, "lax", &lax_url, "echo_missing"),
+        0.0,
+        "lax map echo_missing"
     );
 }
 

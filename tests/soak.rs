@@ -36,7 +36,7 @@
 
 mod common;
 
-use common::{free_port, Daemon, Reply, Request, TestServer};
+use common::{free_port, proc_status_kib, rss_kib, Daemon, Reply, Request, TestServer};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -67,19 +67,6 @@ fn soak_duration() -> Duration {
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
     Duration::from_secs(secs)
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
 }
 
 /// Socket inodes of PID's open fds, and the count of all its fds.
@@ -501,7 +488,7 @@ max_connections = {MAX_CONNECTIONS}
     let rss_end = rss_kib(pid);
     let samples = samples.lock().unwrap().clone();
     let rss_peak_sampled = samples.iter().map(|s| s.0).max().unwrap_or(0);
-    let hwm = status_kib(pid, "VmHWM:");
+    let hwm = proc_status_kib(pid, "VmHWM");
     let fds_peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
 
     let lookups = total.found + total.not_found + total.temp_virtual + total.temp_broken;

@@ -189,12 +189,9 @@ impl Worker {
             let stale_left =
                 (e.fresh_until_unix_ms.min(now_unix) + stale_ms).saturating_sub(now_unix);
             if stale_left > 0 {
-                self.shared.cache.keep_stale(
-                    &lk.cache_key,
-                    e.value.as_deref(),
-                    stale_left,
-                    now_ms,
-                );
+                self.shared
+                    .cache
+                    .keep_stale(&lk.cache_key, e.value.as_deref(), stale_left, now_ms);
             }
             stale_left > 0
         } else {
@@ -203,7 +200,11 @@ impl Worker {
         // One stale hit or miss per lookup: a poll while another node
         // fetches reads the same key again.
         if lk.wait_until.is_none() {
-            let counter = if stale { &stats.stale_hits } else { &stats.misses };
+            let counter = if stale {
+                &stats.stale_hits
+            } else {
+                &stats.misses
+            };
             counter.fetch_add(1, Ordering::Relaxed);
         }
         match lk.wait_until {
