@@ -418,6 +418,37 @@ fn open_loop_below_capacity_keeps_the_schedule() {
     assert!(u(&r["late"]) <= 8, "{r}");
 }
 
+/// With `-n`, requests spaced further apart than `--timeout` are still all
+/// sent: waiting for a request that is not due yet is no stall.
+#[test]
+fn open_loop_with_a_count_sends_every_request_however_slow_the_rate() {
+    let fast = TableServer::start(Duration::ZERO);
+    let started = std::time::Instant::now();
+    let o = run(
+        &[
+            &fast.target(),
+            "-c",
+            "1",
+            "-n",
+            "3",
+            "--rate",
+            "2",
+            "--timeout",
+            "200ms",
+            "--json",
+            "-q",
+        ],
+        SHORT,
+    );
+    let j = json_of(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(u(&j["requests"]), 3, "{j}");
+    assert_eq!(u(&j["rate"]["sent"]), 3, "{j}");
+    assert_eq!(fast.requests(), 3);
+    // Three requests 500 ms apart: at least a second.
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
 #[test]
 fn zipf_makes_the_first_key_the_most_asked() {
     // s = 1 over 20 keys: P(rank r) = 1 / (r * H20), H20 = 3.5977;
