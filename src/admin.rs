@@ -170,11 +170,8 @@ fn run(shared: &Shared, f: &[Vec<u8>], out: &mut Emit<'_>) -> Result<String, Str
             Ok(counts(l1, l2))
         }
         b"purge-all" if f.len() == 1 => {
-            let mut l1 = 0;
-            for id in 0..shared.maps.len() as u16 {
-                l1 += shared.cache.map_len(id) as usize;
-                shared.cache.purge_prefix(&id.to_be_bytes());
-            }
+            let l1 = shared.cache.len();
+            shared.cache.purge_prefix(&[]);
             shared.stats.l2.purges.fetch_add(1, Ordering::Relaxed);
             let l2 = purge_shared(shared, |c, prefix| purge_map(c, prefix, None))?;
             Ok(counts(l1, l2))
@@ -316,9 +313,7 @@ fn show(shared: &Shared, map: &[u8], key: &[u8], out: &mut Emit<'_>) -> Result<S
         {
             Value::Bulk(b) => match value::decode(&b) {
                 Some(e) => {
-                    let now_unix = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as i64);
+                    let now_unix = value::unix_ms() as i64;
                     let left = e.fresh_until_unix_ms as i64 - now_unix;
                     let (kind, val) = describe(e.value.as_deref());
                     out(format!(

@@ -226,13 +226,22 @@ impl Ttls {
         refresh_ahead_percent: 0,
         stale_negative: false,
     };
+
+    /// How long an answer is fresh: `ttl` for a value, `negative_ttl` for
+    /// not found.
+    pub fn fresh_for(&self, found: bool) -> Duration {
+        if found {
+            self.ttl
+        } else {
+            self.negative_ttl
+        }
+    }
 }
 
-/// Counters, read by the metrics page and the SIGUSR1 line.
+/// Counters, read by the metrics page and the SIGUSR1 line. (Hits and
+/// misses are counted per map by the caller: one atomic add per lookup.)
 #[derive(Default)]
 pub struct CacheStats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
     pub joined: AtomicU64,
     pub evictions: AtomicU64,
     pub stale_answers: AtomicU64,
@@ -354,7 +363,6 @@ impl Cache {
             let t = &e.times;
             if now_ms < t.fresh_until_ms {
                 on_hit(e.stored.value());
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 let refresh = now_ms >= t.refresh_from_ms() && !shard.inflight.contains_key(key);
                 if fastrand::u32(..PROMOTE_ONE_IN) == 0 {
                     shard.lru.promote(&h);
@@ -366,7 +374,6 @@ impl Cache {
                 return Lookup::Hit { refresh };
             }
         }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
         if let Some(waiters) = shard.inflight.get_mut(key) {
             waiters.push(waiter);
             self.stats.joined.fetch_add(1, Ordering::Relaxed);
@@ -425,13 +432,8 @@ impl Cache {
         ttls: &Ttls,
         now_ms: u64,
     ) -> Vec<Waiter> {
-        let ttl = if value.is_some() {
-            ttls.ttl
-        } else {
-            ttls.negative_ttl
-        };
         let life = Life {
-            fresh_ms: ttl.as_millis() as u64,
+            fresh_ms: ttls.fresh_for(value.is_some()).as_millis() as u64,
             stale_ms: ttls.stale_ttl.as_millis() as u64,
             refresh_percent: ttls.refresh_ahead_percent,
         };
@@ -704,8 +706,9 @@ impl Cache {
         self.len() == 0
     }
 
-    /// Drops every entry whose key starts with `prefix` (a map's id), e.g.
-    /// when a reload changed that map's servers. Lookups in flight stay.
+    /// Drops every entry whose key starts with `prefix` (a map's id, e.g.
+    /// when a reload changed that map's servers; empty: every entry).
+    /// Lookups in flight stay.
     pub fn purge_prefix(&self, prefix: &[u8]) {
         for s in self.shards.iter() {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());

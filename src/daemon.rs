@@ -555,7 +555,7 @@ fn try_reload(state: &mut State) -> bool {
         }
     };
     crate::log::set_level(cfg.daemon.log_level);
-    crate::log::init(cfg.daemon.log_timestamps);
+    crate::log::set_timestamps(cfg.daemon.log_timestamps);
     let cfg = Arc::new(cfg);
     let (shared, purge) = build_shared(
         cfg.clone(),
@@ -646,8 +646,8 @@ pub fn counters_line(shared: &Shared) -> String {
         l(&c.bad_requests),
         shared.cache.len(),
         shared.cache.bytes(),
-        l(&s.hits),
-        l(&s.misses),
+        sum(shared, |m| &m.cache_hits),
+        sum(shared, |m| &m.cache_misses),
         l(&s.joined),
         l(&s.evictions),
         l(&s.refreshes),

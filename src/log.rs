@@ -70,6 +70,11 @@ static TIMESTAMPS: AtomicBool = AtomicBool::new(false);
 /// the journal, else plain lines, with the time first if `timestamps`.
 pub fn init(timestamps: bool) {
     JOURNAL.store(stderr_is_journal(), Ordering::Relaxed);
+    set_timestamps(timestamps);
+}
+
+/// `log_timestamps` as a reload sets it (stderr is still where it was).
+pub fn set_timestamps(timestamps: bool) {
     TIMESTAMPS.store(timestamps, Ordering::Relaxed);
 }
 

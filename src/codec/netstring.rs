@@ -105,7 +105,7 @@ pub fn parse(
 }
 
 /// Appends the decimal form of `n` to `out`, without allocating.
-fn push_decimal(mut n: usize, out: &mut Vec<u8>) {
+pub fn push_decimal(mut n: usize, out: &mut Vec<u8>) {
     let mut digits = [0u8; MAX_LENGTH_DIGITS];
     let mut i = digits.len();
     loop {

@@ -76,19 +76,15 @@ impl fmt::Display for RespError {
 /// Appends a command (`args` as bulk strings) to `out`.
 pub fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     out.push(b'*');
-    out.extend_from_slice(itoa(args.len() as u64).as_bytes());
+    super::netstring::push_decimal(args.len(), out);
     out.extend_from_slice(b"\r\n");
     for a in args {
         out.push(b'$');
-        out.extend_from_slice(itoa(a.len() as u64).as_bytes());
+        super::netstring::push_decimal(a.len(), out);
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 /// Parses one value at the front of `buf`: `Ok(Some((value, consumed)))`,

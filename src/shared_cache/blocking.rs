@@ -61,13 +61,8 @@ impl Blocking {
             stream,
             rbuf: Vec::new(),
         };
-        let user = cfg.target.user.clone().unwrap_or_else(|| "default".into());
-        let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
-        if let Some(p) = &cfg.target.password {
-            hello.extend_from_slice(&[b"AUTH", user.as_bytes(), p.as_bytes()]);
-        }
-        hello.extend_from_slice(&[b"SETNAME", b"httpmapd-admin"]);
-        b.ok(&hello).map_err(|e| format!("{target}: HELLO: {e}"))?;
+        b.ok(&super::hello_args(&cfg.target, "httpmapd-admin"))
+            .map_err(|e| format!("{target}: HELLO: {e}"))?;
         if cfg.target.db != 0 {
             let db = cfg.target.db.to_string();
             b.ok(&[b"SELECT", db.as_bytes()])

@@ -455,13 +455,7 @@ impl L2 {
     fn greet(&mut self, registry: &Registry, now: Instant) {
         let cfg = self.cfg.clone();
         let t = &cfg.target;
-        let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
-        let user = t.user.clone().unwrap_or_else(|| "default".into());
-        if let Some(p) = &t.password {
-            hello.extend_from_slice(&[b"AUTH", user.as_bytes(), p.as_bytes()]);
-        }
-        hello.extend_from_slice(&[b"SETNAME", self.name.as_bytes()]);
-        resp::write_command(&mut self.wbuf, &hello);
+        resp::write_command(&mut self.wbuf, &super::hello_args(t, &self.name));
         self.push(Kind::Hello, now);
         if t.db != 0 {
             let db = t.db.to_string();

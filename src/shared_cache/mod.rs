@@ -27,8 +27,22 @@ pub mod blocking;
 pub mod client;
 pub mod value;
 
+use crate::config::RedisTarget;
 use hashbrown::HashMap;
 use std::sync::Mutex;
+
+/// The greeting every connection opens with: `HELLO 3` (RESP3, which
+/// tracking's invalidations need), `AUTH` when the URL has a password (user
+/// `default` unless it names one), and `SETNAME name`.
+pub fn hello_args<'a>(t: &'a RedisTarget, name: &'a str) -> Vec<&'a [u8]> {
+    let mut args: Vec<&[u8]> = vec![b"HELLO", b"3"];
+    if let Some(p) = &t.password {
+        let user = t.user.as_deref().unwrap_or("default");
+        args.extend_from_slice(&[b"AUTH", user.as_bytes(), p.as_bytes()]);
+    }
+    args.extend_from_slice(&[b"SETNAME", name.as_bytes()]);
+    args
+}
 
 /// Most keys [`OwnWrites`] tracks; past it, it forgets them all and asks for
 /// L1 to be dropped (an invalidation can be wasted, never lost).

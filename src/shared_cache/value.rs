@@ -19,6 +19,14 @@ pub struct Entry {
 }
 
 /// Appends the stored form of a result to `out`.
+/// Milliseconds since the Unix epoch: the clock of the lifetimes stored
+/// (every node of a fleet reads the same).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 pub fn encode(value: Option<&[u8]>, fresh_until_unix_ms: u64, out: &mut Vec<u8>) {
     out.push(VERSION);
     out.push(u8::from(value.is_some()));

@@ -11,7 +11,7 @@
 use super::*;
 use crate::cache::Life;
 use crate::shared_cache::client::Done;
-use crate::shared_cache::value;
+use crate::shared_cache::value::{self, unix_ms};
 
 /// How often a lookup waiting on another node's claim reads the key again.
 const CLAIM_POLL: Duration = Duration::from_millis(10);
@@ -19,8 +19,8 @@ const CLAIM_POLL: Duration = Duration::from_millis(10);
 /// A lookup on its way through the shared cache.
 pub(super) struct L2Lookup {
     map: u16,
-    /// The folded key, the L1 key, the shared cache's key.
-    key: Vec<u8>,
+    /// The L1 key (the folded key is its tail, [`L2Lookup::key`]), the
+    /// shared cache's key.
     cache_key: Vec<u8>,
     redis_key: Vec<u8>,
     /// After losing a claim: read the value again until then.
@@ -29,12 +29,11 @@ pub(super) struct L2Lookup {
     claim_key: Vec<u8>,
 }
 
-/// Milliseconds since the Unix epoch (the shared cache's clock: every node
-/// of a fleet reads the same lifetimes).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+impl L2Lookup {
+    /// The folded key.
+    fn key(&self) -> &[u8] {
+        cache::lookup_key(&self.cache_key)
+    }
 }
 
 impl Worker {
@@ -72,7 +71,6 @@ impl Worker {
             tag,
             L2Lookup {
                 map,
-                key: self.fold_buf.clone(),
                 cache_key: self.ckey_buf.clone(),
                 redis_key,
                 wait_until: None,
@@ -85,7 +83,7 @@ impl Worker {
     fn fetch_from_servers(&mut self, lk: &L2Lookup, now: Instant) {
         let registry = self.poll.registry();
         self.backend
-            .start(registry, lk.map, &lk.key, &lk.cache_key, now);
+            .start(registry, lk.map, lk.key(), &lk.cache_key, now);
     }
 
     /// What the shared cache said since the last turn: answers, claims,
@@ -141,11 +139,7 @@ impl Worker {
         let now_unix = unix_ms();
         let now_ms = self.shared.cache.ms_at(now);
         let stale = if let Some(e) = entry {
-            let own_ttl = if e.value.is_some() {
-                ttls.ttl
-            } else {
-                ttls.negative_ttl
-            };
+            let own_ttl = ttls.fresh_for(e.value.is_some());
             let stale_ms = ttls.stale_ttl.as_millis() as u64;
             // The lifetime it has left, never more than this map's own: a
             // map whose ttl is zero here takes no fresh value from others.
@@ -239,7 +233,7 @@ impl Worker {
                 value::claim_key(
                     &prefix,
                     self.shared.map_name(lk.map),
-                    &lk.key,
+                    cache::lookup_key(&lk.cache_key),
                     &mut lk.claim_key,
                 );
                 lk.wait_until = None;
@@ -268,11 +262,7 @@ impl Worker {
             return;
         }
         let ttls = self.shared.ttls(map);
-        let ttl = if value.is_some() {
-            ttls.ttl
-        } else {
-            ttls.negative_ttl
-        };
+        let ttl = ttls.fresh_for(value.is_some());
         if ttl.is_zero() || !l2.is_ready() {
             return;
         }
@@ -323,9 +313,7 @@ impl Worker {
         let cache = &self.shared.cache;
         if flush_all {
             self.shared.own_writes.clear();
-            for id in 0..self.shared.maps.len() as u16 {
-                cache.purge_prefix(&id.to_be_bytes());
-            }
+            cache.purge_prefix(&[]);
             crate::debug!("shared cache: every key may have changed; dropped the in-process cache");
             return;
         }
