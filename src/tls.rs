@@ -47,6 +47,18 @@ pub struct TlsClient {
     pub fingerprint: u64,
 }
 
+impl TlsClient {
+    /// The name verified (and sent as SNI) for a server whose URL names
+    /// `host`: `tls_server_name` when set, else `host` (an IP address is
+    /// verified as one; a host that is no valid name cannot verify).
+    pub fn name_for(&self, host: &str) -> ServerName<'static> {
+        self.server_name.clone().unwrap_or_else(|| {
+            ServerName::try_from(host.to_string())
+                .unwrap_or_else(|_| ServerName::try_from("invalid.").expect("a valid name"))
+        })
+    }
+}
+
 impl fmt::Debug for TlsClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the key.

@@ -5,7 +5,6 @@
 
 use crate::codec::resp::{self, Value};
 use crate::config::{RedisAddr, SharedCache};
-use rustls::pki_types::ServerName;
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -38,11 +37,7 @@ impl Blocking {
                 match &cfg.tls {
                     None => Box::new(s),
                     Some(tls) => {
-                        let name = tls.server_name.clone().unwrap_or_else(|| {
-                            ServerName::try_from(host.clone()).unwrap_or_else(|_| {
-                                ServerName::try_from("invalid.").expect("valid")
-                            })
-                        });
+                        let name = tls.name_for(host);
                         let conn = rustls::ClientConnection::new(tls.config.clone(), name)
                             .map_err(|e| format!("{target}: TLS: {e}"))?;
                         Box::new(rustls::StreamOwned::new(conn, s))

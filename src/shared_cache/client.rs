@@ -417,14 +417,7 @@ impl L2 {
                         match &self.cfg.tls {
                             None => Transport::Plain(s),
                             Some(tls) => {
-                                let name = tls.server_name.clone().unwrap_or_else(|| {
-                                    rustls::pki_types::ServerName::try_from(host.clone())
-                                        .unwrap_or_else(|_| {
-                                            rustls::pki_types::ServerName::try_from("invalid.")
-                                                .expect("a valid name")
-                                        })
-                                });
-                                match Transport::tls(s, tls.config.clone(), name) {
+                                match Transport::tls(s, tls.config.clone(), tls.name_for(host)) {
                                     Ok(io) => io,
                                     Err(e) => return self.down(registry, format!("TLS: {e}"), now),
                                 }
