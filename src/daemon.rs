@@ -65,7 +65,7 @@ struct State {
 fn assign_ids(cfg: &Config, ids: &mut HashMap<String, u16>) -> Result<Vec<u16>, String> {
     let mut out = Vec::new();
     for m in cfg.maps.iter().chain(&cfg.policies) {
-        let name = id_name(m);
+        let name = m.id_name();
         let next = ids.len();
         let id = match ids.get(&name) {
             Some(&id) => id,
@@ -82,15 +82,6 @@ fn assign_ids(cfg: &Config, ids: &mut HashMap<String, u16>) -> Result<Vec<u16>, 
         out.push(id);
     }
     Ok(out)
-}
-
-/// A map's name in the id table (and its `map` label on server metrics):
-/// policies live apart from tables.
-fn id_name(m: &MapConfig) -> String {
-    match m.kind {
-        crate::config::MapKind::Table => m.name.clone(),
-        crate::config::MapKind::Policy(_) => format!("policy:{}", m.name),
-    }
 }
 
 /// Points every plain-HTTP server at the sample backend's default address
@@ -866,11 +857,7 @@ pub fn render_metrics(shared: &Shared) -> String {
     let servers: Vec<(String, &SharedServer)> = all
         .iter()
         .flat_map(|(_, m)| {
-            let name = if is_table(m) {
-                m.cfg.name.clone()
-            } else {
-                format!("policy:{}", m.cfg.name)
-            };
+            let name = m.cfg.id_name();
             m.servers.iter().map(move |s| {
                 let lb = format!("map=\"{}\",server=\"{}\"", label(&name), label(&s.cfg.url));
                 (lb, &**s)

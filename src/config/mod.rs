@@ -292,6 +292,18 @@ pub struct MapConfig {
     pub allow_from: Option<Vec<Cidr>>,
 }
 
+impl MapConfig {
+    /// The name its ids, log lines and server metrics know it by: a
+    /// table's own name, `policy:NAME` for a policy service (policies live
+    /// apart from tables).
+    pub fn id_name(&self) -> String {
+        match self.kind {
+            MapKind::Table => self.name.clone(),
+            MapKind::Policy(_) => format!("policy:{}", self.name),
+        }
+    }
+}
+
 /// One HTTP server of a map, its address resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
