@@ -1089,3 +1089,218 @@ fn fault_run_burst_with_a_server_dropped_and_restarted() {
     );
     assert_eq!(count_lines(&log, &["is down"]), 1, "log:\n{log}");
 }
+
+// ---------------------------------------------------------------------------
+// max_connections holds while attempts are retried on a fresh connection
+// ---------------------------------------------------------------------------
+
+/// How [`SecondRequestServer`] breaks the second request on a connection.
+#[derive(Clone, Copy, Debug)]
+enum Second {
+    /// Closes without a byte of reply: the daemon sees a pooled connection
+    /// closed under its request (it retries once on a fresh connection).
+    Close,
+    /// A wrong reply with more bytes behind it, then closes: the daemon
+    /// rejects it as stray (it retries once on a fresh connection).
+    StrayReply,
+}
+
+/// A dict_http server that answers the first request on each connection
+/// (`v-KEY`) and breaks the second one (`Second`), closing the connection
+/// itself. Counts the connections accepted, the requests read and the most
+/// connections open at once (a connection counts as closed before the
+/// server closes it, so the daemon can never see it closed while it still
+/// counts here).
+struct SecondRequestServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    most_open: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SecondRequestServer {
+    fn start(second: Second) -> SecondRequestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let most_open = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, r, m, s) = (
+            accepted.clone(),
+            requests.clone(),
+            most_open.clone(),
+            stop.clone(),
+        );
+        let thread = thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let now_open = open.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now_open, Ordering::SeqCst);
+                let (r, open) = (r.clone(), open.clone());
+                thread::spawn(move || serve_two(stream, second, &r, &open));
+            }
+        });
+        SecondRequestServer {
+            addr,
+            accepted,
+            requests,
+            most_open,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        url_of(self.addr.port())
+    }
+}
+
+impl Drop for SecondRequestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection of [`SecondRequestServer`]: `open` is decremented before
+/// the server closes it (and when the daemon closed it first).
+fn serve_two(mut stream: TcpStream, second: Second, requests: &AtomicUsize, open: &AtomicUsize) {
+    use std::io::Write;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    for seq in 1.. {
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head: Vec<u8> = buf.drain(..end).collect();
+        requests.fetch_add(1, Ordering::SeqCst);
+        let key = String::from_utf8_lossy(&head)
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("POSTFIX-DICT-EMAIL")
+                    .then(|| value.trim().to_string())
+            })
+            .unwrap_or_default();
+        let reply = |v: &str| {
+            format!("HTTP/1.1 200 OK\r\nPOSTFIX-DICT-RESULTS: {v}\r\nContent-Length: 0\r\n\r\n")
+        };
+        if seq == 1 {
+            if stream
+                .write_all(reply(&format!("v-{key}")).as_bytes())
+                .is_err()
+            {
+                open.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            continue;
+        }
+        // Counted closed before the daemon can see a byte of the end (it
+        // may close and reconnect as soon as it reads the stray reply).
+        open.fetch_sub(1, Ordering::SeqCst);
+        if let Second::StrayReply = second {
+            let mut out = reply("wrong");
+            out.push_str("HTTP/1.1 200 OK\r\n");
+            let _ = stream.write_all(out.as_bytes());
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+}
+
+/// With `max_connections = 1` (one worker), a server breaking the second
+/// request on each connection makes every lookup after the first retry on
+/// a fresh connection while the other lookups wait for the one connection.
+/// The retry must take the slot its failed connection freed, never a
+/// second one: the server never sees two connections at once, each key is
+/// answered with its own value, and the counts are exact (one connection
+/// per key; two requests per key but the first).
+#[test]
+fn retries_on_a_fresh_connection_keep_max_connections() {
+    for second in [Second::Close, Second::StrayReply] {
+        let server = SecondRequestServer::start(second);
+        let port = free_port();
+        let config = format!(
+            r#"[daemon]
+workers = 1
+log_level = "info"
+
+[maps.m]
+tcp_listen = "127.0.0.1:{port}"
+servers = ["{}"]
+max_connections = 1
+connect_timeout = "1s"
+http_timeout = "2s"
+lookup_timeout = "8s"
+ttl = "0s"
+negative_ttl = "0s"
+stale_ttl = "0s"
+"#,
+            server.url()
+        );
+        let d = Daemon::start(&config, port);
+        const N: usize = 20;
+        let barrier = Arc::new(Barrier::new(N));
+        let handles: Vec<_> = (0..N)
+            .map(|i| {
+                let barrier = barrier.clone();
+                thread::spawn(move || {
+                    let mut c = LineClient::connect(port);
+                    barrier.wait();
+                    let key = format!("k{i}@x");
+                    let r = get(&mut c, &key);
+                    (key, r)
+                })
+            })
+            .collect();
+        let results: Vec<(String, String)> =
+            handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let wrong: Vec<&(String, String)> = results
+            .iter()
+            .filter(|(k, r)| *r != format!("200 v-{k}\n"))
+            .collect();
+        let (accepted, requests, most) = (
+            server.accepted.load(Ordering::SeqCst),
+            server.requests.load(Ordering::SeqCst),
+            server.most_open.load(Ordering::SeqCst),
+        );
+        eprintln!(
+            "{second:?}: {N} lookups, {accepted} connections, {requests} requests, \
+             at most {most} open at once; wrong: {wrong:?}"
+        );
+        assert!(wrong.is_empty(), "{second:?}: wrong answers {wrong:?}");
+        assert_eq!(
+            most,
+            1,
+            "{second:?}: max_connections = 1 but the server saw {most} connections at once; log:\n{}",
+            d.stderr()
+        );
+        assert_eq!(accepted, N, "{second:?}: one connection per key");
+        assert_eq!(
+            requests,
+            2 * N - 1,
+            "{second:?}: every key but the first tried on the pooled connection, then a fresh one"
+        );
+    }
+}

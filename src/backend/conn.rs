@@ -1,22 +1,28 @@
-//! One server connection's state machine, and the keep-alive pool it returns
-//! to: connect, write the `GET`, read the head and the body, hand the reply
-//! to the fetch that wrote the request, then go idle or close.
+//! One server connection's state machine: connect, write the `GET`, read
+//! the head and the body, hand the reply to the fetch that wrote the
+//! request, then go idle (back to the keep-alive pool, `super::pool`) or
+//! close.
 //!
 //! A reply belongs to the request written on the connection, never to the
 //! stream position: a pooled connection must hold no unread byte. Bytes (or
 //! EOF) arriving on an idle connection close it at once, and before a pooled
-//! connection is reused a non-blocking peek checks that nothing waits on it
-//! (one `recv(MSG_PEEK)`). A reply that echoes a key (`POSTFIX-DICT-EMAIL`)
-//! other than the one sent is rejected, as is a reply on a reused connection
-//! followed by more bytes when nothing proves whose it is. A rejected reply
-//! closes the connection and the lookup goes on (a fresh connection to the
-//! same server once, then the other servers), counted as a protocol error of
-//! the server but not a reason to rest it.
+//! connection is reused a non-blocking check sees that nothing waits on it
+//! (on TLS, nothing rustls already decrypted; then one `recv(MSG_PEEK)`). A
+//! reply that echoes a key (`POSTFIX-DICT-EMAIL`) other than the one sent is
+//! rejected, as is a reply on a reused connection followed by more bytes
+//! when nothing proves whose it is. A rejected reply closes the connection
+//! and the lookup goes on (a fresh connection to the same server once, then
+//! the other servers), counted as a protocol error of the server but not a
+//! reason to rest it.
 //!
 //! The bytes travel over a [`Transport`]: plain TCP, or TLS on the same
 //! socket (the handshake is a state of its own, within `connect_timeout`).
 //! A connect or handshake that fails on one of the server's addresses rests
 //! that address and tries the next; the server fails only when all did.
+//! A retry on a fresh connection (or the next address) takes the slot the
+//! failed connection left; no other fetch gets it in between, so the
+//! server's connection limit holds and nothing connects to the failed
+//! address before it rests.
 //!
 //! Everything here is `impl Backend`: the connections live in the backend's
 //! slab, and an attempt's end is reported to its fetch ([`super`]).
@@ -26,7 +32,7 @@ use super::{Backend, FetchRef, Outcome};
 use crate::codec::http::{self, BodyDecoder, Head, HttpError, NoReuse, MAX_HEAD_BYTES};
 use crate::config::{MapKind, PolicyRequest, ResultMode};
 use crate::log::RateLimit;
-use crate::transport::{self, Idle, Transport};
+use crate::transport::{self, Transport};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use std::io;
@@ -61,8 +67,8 @@ pub(super) struct Conn {
     request_id: u64,
     /// The server address this connection went to, and the generation of
     /// the server's addresses it was last checked against.
-    addr: SocketAddr,
-    addrs_gen: u64,
+    pub(super) addr: SocketAddr,
+    pub(super) addrs_gen: u64,
     pub(super) server: usize,
     pub(super) state: ConnState,
     /// Served a request before: an early EOF may just be the server's idle close.
@@ -110,13 +116,27 @@ pub(super) enum Failure {
 }
 
 /// A key as log lines quote it: lossy UTF-8, at most a few dozen bytes.
-fn quote(b: &[u8]) -> String {
+pub(super) fn quote(b: &[u8]) -> String {
     let cut = &b[..b.len().min(STRAY_QUOTE_BYTES)];
     let more = if b.len() > cut.len() { "..." } else { "" };
     format!("{:?}{more}", String::from_utf8_lossy(cut))
 }
 
+impl Conn {
+    /// Back to idle after a reply: no fetch, nothing read.
+    pub(super) fn park(&mut self) {
+        self.state = ConnState::Idle;
+        self.reused = true;
+        self.fetch = None;
+        self.rbuf.clear();
+        self.head_scanned = 0;
+    }
+}
+
 impl Backend {
+    /// Opens a connection to `server` for fetch `f` (on the next address
+    /// not tried in this attempt). The caller has checked that `server` has
+    /// a free slot (`assign`, [`Backend::slot_freed`]).
     pub(super) fn connect(
         &mut self,
         registry: &Registry,
@@ -269,60 +289,8 @@ impl Backend {
         self.drive(registry, conn, now);
     }
 
-    /// An idle connection of `server` that is safe to reuse: nothing waits
-    /// on it. The others on the way are closed (stray bytes counted).
-    pub(super) fn take_idle(
-        &mut self,
-        registry: &Registry,
-        server: usize,
-        now: Instant,
-    ) -> Option<usize> {
-        while let Some(idx) = self.servers[server].idle.pop() {
-            if self.idle_is_clean(registry, idx, now) {
-                return Some(idx);
-            }
-        }
-        None
-    }
-
-    /// Whether idle connection `idx` holds no unread byte and no EOF (one
-    /// non-blocking peek; on TLS, records without data are taken in). If it
-    /// does, it is closed (and not in the pool), stray bytes counted.
-    fn idle_is_clean(&mut self, registry: &Registry, idx: usize, now: Instant) -> bool {
-        let c = &mut self.conns[idx];
-        let moved = !self.servers[c.server]
-            .shared
-            .still_serves(c.addr, &mut c.addrs_gen);
-        if c.peer_closed || moved {
-            // Closed by the server, or its name no longer leads here.
-            self.close_conn(registry, idx, now);
-            return false;
-        }
-        match c.io.idle(&mut self.read_buf, MAX_HEAD_BYTES) {
-            Idle::Clean => true,
-            Idle::Closed => {
-                // EOF (the server's idle close), close_notify, or an error.
-                self.close_conn(registry, idx, now);
-                false
-            }
-            Idle::Stray { bytes, first } => {
-                let server = c.server;
-                self.protocol_error(
-                    server,
-                    ProtocolError::StrayBytes,
-                    &format!(
-                        "{bytes} unexpected byte(s) on an idle connection ({}): a duplicated or unsolicited reply; closed it",
-                        quote(&first)
-                    ),
-                );
-                self.close_conn(registry, idx, now);
-                false
-            }
-        }
-    }
-
     /// Counts and logs a protocol error of `server`.
-    fn protocol_error(&self, server: usize, kind: ProtocolError, why: &str) {
+    pub(super) fn protocol_error(&self, server: usize, kind: ProtocolError, why: &str) {
         let shared = &self.servers[server].shared;
         let c = &shared.counters;
         match kind {
@@ -678,23 +646,33 @@ impl Backend {
         );
         if let (Failure::Server(why), true, Some(f)) = (&failure, connecting, f) {
             // A connect or handshake: another address of the server may do.
+            // The slot stays this fetch's until connect_failed knows
+            // (after the address is marked resting).
             let why = why.clone();
-            self.close_conn(registry, idx, now);
+            self.drop_conn(registry, idx);
             return self.connect_failed(registry, f, server, addr, why, now);
         }
         if let Failure::Server(why) = &failure {
             // Rest it first, so the slot freed below goes to no one queued here.
             self.server_failed(server, why, now);
         }
-        self.close_conn(registry, idx, now);
+        self.drop_conn(registry, idx);
         let url = self.servers[server].shared.cfg.url.clone();
+        // The retry on a fresh connection takes the slot just freed;
+        // otherwise it is handed on, before the fetch goes elsewhere.
+        let fetch = f.and_then(|f| self.fetches.get(f.idx).filter(|x| x.gen == f.gen));
+        let retry_fresh = match &failure {
+            Failure::StalePooled => fetch.is_some(),
+            Failure::Protocol(..) => fetch.is_some_and(|x| !x.fresh_retry_used),
+            _ => false,
+        };
+        if !retry_fresh {
+            self.slot_freed(registry, server, now);
+        }
         match failure {
             Failure::StalePooled => {
-                if let Some(f) = f {
-                    if let Some(fetch) = self.fetch_mut(f) {
-                        fetch.fresh_retry_used = true;
-                    }
-                    self.assign(registry, f, server, now, true);
+                if let (true, Some(f)) = (retry_fresh, f) {
+                    self.retry_fresh(registry, f, server, now);
                 }
             }
             Failure::Server(why) => {
@@ -722,18 +700,23 @@ impl Backend {
                 counters.failure.fetch_add(1, Ordering::Relaxed);
                 self.protocol_error(server, kind, &why);
                 let Some(f) = f else { return };
-                let fresh_left = self.fetch_mut(f).is_some_and(|x| !x.fresh_retry_used);
-                if fresh_left {
-                    if let Some(fetch) = self.fetch_mut(f) {
-                        fetch.fresh_retry_used = true;
-                    }
-                    self.assign(registry, f, server, now, true);
+                if retry_fresh {
+                    self.retry_fresh(registry, f, server, now);
                 } else {
                     self.release_probe(f, server);
                     self.retry_elsewhere(f, format!("{url}: {why}"));
                 }
             }
         }
+    }
+
+    /// Fetch `f`'s attempt goes on at `server` on a new connection, once
+    /// (in the slot its failed connection left).
+    fn retry_fresh(&mut self, registry: &Registry, f: FetchRef, server: usize, now: Instant) {
+        if let Some(fetch) = self.fetch_mut(f) {
+            fetch.fresh_retry_used = true;
+        }
+        self.assign(registry, f, server, now, true);
     }
 
     /// A connect (or TLS handshake) of fetch `f` to `addr` of `server`
@@ -765,50 +748,13 @@ impl Backend {
                 shared.cfg.url,
                 shared.map_name
             );
-            return self.connect(registry, f, server, now);
+            // The slot the failed connect left, if any (the limit checked).
+            return self.assign(registry, f, server, now, true);
         }
         self.server_failed(server, &why, now);
         self.release_probe(f, server);
+        // A slot the failed connect left goes to whoever waits for one.
+        self.slot_freed(registry, server, now);
         self.retry_elsewhere(f, format!("{}: {why}", shared.cfg.url));
-    }
-
-    /// Returns `idx` to its server's pool, or hands it to a queued fetch.
-    fn make_idle(&mut self, registry: &Registry, idx: usize, now: Instant) {
-        let c = &mut self.conns[idx];
-        c.state = ConnState::Idle;
-        c.reused = true;
-        c.fetch = None;
-        c.rbuf.clear();
-        c.head_scanned = 0;
-        let server = c.server;
-        // The server closed right after its reply, or a stray byte is already
-        // here: not reusable (a fetch queued for a connection moves on
-        // through `close_conn`).
-        if !self.idle_is_clean(registry, idx, now) {
-            return;
-        }
-        match self.take_queued(server, now) {
-            Some(f) => self.send(registry, idx, f, now),
-            None => self.servers[server].idle.push(idx),
-        }
-    }
-
-    pub(super) fn close_conn(&mut self, registry: &Registry, idx: usize, now: Instant) {
-        let Some(mut c) = self.conns.try_remove(idx) else {
-            return;
-        };
-        let _ = registry.deregister(c.io.socket());
-        let srv = &mut self.servers[c.server];
-        srv.open = srv.open.saturating_sub(1);
-        srv.shared.open.fetch_sub(1, Ordering::Relaxed);
-        if let Some(p) = srv.idle.iter().position(|&i| i == idx) {
-            srv.idle.swap_remove(p);
-        }
-        // A slot freed: a fetch queued here (or at a busier mirror) may
-        // connect now.
-        let server = c.server;
-        if let Some(f) = self.take_queued(server, now) {
-            self.connect(registry, f, server, now);
-        }
     }
 }

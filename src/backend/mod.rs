@@ -14,10 +14,13 @@
 //! in exactly one [`Completion`], which the worker turns into answers; this
 //! module never touches clients or the cache. The connections themselves,
 //! and the rule that a reply belongs to the request written on its
-//! connection, are [`conn`]'s.
+//! connection, are [`conn`]'s; the keep-alive pool and the connection slots
+//! (never more than a worker's share of `max_connections` per server) are
+//! `pool`'s.
 
 pub mod conn;
 pub mod health;
+mod pool;
 pub mod result;
 pub mod server;
 
@@ -413,9 +416,12 @@ impl Backend {
     }
 
     /// Puts fetch `f` on a connection to `server`: an idle pooled one (checked
-    /// clean), a new one, or, when `server`'s connections are all busy,
-    /// another healthy server of the map with a free one, else `server`'s
-    /// wait queue. `fresh`: a new connection to `server` only.
+    /// clean), a new one while `server` has a free slot, or, when its
+    /// connections are all busy, another healthy server of the map with a
+    /// free one, else `server`'s wait queue. `fresh`: not a pooled
+    /// connection (a retry after one failed); a new one is within the limit
+    /// like any other (the caller dropped the failed connection without
+    /// handing its slot on, so the slot is there).
     fn assign(
         &mut self,
         registry: &Registry,
@@ -431,8 +437,7 @@ impl Backend {
             }
         }
         let srv = &self.servers[server];
-        // `fresh`: the retry of a connection just closed; its slot is free.
-        if srv.open < srv.max_open || fresh {
+        if srv.open < srv.max_open {
             self.connect(registry, f, server, now);
             return;
         }
@@ -487,6 +492,8 @@ impl Backend {
         fetch.tried.retain(|&s| s != from);
         fetch.tried.push(to);
         fetch.stage = Stage::Choosing;
+        // Addresses that failed were `from`'s.
+        fetch.addrs_tried.clear();
         let probe = fetch.probing == Some(from);
         if probe {
             fetch.probing = None;
