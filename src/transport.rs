@@ -15,9 +15,12 @@
 //! ([`tls_error`] gets it back for the log line).
 //!
 //! An idle pooled connection must hold no unread byte ([`Transport::idle`]):
-//! on TLS, records that carry no application data (a TLS 1.3 session ticket,
-//! a key update) are consumed and the connection stays pooled; a
-//! `close_notify` is a clean close; any plaintext is a stray reply.
+//! on TLS, plaintext rustls already decrypted counts as much as bytes on the
+//! socket; records that carry no application data (a TLS 1.3 session
+//! ticket, a key update) are consumed and the connection stays pooled; a
+//! `close_notify` is a clean close; any plaintext is a stray reply. One
+//! helper writes what rustls holds for the socket, for the handshake,
+//! `flush` and `read` alike.
 
 use mio::net::TcpStream;
 use rustls::pki_types::ServerName;
@@ -53,6 +56,33 @@ fn io_tls(e: rustls::Error) -> io::Error {
 pub fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// What [`write_pending`] wrote.
+struct Written {
+    /// Some bytes went to the socket.
+    any: bool,
+    /// Nothing is left in rustls (else the socket would block).
+    all: bool,
+}
+
+/// Writes the TLS records rustls holds, as far as the socket takes them.
+/// A socket that takes nothing (`Ok(0)`) is an error (`WriteZero`), never a
+/// loop that spins; `WouldBlock` leaves the rest for the next writable edge.
+fn write_pending(sock: &mut TcpStream, conn: &mut ClientConnection) -> io::Result<Written> {
+    let mut any = false;
+    while conn.wants_write() {
+        match conn.write_tls(sock) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => any = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Written { any, all: false })
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Written { any, all: true })
 }
 
 impl Transport {
@@ -115,16 +145,7 @@ impl Transport {
             return Ok(true);
         };
         loop {
-            let mut progress = false;
-            while conn.wants_write() {
-                match conn.write_tls(sock) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(_) => progress = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let mut progress = write_pending(sock, conn)?.any;
             if !conn.is_handshaking() {
                 return Ok(true);
             }
@@ -156,16 +177,7 @@ impl Transport {
         let Transport::Tls(sock, conn) = self else {
             return Ok(true);
         };
-        while conn.wants_write() {
-            match conn.write_tls(sock) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
+        Ok(write_pending(sock, conn)?.all)
     }
 
     /// Writes plaintext: on TLS all of `buf` is taken (rustls buffers it)
@@ -218,26 +230,31 @@ impl Transport {
                 }
                 Ok(_) => {
                     conn.process_new_packets().map_err(io_tls)?;
-                    // Alerts or key updates rustls answers.
-                    while conn.wants_write() {
-                        match conn.write_tls(sock) {
-                            Ok(_) => {}
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e),
-                        }
-                    }
+                    // Alerts or key updates rustls answers (what the socket
+                    // does not take now, `flush` writes later).
+                    write_pending(sock, conn)?;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// What an idle connection holds now, without blocking: on plain TCP
-    /// one `recv(MSG_PEEK)` when nothing waits; on TLS the records that
-    /// arrived are processed. Stray data is read (up to `max` bytes, through
-    /// `scratch`) so the caller can count and quote it.
+    /// What an idle connection holds now, without blocking: on TLS first
+    /// the plaintext rustls already decrypted (a stray reply that came in
+    /// the same read as the last reply is there, not on the socket), then,
+    /// as on plain TCP, one `recv(MSG_PEEK)` when nothing waits; on TLS the
+    /// records that arrived are processed. Stray data is read (up to `max`
+    /// bytes, through `scratch`) so the caller can count and quote it.
     pub fn idle(&mut self, scratch: &mut [u8], max: usize) -> Idle {
         let mut one = [0u8; 1];
+        if let Transport::Tls(_, conn) = self {
+            match conn.reader().read(&mut one) {
+                // Nothing buffered: see what the socket holds.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(0) | Err(_) => return Idle::Closed,
+                Ok(_) => return self.stray_after(one[0], scratch, max),
+            }
+        }
         let peeked = match self {
             Transport::Plain(s) | Transport::Tls(s, _) => s.peek(&mut one),
             // Not pooled by the HTTP side; nothing to check.
@@ -267,18 +284,22 @@ impl Transport {
                 // A session ticket, a key update: nothing for anybody.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Idle::Clean,
                 Ok(0) | Err(_) => return Idle::Closed,
-                Ok(_) => {
-                    let (n, mut first) = self.drain(scratch, max);
-                    first.insert(0, one[0]);
-                    return Idle::Stray {
-                        bytes: n + 1,
-                        first,
-                    };
-                }
+                Ok(_) => return self.stray_after(one[0], scratch, max),
             }
         }
         let (bytes, first) = self.drain(scratch, max);
         Idle::Stray { bytes, first }
+    }
+
+    /// Stray plaintext whose first byte, `byte`, was read already: the rest
+    /// is read too (see [`Transport::idle`]).
+    fn stray_after(&mut self, byte: u8, scratch: &mut [u8], max: usize) -> Idle {
+        let (n, mut first) = self.drain(scratch, max);
+        first.insert(0, byte);
+        Idle::Stray {
+            bytes: n + 1,
+            first,
+        }
     }
 
     /// Reads what is there (up to `max` bytes): the count and the first read.

@@ -1924,3 +1924,204 @@ ttl = "0s"
     assert!(tried[0].contains("trying its next address"), "{}", tried[0]);
     assert!(!log.contains("is down"), "{log}");
 }
+
+// ---------------------------------------------------------------------------
+// A stray reply already decrypted: in rustls' buffer, not on the socket
+// ---------------------------------------------------------------------------
+
+/// The stray reply: a valid dict_http answer nobody asked for.
+const STRAY: &[u8] =
+    b"HTTP/1.1 200 OK\r\nPOSTFIX-DICT-RESULTS: evil@x\r\nContent-Length: 0\r\n\r\n";
+
+/// The daemon's read size (`READ_CHUNK_BYTES`) and the largest TLS record.
+const RECORD: usize = 16 * 1024;
+
+/// A dict_http server over TLS (rustls, a thread per connection) answering
+/// `v-KEY`, with no key echo. The reply to `a@x` is padded to exactly
+/// [`RECORD`] bytes (one full TLS record, and one whole read of the
+/// daemon's) and followed by [`STRAY`] in the same write to the socket: the
+/// daemon's last read of the reply decrypts the stray record too, so the
+/// stray reply waits in rustls' buffer while the socket is empty.
+struct StrayTlsServer {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl StrayTlsServer {
+    fn start(leaf: &Leaf) -> StrayTlsServer {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = vec![CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, r, s) = (accepted.clone(), requests.clone(), stop.clone());
+        thread::spawn(move || {
+            for sock in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(sock) = sock else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let (config, r) = (config.clone(), r.clone());
+                thread::spawn(move || {
+                    let _ = serve_stray_tls(sock, config, &r);
+                });
+            }
+        });
+        StrayTlsServer {
+            port,
+            accepted,
+            requests,
+            stop,
+        }
+    }
+}
+
+impl Drop for StrayTlsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// A `200` reply with `POSTFIX-DICT-RESULTS: value` and a body of `pad` bytes.
+fn padded_reply(value: &str, pad: usize) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nPOSTFIX-DICT-RESULTS: {value}\r\nContent-Length: {pad}\r\n\r\n"
+    )
+    .into_bytes();
+    out.resize(out.len() + pad, b'.');
+    out
+}
+
+/// One connection of [`StrayTlsServer`].
+fn serve_stray_tls(
+    mut sock: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    requests: &AtomicUsize,
+) -> std::io::Result<()> {
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let n = rustls::Stream::new(&mut conn, &mut sock).read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head: Vec<u8> = buf.drain(..end).collect();
+        requests.fetch_add(1, Ordering::SeqCst);
+        let key = text(&head)
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("POSTFIX-DICT-EMAIL")
+                    .then(|| value.trim().to_string())
+            })
+            .unwrap_or_default();
+        let value = format!("v-{key}");
+        let mut out = padded_reply(&value, 0);
+        if key == "a@x" {
+            // Padded to RECORD bytes (the length's own digits included).
+            let mut pad = RECORD - out.len();
+            while padded_reply(&value, pad).len() > RECORD {
+                pad -= 1;
+            }
+            out = padded_reply(&value, pad);
+            assert_eq!(out.len(), RECORD, "the reply fills one record exactly");
+            out.extend_from_slice(STRAY);
+        }
+        conn.writer().write_all(&out)?;
+        // Every record in one write: they reach the daemon together.
+        let mut wire = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut wire)?;
+        }
+        sock.write_all(&wire)?;
+    }
+}
+
+/// A reply that ends exactly where the daemon's read ends, with a stray
+/// reply behind it that came in the same TLS read: the stray reply is
+/// already decrypted, held in rustls' buffer, and the socket is empty. The
+/// pooled connection must not be reused (a socket peek cannot see the
+/// stray reply): the next key gets its own value on a new connection, and
+/// the stray reply counts as one `stray_bytes` protocol error.
+#[test]
+fn a_stray_reply_decrypted_with_the_last_one_is_not_taken_for_the_next_key() {
+    let pki = TempDir::new("httpmapd-tls-pki");
+    let ca = Ca::new("Test CA");
+    let ca_file = pki.write("ca.pem", &ca.pem);
+    let server = StrayTlsServer::start(&ca.server(&["127.0.0.1"]));
+    let (port, stats) = (free_port(), free_port());
+    let url = format!("https://127.0.0.1:{}/m", server.port);
+    let config = format!(
+        r#"[daemon]
+workers = 1
+stats_listen = "127.0.0.1:{stats}"
+
+[maps.m]
+tcp_listen = "127.0.0.1:{port}"
+servers = ["{url}"]
+tls_ca_file = "{}"
+max_connections = 1
+ttl = "0s"
+negative_ttl = "0s"
+"#,
+        ca_file.display()
+    );
+    let d = start(&config, port, &[]);
+    let mut c = LineClient::connect(port);
+    assert_eq!(text(&c.query(&get("a@x"))), "200 v-a@x\n");
+    assert_eq!(
+        text(&c.query(&get("b@x"))),
+        "200 v-b@x\n",
+        "b@x got b's value, not the stray reply; log:\n{}",
+        d.stderr()
+    );
+    assert_eq!(server.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        2,
+        "b@x went on a new connection"
+    );
+    let m = metrics(stats);
+    assert_eq!(
+        metric(
+            &m,
+            &format!(
+                "httpmapd_server_protocol_errors_total{}",
+                labels("m", &url, "kind=\"stray_bytes\"")
+            )
+        ),
+        1.0,
+        "the stray reply is one protocol error"
+    );
+    let log = d.stderr();
+    assert_eq!(
+        log_lines(&log, "unexpected byte").len(),
+        1,
+        "one \"unexpected byte\" warning:\n{log}"
+    );
+}
