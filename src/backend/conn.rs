@@ -63,8 +63,9 @@ pub(super) enum ConnState {
 
 pub(super) struct Conn {
     pub(super) io: Transport,
-    /// The id of the policy request on it (echoed in `POSTFIX-POLICY-ID`).
-    request_id: u64,
+    /// The id of the policy request on it, in 16 hex digits as sent (and
+    /// echoed) in `POSTFIX-POLICY-ID`.
+    request_id: [u8; 16],
     /// The server address this connection went to, and the generation of
     /// the server's addresses it was last checked against.
     pub(super) addr: SocketAddr,
@@ -120,6 +121,51 @@ pub(super) fn quote(b: &[u8]) -> String {
     let cut = &b[..b.len().min(STRAY_QUOTE_BYTES)];
     let more = if b.len() > cut.len() { "..." } else { "" };
     format!("{:?}{more}", String::from_utf8_lossy(cut))
+}
+
+/// The header by which a reply proves which request it answers.
+#[derive(Clone, Copy)]
+enum Echo {
+    /// `POSTFIX-DICT-EMAIL`: a table's key.
+    Key,
+    /// `POSTFIX-POLICY-ID`: a policy request's id.
+    PolicyId,
+}
+
+impl Echo {
+    /// Why a reply echoing `echo` is rejected when `sent` was sent.
+    fn mismatch(self, echo: &[u8], sent: &[u8]) -> String {
+        match self {
+            Echo::Key => format!(
+                "reply rejected: it echoes key {} but {} was asked; closed the connection",
+                quote(echo),
+                quote(sent)
+            ),
+            Echo::PolicyId => format!(
+                "reply rejected: it echoes policy request id {} but {} was sent; closed the connection",
+                quote(echo),
+                String::from_utf8_lossy(sent)
+            ),
+        }
+    }
+
+    /// Why a reply without the echo is rejected (`require_key_echo`).
+    fn missing(self) -> &'static str {
+        match self {
+            Echo::Key => "reply rejected: no POSTFIX-DICT-EMAIL key echo (require_key_echo); closed the connection",
+            Echo::PolicyId => "reply rejected: no POSTFIX-POLICY-ID echo (require_key_echo); closed the connection",
+        }
+    }
+}
+
+/// A policy request id in 16 lower-case hex digits (as `{:016x}`).
+fn hex_id(id: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0; 16];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = HEX[(id >> (60 - 4 * i)) as usize & 0xf];
+    }
+    out
 }
 
 impl Conn {
@@ -187,7 +233,7 @@ impl Backend {
         }
         entry.insert(Conn {
             io,
-            request_id: 0,
+            request_id: [b'0'; 16],
             addr,
             addrs_gen: shared.addrs_gen(),
             server,
@@ -204,10 +250,7 @@ impl Backend {
         });
         self.servers[server].open += 1;
         shared.counters.connects.fetch_add(1, Ordering::Relaxed);
-        self.servers[server]
-            .shared
-            .open
-            .fetch_add(1, Ordering::Relaxed);
+        shared.open.fetch_add(1, Ordering::Relaxed);
         let connect_timeout = self.map_of(server).connect_timeout;
         self.activate(f, idx, now + connect_timeout);
         if !self.fill_request(idx, f, now) {
@@ -218,6 +261,8 @@ impl Backend {
     /// Writes the request of fetch `f` into `conn`'s write buffer. False if
     /// the key cannot go into a header (the fetch is finished with a reason).
     fn fill_request(&mut self, conn: usize, f: FetchRef, now: Instant) -> bool {
+        // The fields, not `self.fetch(f)`: the connection and buffers are
+        // written while the key is read.
         let Some(fetch) = self.fetches.get(f.idx).filter(|x| x.gen == f.gen) else {
             return false;
         };
@@ -248,7 +293,7 @@ impl Backend {
             None => http::write_get(&mut c.wbuf, target, &cfg.host, &fetch.key, &map.headers),
             Some(request) => {
                 // A fresh id per request: the echo proves whose reply it is.
-                c.request_id = fastrand::u64(..);
+                c.request_id = hex_id(fastrand::u64(..));
                 let content_type = match request {
                     PolicyRequest::Json => "application/json",
                     PolicyRequest::Form => "application/x-www-form-urlencoded",
@@ -258,7 +303,7 @@ impl Backend {
                     target,
                     &cfg.host,
                     content_type,
-                    &format!("{:016x}", c.request_id),
+                    std::str::from_utf8(&c.request_id).expect("hex digits"),
                     &fetch.key,
                     &map.headers,
                 )
@@ -420,7 +465,7 @@ impl Backend {
         let c = &self.conns[idx];
         let fresh_retry_used = c
             .fetch
-            .and_then(|f| self.fetches.get(f.idx).filter(|x| x.gen == f.gen))
+            .and_then(|f| self.fetch(f))
             .is_some_and(|x| x.fresh_retry_used);
         if c.reused && c.rbuf.is_empty() && !fresh_retry_used {
             Failure::StalePooled
@@ -514,61 +559,35 @@ impl Backend {
     }
 
     /// Whether the reply on `idx` can be trusted to answer the request that
-    /// was written: `Err` with the protocol error if not.
+    /// was written (its echo of the key, or of a policy request's id, is
+    /// what was sent): `Err` with the protocol error if not.
     fn check_echo(&self, idx: usize, head: &Head) -> Result<(), Failure> {
         let c = &self.conns[idx];
-        if let MapKind::Policy(_) = self.map_of(c.server).kind {
-            return self.check_policy_id(idx, head);
-        }
-        let key = c
-            .fetch
-            .and_then(|f| self.fetches.get(f.idx).filter(|x| x.gen == f.gen))
-            .map(|x| x.key.trim_ascii());
+        let map = self.map_of(c.server);
+        let (header, echo, sent) = match map.kind {
+            MapKind::Policy(_) => (Echo::PolicyId, &head.policy_id, Some(&c.request_id[..])),
+            MapKind::Table => (
+                Echo::Key,
+                &head.echo,
+                c.fetch
+                    .and_then(|f| self.fetch(f))
+                    .map(|x| x.key.trim_ascii()),
+            ),
+        };
         let extra = !c.rbuf.is_empty();
-        match (&head.echo, key) {
-            (Some(echo), Some(key)) if echo.as_slice() != key => Err(Failure::Protocol(
+        match (echo, sent) {
+            (Some(echo), Some(sent)) if echo.as_slice() != sent => Err(Failure::Protocol(
                 ProtocolError::EchoMismatch,
-                format!(
-                    "reply rejected: it echoes key {} but {} was asked; closed the connection",
-                    quote(echo),
-                    quote(key)
-                ),
+                header.mismatch(echo, sent),
             )),
-            (None, Some(_)) if self.map_of(c.server).require_key_echo => Err(Failure::Protocol(
+            (None, Some(_)) if map.require_key_echo => Err(Failure::Protocol(
                 ProtocolError::EchoMissing,
-                "reply rejected: no POSTFIX-DICT-EMAIL key echo (require_key_echo); closed the connection".into(),
+                header.missing().into(),
             )),
             // More bytes behind the reply on a reused connection: this reply
             // may be a stray one that came first. Without an echo to prove
             // whose it is, it is not taken (a fresh connection will be).
             (None, Some(_)) if extra && c.reused => Err(Failure::Protocol(
-                ProtocolError::StrayBytes,
-                format!(
-                    "reply rejected: {} more byte(s) came behind it on a reused connection; closed it",
-                    c.rbuf.len()
-                ),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// [`Backend::check_echo`] for a policy: the echoed `POSTFIX-POLICY-ID`.
-    fn check_policy_id(&self, idx: usize, head: &Head) -> Result<(), Failure> {
-        let c = &self.conns[idx];
-        let sent = format!("{:016x}", c.request_id);
-        match &head.policy_id {
-            Some(id) if id.as_slice() != sent.as_bytes() => Err(Failure::Protocol(
-                ProtocolError::EchoMismatch,
-                format!(
-                    "reply rejected: it echoes policy request id {} but {sent} was sent; closed the connection",
-                    quote(id)
-                ),
-            )),
-            None if self.map_of(c.server).require_key_echo => Err(Failure::Protocol(
-                ProtocolError::EchoMissing,
-                "reply rejected: no POSTFIX-POLICY-ID echo (require_key_echo); closed the connection".into(),
-            )),
-            None if !c.rbuf.is_empty() && c.reused => Err(Failure::Protocol(
                 ProtocolError::StrayBytes,
                 format!(
                     "reply rejected: {} more byte(s) came behind it on a reused connection; closed it",
@@ -660,7 +679,7 @@ impl Backend {
         let url = self.servers[server].shared.cfg.url.clone();
         // The retry on a fresh connection takes the slot just freed;
         // otherwise it is handed on, before the fetch goes elsewhere.
-        let fetch = f.and_then(|f| self.fetches.get(f.idx).filter(|x| x.gen == f.gen));
+        let fetch = f.and_then(|f| self.fetch(f));
         let retry_fresh = match &failure {
             Failure::StalePooled => fetch.is_some(),
             Failure::Protocol(..) => fetch.is_some_and(|x| !x.fresh_retry_used),
@@ -756,5 +775,17 @@ impl Backend {
         // A slot the failed connect left goes to whoever waits for one.
         self.slot_freed(registry, server, now);
         self.retry_elsewhere(f, format!("{}: {why}", shared.cfg.url));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hex_id;
+
+    #[test]
+    fn hex_id_is_016x() {
+        for id in [0, 1, 0xabc, 0x0123_4567_89ab_cdef, u64::MAX, 1 << 63] {
+            assert_eq!(hex_id(id), format!("{id:016x}").as_bytes(), "{id:#x}");
+        }
     }
 }

@@ -133,13 +133,6 @@ struct Fetch {
     last_error: String,
 }
 
-/// The map of a server, by server index (for [`Backend::map_of`]).
-impl Backend {
-    fn map_of(&self, server: usize) -> &MapConfig {
-        &self.maps[self.servers[server].map as usize].cfg
-    }
-}
-
 pub struct Backend {
     token_base: usize,
     maps: Vec<MapRt>,
@@ -251,12 +244,14 @@ impl Backend {
         self.timers.peek().map(|Reverse((t, _, _))| *t)
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
+    /// `at` in milliseconds on the backend's clock (since its epoch).
     fn ms_at(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// `at` in microseconds on the backend's clock.
+    fn us_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
     /// Starts fetching `key` (already folded) of map `map`.
@@ -292,8 +287,18 @@ impl Backend {
         self.run_ready(registry, now);
     }
 
+    /// Fetch `f`, unless it ended (its slot empty or another fetch's).
+    fn fetch(&self, f: FetchRef) -> Option<&Fetch> {
+        self.fetches.get(f.idx).filter(|x| x.gen == f.gen)
+    }
+
     fn fetch_mut(&mut self, f: FetchRef) -> Option<&mut Fetch> {
         self.fetches.get_mut(f.idx).filter(|x| x.gen == f.gen)
+    }
+
+    /// The map of a server, by server index.
+    fn map_of(&self, server: usize) -> &MapConfig {
+        &self.maps[self.servers[server].map as usize].cfg
     }
 
     /// Gives every fetch between attempts its next attempt.
@@ -304,7 +309,7 @@ impl Backend {
     }
 
     fn finish(&mut self, f: FetchRef, outcome: Outcome) {
-        let Some(fetch) = self.fetches.get(f.idx).filter(|x| x.gen == f.gen) else {
+        let Some(fetch) = self.fetch(f) else {
             return;
         };
         if let Some(s) = fetch.probing {
@@ -325,8 +330,8 @@ impl Backend {
     /// Picks a server not yet tried by this fetch: a random healthy one, else a
     /// rested one to probe, else (when every server of the map rests) any one
     /// whose probe slot is free. `None`: nothing to try now.
-    fn choose(&self, map: u16, tried: &[usize]) -> Option<(usize, bool)> {
-        let now_ms = self.now_ms();
+    fn choose(&self, map: u16, tried: &[usize], now: Instant) -> Option<(usize, bool)> {
+        let now_ms = self.ms_at(now);
         let servers = &self.maps[map as usize].servers;
         let n = servers.len();
         if n == 0 {
@@ -386,7 +391,7 @@ impl Backend {
             return;
         }
         let tried = std::mem::take(&mut fetch.tried);
-        let choice = self.choose(map, &tried);
+        let choice = self.choose(map, &tried, now);
         let fetch = self.fetch_mut(f).expect("fetch checked above");
         fetch.tried = tried;
         let Some((server, probe)) = choice else {
@@ -459,17 +464,13 @@ impl Backend {
             self.servers[server].max_open,
             self.servers[server].max_queue
         );
-        if let Some(fetch) = self.fetch_mut(f) {
-            fetch.last_error = msg;
-            fetch.stage = Stage::Choosing;
-        }
-        self.ready.push(f);
+        self.retry_elsewhere(f, msg);
     }
 
     /// Another server of `server`'s map, healthy, not yet tried by `f`, with
     /// an idle connection or room for a new one.
     fn free_mirror(&self, f: FetchRef, server: usize, now: Instant) -> Option<usize> {
-        let fetch = self.fetches.get(f.idx).filter(|x| x.gen == f.gen)?;
+        let fetch = self.fetch(f)?;
         let now_ms = self.ms_at(now);
         self.maps[self.servers[server].map as usize]
             .servers
@@ -509,10 +510,7 @@ impl Backend {
     fn take_queued(&mut self, server: usize, now: Instant) -> Option<FetchRef> {
         let now_ms = self.ms_at(now);
         if self.servers[server].shared.health.availability(now_ms) != Availability::Up {
-            let queued: Vec<FetchRef> = self.servers[server].queue.drain(..).collect();
-            for f in queued {
-                self.ready_on(f, server);
-            }
+            self.requeue_all(server);
             return None;
         }
         while let Some(f) = self.servers[server].queue.pop_front() {
@@ -526,13 +524,10 @@ impl Backend {
             if other == server || self.servers[other].queue.is_empty() {
                 continue;
             }
-            let fetches = &self.fetches;
-            let pos = self.servers[other].queue.iter().position(|q| {
-                fetches
-                    .get(q.idx)
-                    .filter(|x| x.gen == q.gen)
-                    .is_some_and(|x| !x.tried.contains(&server))
-            });
+            let pos = self.servers[other]
+                .queue
+                .iter()
+                .position(|&q| self.fetch(q).is_some_and(|x| !x.tried.contains(&server)));
             if let Some(p) = pos {
                 let f = self.servers[other].queue.remove(p)?;
                 self.move_fetch(f, other, server);
@@ -565,19 +560,11 @@ impl Backend {
     }
 
     fn server_failed(&mut self, server: usize, reason: &str, now: Instant) {
-        self.servers[server]
-            .shared
-            .counters
-            .failure
-            .fetch_add(1, Ordering::Relaxed);
         let shared = &self.servers[server].shared;
-        let now_us = now.saturating_duration_since(self.epoch).as_micros() as u64;
-        let (rest, went_down) = shared.health.failure(now_us);
+        shared.counters.failure.fetch_add(1, Ordering::Relaxed);
+        let (rest, went_down) = shared.health.failure(self.us_at(now));
         // Lookups queued for this server's connections go elsewhere now.
-        let queued: Vec<FetchRef> = self.servers[server].queue.drain(..).collect();
-        for f in queued {
-            self.ready_on(f, server);
-        }
+        self.requeue_all(server);
         let shared = &self.servers[server].shared;
         if went_down {
             crate::warn!(
@@ -593,8 +580,7 @@ impl Backend {
     /// The server answered a request sent at `started`.
     fn server_answered(&mut self, server: usize, started: Instant) {
         let shared = &self.servers[server].shared;
-        let started_us = started.saturating_duration_since(self.epoch).as_micros() as u64;
-        let failures = shared.health.success(started_us);
+        let failures = shared.health.success(self.us_at(started));
         if failures > 0 {
             crate::info!(
                 "server {} (map {}) is up again after {} failure(s)",
@@ -613,6 +599,14 @@ impl Backend {
                 fetch.probing = None;
                 self.servers[server].shared.health.end_probe();
             }
+        }
+    }
+
+    /// Every fetch queued for `server`'s connections goes back to choosing
+    /// ([`Backend::ready_on`]), in queue order.
+    fn requeue_all(&mut self, server: usize) {
+        while let Some(f) = self.servers[server].queue.pop_front() {
+            self.ready_on(f, server);
         }
     }
 
@@ -657,7 +651,7 @@ impl Backend {
                 continue;
             }
             if !server_late {
-                let msg = timeout_text(self.fetch_mut(f).expect("checked above"));
+                let msg = timeout_text(self.fetch(f).expect("checked above"));
                 self.fail(registry, conn, Failure::Deadline, now);
                 self.finish(f, Outcome::Temp(msg));
                 continue;

@@ -63,19 +63,13 @@ impl SharedServer {
     pub fn new(cfg: ServerConfig, map: &MapConfig) -> SharedServer {
         let tls = map.tls.as_ref().filter(|_| cfg.tls).map(|t| ServerTls {
             config: t.config.clone(),
-            name: t.server_name.clone().unwrap_or_else(|| {
-                ServerName::try_from(cfg.host_name.clone())
-                    .unwrap_or_else(|_| ServerName::try_from("invalid.").expect("a valid name"))
-            }),
+            name: t.name_for(&cfg.host_name),
         });
         SharedServer {
             addrs: RwLock::new(Arc::new(Addrs::new(cfg.addrs.clone()))),
             cfg,
             // Log lines and metrics name a policy's servers `policy:NAME`.
-            map_name: match map.kind {
-                crate::config::MapKind::Table => map.name.clone(),
-                crate::config::MapKind::Policy(_) => format!("policy:{}", map.name),
-            },
+            map_name: map.id_name(),
             health: Health::new(map.retry_interval, crate::config::MAX_RETRY_INTERVAL_FACTOR),
             counters: ServerCounters::default(),
             open: AtomicUsize::new(0),
