@@ -24,12 +24,13 @@
 mod common;
 
 use common::{
-    free_port, metric_value, metrics, postmap_q, rss_kib, try_stats_request, wait_until, Daemon,
+    assert_temp, count_lines, free_port, is_temp, metric_value, metrics, netstring, postmap_q,
+    quoted_list, rss_kib, show, sleep_until, try_stats_request, wait_until, Acceptor, Daemon,
     LineClient, Reply, StatsResponse, TestServer,
 };
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, JoinHandle};
@@ -67,11 +68,7 @@ fn cache_toml(lines: &[&str]) -> String {
 
 /// `[maps.NAME]` with its tcp_listen (if any), servers and extra lines.
 fn map_toml(name: &str, tcp: Option<u16>, urls: &[String], extra: &[&str]) -> String {
-    let list = urls
-        .iter()
-        .map(|u| format!("{u:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = quoted_list(urls);
     let mut s = format!("\n[maps.{name}]\n");
     if let Some(p) = tcp {
         s.push_str(&format!("tcp_listen = \"127.0.0.1:{p}\"\n"));
@@ -92,34 +89,6 @@ const QUICK: &[&str] = &[
     "retry_interval = \"1s\"",
 ];
 
-fn sleep_until(t: Instant) {
-    let now = Instant::now();
-    if t > now {
-        thread::sleep(t - now);
-    }
-}
-
-fn show(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// One tcp_table lookup: the reply line as text.
-fn get(c: &mut LineClient, key: &str) -> String {
-    show(&c.query(format!("get {key}\n").as_bytes()))
-}
-
-/// A temporary error: "400 " + text + "\n", one line.
-fn is_temp(reply: &str) -> bool {
-    reply.starts_with("400 ") && reply.ends_with('\n') && reply.matches('\n').count() == 1
-}
-
-fn assert_temp(reply: &str, what: &str) {
-    assert!(
-        is_temp(reply),
-        "{what}: expected a temporary error \"400 ...\\n\", got {reply:?}"
-    );
-}
-
 /// The value the test servers give key `k`: "v-" + k.
 fn value_of(key: &[u8]) -> Vec<u8> {
     [b"v-".as_slice(), key].concat()
@@ -128,11 +97,6 @@ fn value_of(key: &[u8]) -> Vec<u8> {
 /// The tcp_table reply for a key found with [`value_of`].
 fn want(key: &str) -> String {
     format!("200 v-{key}\n")
-}
-
-/// Lines of `log` containing `needle`.
-fn count_lines(log: &str, needle: &str) -> usize {
-    log.lines().filter(|l| l.contains(needle)).count()
 }
 
 /// As [`metric_value`], panicking (with the family's lines and the
@@ -172,9 +136,7 @@ fn start_for_reload(config: &str, ready_port: u16) -> Daemon {
 /// on "reload refused" or after 10 s).
 fn reload(d: &Daemon, config: &str) {
     std::fs::write(&d.config_path, config).expect("write the config");
-    if let Err(refused) = d.reload() {
-        panic!("reload refused: {refused}\n{}", d.stderr());
-    }
+    d.reload_ok();
 }
 
 /// What many sequential lookups got.
@@ -231,7 +193,7 @@ fn drive(port: u16, clients: usize, per_client: usize, prefix: &str) -> Tally {
                 let mut tally = Tally::default();
                 for i in 0..per_client {
                     let key = format!("{prefix}{t}-{i}@x");
-                    let r = get(&mut c, &key);
+                    let r = c.get(&key);
                     tally.add(&key, &r);
                 }
                 tally
@@ -265,62 +227,32 @@ struct RawShared {
     script: Box<Script>,
     stop: AtomicBool,
     requests: AtomicUsize,
-    connections: AtomicUsize,
     /// Connections the daemon closed while the server waited for a request.
     peer_closed: AtomicUsize,
-    streams: Mutex<Vec<TcpStream>>,
 }
 
 /// A thread-per-connection HTTP/1.1 server on 127.0.0.1 that reads request
 /// heads (the daemon sends GETs without a body) and runs a script for each.
 struct RawServer {
-    addr: SocketAddr,
     shared: Arc<RawShared>,
-    accept: Option<JoinHandle<()>>,
+    acceptor: Acceptor,
 }
 
 impl RawServer {
     fn start(script: impl Fn(&RawReq, &mut TcpStream) -> bool + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw server");
-        let addr = listener.local_addr().unwrap();
         let shared = Arc::new(RawShared {
             script: Box::new(script),
             stop: AtomicBool::new(false),
             requests: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
             peer_closed: AtomicUsize::new(0),
-            streams: Mutex::new(Vec::new()),
         });
         let sh = shared.clone();
-        let accept = thread::spawn(move || {
-            for stream in listener.incoming() {
-                if sh.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                sh.connections.fetch_add(1, Ordering::SeqCst);
-                {
-                    let mut streams = sh.streams.lock().unwrap();
-                    if sh.stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    if let Ok(c) = stream.try_clone() {
-                        streams.push(c);
-                    }
-                }
-                let sh2 = sh.clone();
-                thread::spawn(move || raw_serve(stream, &sh2));
-            }
-        });
-        RawServer {
-            addr,
-            shared,
-            accept: Some(accept),
-        }
+        let acceptor = Acceptor::start(move |stream, _| raw_serve(stream, &sh));
+        RawServer { shared, acceptor }
     }
 
     fn url(&self) -> String {
-        format!("http://{}/m", self.addr)
+        format!("http://{}/m", self.acceptor.addr())
     }
 
     fn requests(&self) -> usize {
@@ -328,7 +260,7 @@ impl RawServer {
     }
 
     fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
+        self.acceptor.accepted()
     }
 
     fn peer_closed(&self) -> usize {
@@ -336,16 +268,11 @@ impl RawServer {
     }
 }
 
+/// Then the acceptor stops, shutting the connections down (not counted as
+/// closed by the daemon).
 impl Drop for RawServer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-        for s in self.shared.streams.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
     }
 }
 
@@ -497,7 +424,7 @@ fn duplicate_reply_written_20ms_later_with_echo_gives_no_wrong_answer() {
         server.requests(),
         server.connections(),
         mismatch,
-        count_lines(&d.stderr(), "is down")
+        count_lines(&d.stderr(), &["is down"])
     );
     t.assert_no_wrong("duplicate reply written 20 ms later, with echo");
     assert_eq!(t.ok + t.temp, 200, "every lookup got an answer");
@@ -544,7 +471,7 @@ fn duplicate_reply_arriving_on_the_idle_connection_closes_it() {
     let mut waited_out = 0;
     for i in 0..N {
         let key = format!("d{i}@x");
-        let r = get(&mut c, &key);
+        let r = c.get(&key);
         t.add(&key, &r);
         // The next lookup only once the duplicate is on the idle connection
         // and (at most 300 ms) the daemon has closed that connection.
@@ -581,7 +508,7 @@ fn duplicate_reply_arriving_on_the_idle_connection_closes_it() {
         "one stray_bytes per duplicate"
     );
     assert!(
-        count_lines(&log, "unexpected byte") >= 1,
+        count_lines(&log, &["unexpected byte"]) >= 1,
         "no \"unexpected byte\" warning:\n{log}"
     );
 }
@@ -611,7 +538,7 @@ fn unsolicited_reply_on_an_idle_connection_before_the_next_lookup() {
     });
     let (d, port, stats) = start_m(&[server.url()], 1, &[]);
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "a@x"), want("a@x"));
+    assert_eq!(c.get("a@x"), want("a@x"));
     let answered = Instant::now();
     assert!(wait_until(WAIT, || stray_written.load(Ordering::SeqCst) == 1));
     // Lookup B ~150 ms after A's answer (~100 ms after the stray reply).
@@ -620,14 +547,14 @@ fn unsolicited_reply_on_an_idle_connection_before_the_next_lookup() {
         wait_until(Duration::from_secs(1), || server.peer_closed() == 1),
         "the idle connection that got the stray reply is still open"
     );
-    assert_eq!(get(&mut c, "b@x"), want("b@x"), "B got B's value");
+    assert_eq!(c.get("b@x"), want("b@x"), "B got B's value");
     assert_eq!(server.requests(), 2);
     assert_eq!(server.connections(), 2, "B went on a new connection");
     let m = metrics(stats);
     assert_eq!(protocol_errors(&m, "m", &server.url(), "stray_bytes"), 1.0);
     let log = d.stderr();
     assert_eq!(
-        count_lines(&log, "unexpected byte"),
+        count_lines(&log, &["unexpected byte"]),
         1,
         "one \"unexpected byte\" warning:\n{log}"
     );
@@ -682,7 +609,7 @@ fn unsolicited_reply_in_the_same_wake_up_as_the_next_lookup_is_never_its_answer(
     let mut order = Vec::new();
     for i in 0..N {
         let a = format!("a{i}@x");
-        let r = get(&mut c, &a);
+        let r = c.get(&a);
         t.add(&a, &r);
         // The server's side of the connection that carried a<i>, now idle.
         let pooled = last.lock().unwrap().take().expect("the server's stream");
@@ -767,7 +694,7 @@ fn unsolicited_reply_just_after_the_lookup_is_rejected_by_the_echo() {
     assert_eq!(server.requests(), N + bogus, "one retry per bogus reply");
     let log = d.stderr();
     assert!(
-        count_lines(&log, "reply rejected") >= 1,
+        count_lines(&log, &["reply rejected"]) >= 1,
         "no \"reply rejected\" warning:\n{log}"
     );
     assert_eq!(
@@ -820,10 +747,10 @@ fn a_server_whose_every_echo_mismatches_gives_a_temporary_error() {
     let _d = Daemon::start(&cfg, sm);
 
     let mut c = LineClient::connect(port);
-    assert_temp(&get(&mut c, "k@x"), "every reply echoes another key");
+    assert_temp(&c.get("k@x"), "every reply echoes another key");
     let first = server.requests();
     assert!(first >= 1, "the lookup reached the server");
-    assert_temp(&get(&mut c, "k@x"), "again");
+    assert_temp(&c.get("k@x"), "again");
     assert!(server.requests() > first, "a rejected reply was cached");
     let mut s = LineClient::connect(sm);
     let r = show(&s.socketmap_query("bad", b"k2@x"));
@@ -852,7 +779,7 @@ fn require_key_echo_accepts_the_underscore_echo_of_the_folded_key() {
         + &map_toml("good", Some(port), std::slice::from_ref(&url), &lines);
     let _d = Daemon::start(&cfg, sm);
     let mut g = LineClient::connect(port);
-    assert_eq!(get(&mut g, "MiXeD@X"), want("mixed@x"));
+    assert_eq!(g.get("MiXeD@X"), want("mixed@x"));
     let mut s = LineClient::connect(sm);
     assert_eq!(show(&s.socketmap_query("good", b"Other@X")), "OK v-other@x");
     assert_eq!(server.requests(), 2);
@@ -895,10 +822,10 @@ fn require_key_echo_rejects_a_reply_without_echo() {
     };
 
     let mut c = LineClient::connect(strict_port);
-    assert_temp(&get(&mut c, "k1@x"), "strict map, no echo");
+    assert_temp(&c.get("k1@x"), "strict map, no echo");
     let after_first = strict_requests();
     assert!(after_first >= 1, "the lookup reached the server");
-    assert_temp(&get(&mut c, "k1@x"), "strict map, no echo, again");
+    assert_temp(&c.get("k1@x"), "strict map, no echo, again");
     assert!(
         strict_requests() > after_first,
         "the rejected reply was cached: the second lookup did not reach the server"
@@ -909,7 +836,7 @@ fn require_key_echo_rejects_a_reply_without_echo() {
 
     // The same server, require_key_echo = false: the value.
     let mut l = LineClient::connect(lax_port);
-    assert_eq!(get(&mut l, "k1@x"), "200 v@x\n");
+    assert_eq!(l.get("k1@x"), "200 v@x\n");
     let lax_before = server.requests();
     assert_eq!(show(&s.socketmap_query("lax", b"k1@x")), "OK v@x");
     assert_eq!(server.requests(), lax_before, "the lax answer was cached");
@@ -922,7 +849,7 @@ fn require_key_echo_rejects_a_reply_without_echo() {
     );
     let log = d.stderr();
     assert!(
-        count_lines(&log, "reply rejected") >= 1,
+        count_lines(&log, &["reply rejected"]) >= 1,
         "no \"reply rejected\" warning:\n{log}"
     );
     assert_eq!(
@@ -1002,11 +929,6 @@ fn pipelined(port: u16, request: &[u8], expect: &[u8], within: Duration) -> Resu
     same_bytes(&got, expect, within)
 }
 
-/// A netstring.
-fn netstring(payload: &[u8]) -> Vec<u8> {
-    [format!("{}:", payload.len()).as_bytes(), payload, b","].concat()
-}
-
 #[test]
 fn pipelined_socketmap_cache_hits_of_a_60kb_value_all_arrive() {
     let value: Vec<u8> = (0..60_000).map(|i| b'a' + (i % 26) as u8).collect();
@@ -1036,7 +958,7 @@ fn pipelined_tcp_table_cache_hits_of_a_3kb_value_all_arrive() {
     let (d, port, _stats) = start_m(&[server.url("/m")], 1, &[]);
     let mut warm = LineClient::connect(port);
     let line = format!("200 {}\n", show(&value));
-    assert_eq!(get(&mut warm, "k@x"), line, "warm-up lookup");
+    assert_eq!(warm.get("k@x"), line, "warm-up lookup");
     let request = b"get k@x\n".repeat(N);
     let expect = line.as_bytes().repeat(N);
     pipelined(port, &request, &expect, Duration::from_secs(5))
@@ -1129,7 +1051,7 @@ fn lookup_after_a_reload_never_joins_a_fetch_to_the_old_server() {
 
     let l1 = thread::spawn(move || {
         let mut c = LineClient::connect(port);
-        get(&mut c, "k@x")
+        c.get("k@x")
     });
     assert!(
         old.wait_for_requests(1, WAIT),
@@ -1138,7 +1060,7 @@ fn lookup_after_a_reload_never_joins_a_fetch_to_the_old_server() {
     reload(&d, &cfg(new.url("/m")));
     let mut c = LineClient::connect(port);
     let t = Instant::now();
-    let l2 = get(&mut c, "k@x");
+    let l2 = c.get("k@x");
     let l2_took = t.elapsed();
     let l1 = l1.join().unwrap();
     eprintln!("L1 (before the reload): {l1:?}; L2 (after): {l2:?} in {l2_took:?}");
@@ -1147,7 +1069,7 @@ fn lookup_after_a_reload_never_joins_a_fetch_to_the_old_server() {
         l1 == "200 old@x\n" || l1 == "200 new@x\n",
         "L1, made before the reload: {l1:?}"
     );
-    let l3 = get(&mut c, "k@x");
+    let l3 = c.get("k@x");
     assert_eq!(l3, "200 new@x\n", "L3, after L1 finished");
     assert_eq!(new.requests(), 1, "L3 came from the cache (L2's answer)");
     assert_eq!(old.requests(), 1);
@@ -1206,7 +1128,7 @@ fn three_hundred_reloads_with_lookups_in_flight() {
             thread::spawn(move || {
                 let key = format!("slow{i}@x");
                 let mut c = LineClient::connect(port);
-                let r = get(&mut c, &key);
+                let r = c.get(&key);
                 (key, r)
             })
         })
@@ -1226,7 +1148,7 @@ fn three_hundred_reloads_with_lookups_in_flight() {
                 let mut i = 0;
                 while !stop.load(Ordering::SeqCst) {
                     let key = format!("f{t}-{i}@x");
-                    let r = get(&mut c, &key);
+                    let r = c.get(&key);
                     tally.add(&key, &r);
                     i += 1;
                 }
@@ -1295,13 +1217,13 @@ fn three_hundred_reloads_with_lookups_in_flight() {
     if !down.is_empty() {
         problems.push(format!("a healthy server logged down: {down:?}"));
     }
-    let reloaded = count_lines(&log, "reloaded");
+    let reloaded = count_lines(&log, &["reloaded"]);
     if reloaded != RELOADS {
         problems.push(format!("{reloaded} \"reloaded\" lines"));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "after@x"), want("after@x"), "still answering");
+    assert_eq!(c.get("after@x"), want("after@x"), "still answering");
 }
 
 // ---------------------------------------------------------------------------
@@ -1340,7 +1262,7 @@ fn lookups_queued_on_a_slow_mirror_move_to_the_fast_one() {
                 barrier.wait();
                 let key = format!("q{i}@x");
                 let t = Instant::now();
-                let r = get(&mut c, &key);
+                let r = c.get(&key);
                 (key, r, t.elapsed())
             })
         })
@@ -1409,13 +1331,13 @@ fn expired_entries_then_outage(cache_extra: &[&str], map_extra: &[&str]) -> (Dae
         + &map_toml("m", Some(port), &[server.url("/m")], &map_lines);
     let d = Daemon::start(&cfg, port);
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "f@x"), "200 fval@x\n");
-    let not_found = get(&mut c, "k@x");
+    assert_eq!(c.get("f@x"), "200 fval@x\n");
+    let not_found = c.get("k@x");
     assert!(not_found.starts_with("500 "), "{not_found:?}");
     let stored = Instant::now();
     assert_eq!(server.requests(), 2);
     // Still fresh: answered from the cache.
-    assert_eq!(get(&mut c, "k@x"), not_found);
+    assert_eq!(c.get("k@x"), not_found);
     assert_eq!(server.requests(), 2);
     sleep_until(stored + Duration::from_millis(1200));
     drop(server); // connections refused from now on
@@ -1427,15 +1349,15 @@ fn outage_expired_not_found_is_a_temporary_error_by_default() {
     let (d, port, _) = expired_entries_then_outage(&[], &[]);
     let mut c = LineClient::connect(port);
     assert_temp(
-        &get(&mut c, "k@x"),
+        &c.get("k@x"),
         "expired not-found entry while every server fails",
     );
     assert_eq!(
-        get(&mut c, "f@x"),
+        c.get("f@x"),
         "200 fval@x\n",
         "expired found entry: its stale value"
     );
-    assert_temp(&get(&mut c, "k@x"), "again");
+    assert_temp(&c.get("k@x"), "again");
     let (code, out, err) = postmap_q("k@x", &format!("tcp:127.0.0.1:{port}"));
     assert_eq!(
         (code, out.as_str()),
@@ -1450,8 +1372,8 @@ fn outage_expired_not_found_is_a_temporary_error_by_default() {
 fn outage_expired_not_found_with_stale_negative_is_not_found() {
     let (d, port, not_found) = expired_entries_then_outage(&["stale_negative = true"], &[]);
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "k@x"), not_found, "stale not-found answer");
-    assert_eq!(get(&mut c, "f@x"), "200 fval@x\n", "stale found answer");
+    assert_eq!(c.get("k@x"), not_found, "stale not-found answer");
+    assert_eq!(c.get("f@x"), "200 fval@x\n", "stale found answer");
     let (code, out, err) = postmap_q("k@x", &format!("tcp:127.0.0.1:{port}"));
     assert_eq!(
         (code, out.as_str(), err.as_str()),
@@ -1466,8 +1388,8 @@ fn outage_expired_not_found_with_stale_negative_is_not_found() {
 fn outage_expired_not_found_with_stale_negative_set_on_the_map() {
     let (d, port, not_found) = expired_entries_then_outage(&[], &["stale_negative = true"]);
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "k@x"), not_found, "stale not-found answer");
-    assert_eq!(get(&mut c, "f@x"), "200 fval@x\n", "stale found answer");
+    assert_eq!(c.get("k@x"), not_found, "stale not-found answer");
+    assert_eq!(c.get("f@x"), "200 fval@x\n", "stale found answer");
     drop(d);
 }
 
@@ -1545,7 +1467,7 @@ fn max_memory_units_and_default() {
             + &map_toml("m", Some(port), &[server.url("/m")], QUICK);
         let d = Daemon::start(&cfg, port);
         let mut c = LineClient::connect(port);
-        assert_eq!(get(&mut c, "k@x"), "200 v@x\n", "{line:?}");
+        assert_eq!(c.get("k@x"), "200 v@x\n", "{line:?}");
         let m = metrics(stats);
         assert_eq!(
             must_sample(&m, "httpmapd_cache_max_bytes"),
@@ -1640,7 +1562,7 @@ fn nul_and_control_bytes_and_json_scalars() {
         r.starts_with("TEMP "),
     );
     let mut c = LineClient::connect(tcp);
-    let r = get(&mut c, "nul@x");
+    let r = c.get("nul@x");
     check("tcp_table body with NUL -> 400", r.clone(), is_temp(&r));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -1667,14 +1589,14 @@ fn response_head_trickled_one_byte_per_ms() {
     let (_d, port, _stats) = start_m(&[server.url()], 1, &[]);
     let mut c = LineClient::connect(port);
     let t = Instant::now();
-    assert_eq!(get(&mut c, "t@x"), "200 trickled@example.com\n");
+    assert_eq!(c.get("t@x"), "200 trickled@example.com\n");
     let took = t.elapsed();
     eprintln!("trickled head answered in {took:?}");
     assert!(
         took >= Duration::from_millis(100),
         "the head was not trickled ({took:?})"
     );
-    assert_eq!(get(&mut c, "u@x"), "200 trickled@example.com\n");
+    assert_eq!(c.get("u@x"), "200 trickled@example.com\n");
     assert_eq!(server.requests(), 2);
     assert_eq!(server.connections(), 1, "the connection was reused");
 }
@@ -1688,7 +1610,7 @@ fn a_slow_stats_client_does_not_block_metrics_or_health() {
     let server = TestServer::start(|_| Reply::found(b"v@x"));
     let (_d, port, stats) = start_m(&[server.url("/m")], 1, &[]);
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "k@x"), "200 v@x\n");
+    assert_eq!(c.get("k@x"), "200 v@x\n");
     let mut silent = TcpStream::connect(("127.0.0.1", stats)).expect("connect to stats");
     silent.write_all(b"GET /met").unwrap();
     let idle = TcpStream::connect(("127.0.0.1", stats)).expect("connect to stats");

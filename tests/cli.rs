@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{free_port, unique_temp_dir, TestServer};
+use common::{crate_file, free_port, show, unique_temp_dir, TestServer};
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -30,18 +30,14 @@ fn run(args: &[&str]) -> Output {
         .expect("run httpmapd")
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 #[test]
 fn help_and_version_go_to_stdout_with_exit_0() {
     let version = format!("httpmapd {}\n", env!("CARGO_PKG_VERSION"));
     for args in [&["--version"][..], &["-V"]] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(0), "{args:?}");
-        assert_eq!(text(&o.stdout), version, "{args:?}");
-        assert_eq!(text(&o.stderr), "", "{args:?}");
+        assert_eq!(show(&o.stdout), version, "{args:?}");
+        assert_eq!(show(&o.stderr), "", "{args:?}");
     }
     for args in [
         &["--help"][..],
@@ -53,17 +49,17 @@ fn help_and_version_go_to_stdout_with_exit_0() {
         &["help", "query"],
     ] {
         let o = run(args);
-        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o.stderr));
-        let out = text(&o.stdout);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", show(&o.stderr));
+        let out = show(&o.stdout);
         assert!(out.contains("Usage: httpmapd"), "{args:?}: {out}");
-        assert_eq!(text(&o.stderr), "", "{args:?}");
+        assert_eq!(show(&o.stderr), "", "{args:?}");
     }
     // Subcommands answer --version too.
     let o = run(&["query", "--version"]);
     assert_eq!(o.status.code(), Some(0));
-    assert!(text(&o.stdout).ends_with(&format!(" {}\n", env!("CARGO_PKG_VERSION"))));
+    assert!(show(&o.stdout).ends_with(&format!(" {}\n", env!("CARGO_PKG_VERSION"))));
     // The top-level help names every command and the config option.
-    let help = text(&run(&["--help"]).stdout);
+    let help = show(&run(&["--help"]).stdout);
     for word in ["query", "demo", "backend", "--config <FILE>", "--check"] {
         assert!(help.contains(word), "{word} in:\n{help}");
     }
@@ -84,8 +80,8 @@ fn usage_errors_go_to_stderr_with_exit_2() {
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
-        assert_eq!(text(&o.stdout), "", "{args:?}: nothing on stdout");
-        let err = text(&o.stderr);
+        assert_eq!(show(&o.stdout), "", "{args:?}: nothing on stdout");
+        let err = show(&o.stderr);
         assert!(err.starts_with("error: "), "{args:?}: {err}");
         assert!(
             err.contains("Usage: httpmapd") || err.contains("try '--help'"),
@@ -106,16 +102,16 @@ fn check_and_query_errors_are_readable() {
     let o = run(&["-c", path.to_str().unwrap(), "--check"]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(
-        text(&o.stdout),
+        show(&o.stdout),
         format!("{}: ok (1 map(s))\n", path.display())
     );
-    assert_eq!(text(&o.stderr), "");
+    assert_eq!(show(&o.stderr), "");
     // A refused connection: the table as written, the OS's reason, exit 2.
     let port = free_port();
     let o = run(&["query", &format!("tcp:127.0.0.1:{port}"), "k"]);
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(
-        text(&o.stderr),
+        show(&o.stderr),
         format!(
             "httpmapd: cannot connect to tcp:127.0.0.1:{port}: Connection refused (os error 111)\n"
         )
@@ -127,15 +123,15 @@ fn check_and_query_errors_are_readable() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        text(&o.stderr).starts_with(&format!(
+        show(&o.stderr).starts_with(&format!(
             "httpmapd: cannot connect to socketmap:inet:127.0.0.1:{port}:virtual: "
         )),
         "{}",
-        text(&o.stderr)
+        show(&o.stderr)
     );
     let o = run(&["query", "nonsense", "k"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o.stderr).contains("expected a table such as tcp:"));
+    assert!(show(&o.stderr).contains("expected a table such as tcp:"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -217,10 +213,6 @@ fn wait_listening(port: u16) {
     }
 }
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 #[test]
 fn demo_backend_option_points_the_daemon_at_it() {
     let dir = unique_temp_dir("httpmapd-cli-demo");
@@ -238,7 +230,7 @@ fn demo_backend_option_points_the_daemon_at_it() {
         .args(["demo", "-c", cfg.to_str().unwrap(), "--backend"])
         .arg(format!("127.0.0.1:{backend}"))
         .arg("--map")
-        .arg(repo().join("conf/demo.map"))
+        .arg(crate_file("conf/demo.map"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -253,10 +245,10 @@ fn demo_backend_option_points_the_daemon_at_it() {
         "alice@example.com",
     ]);
     assert_eq!(
-        text(&o.stdout),
+        show(&o.stdout),
         "alice@mail.example.com\n",
         "{}",
-        text(&o.stderr)
+        show(&o.stderr)
     );
     assert_eq!(o.status.code(), Some(0));
     // A reload keeps --backend: a second map (its port listening says the
@@ -278,7 +270,7 @@ fn demo_backend_option_points_the_daemon_at_it() {
         (tcp2, "carol@example.com", "carol@mail.example.org\n"),
     ] {
         let o = run(&["query", &format!("tcp:127.0.0.1:{port}"), key]);
-        assert_eq!(text(&o.stdout), value, "{}", text(&o.stderr));
+        assert_eq!(show(&o.stdout), value, "{}", show(&o.stderr));
         assert_eq!(o.status.code(), Some(0));
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -312,7 +304,7 @@ fn recv(sock: &UnixDatagram) -> String {
     let n = sock
         .recv(&mut buf)
         .expect("a notification within the timeout");
-    text(&buf[..n])
+    show(&buf[..n])
 }
 
 fn signal(child: &Child, sig: i32) {

@@ -8,7 +8,10 @@
 
 mod common;
 
-use common::{free_port, Daemon, LineClient, Reply, TestServer};
+use common::{
+    assert_temp, count_lines, free_port, quoted_list, sleep_until, Acceptor, Daemon, LineClient,
+    Reply, TestServer,
+};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -56,11 +59,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 fn config(port: u16, servers: &[String], s: &Setup) -> String {
-    let servers = servers
-        .iter()
-        .map(|u| format!("{u:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let servers = quoted_list(servers);
     format!(
         r#"[daemon]
 workers = 2
@@ -110,115 +109,55 @@ fn good_server() -> TestServer {
     TestServer::start(|_| Reply::found(b"v"))
 }
 
-/// One tcp_table lookup: the reply line as text.
-fn get(c: &mut LineClient, key: &str) -> String {
-    let reply = c.query(format!("get {key}\n").as_bytes());
-    String::from_utf8(reply).expect("reply is ASCII")
-}
-
 /// One lookup and how long its reply took.
 fn timed_get(c: &mut LineClient, key: &str) -> (String, Duration) {
     let t = Instant::now();
-    let r = get(c, key);
+    let r = c.get(key);
     (r, t.elapsed())
-}
-
-/// Asserts a reply is a temporary error: "400 " + text + "\n", one line.
-fn assert_temp(reply: &str, what: &str) {
-    assert!(
-        reply.starts_with("400 ") && reply.ends_with('\n') && reply.matches('\n').count() == 1,
-        "{what}: expected a temporary error \"400 ...\\n\", got {reply:?}"
-    );
-}
-
-/// Lines of `log` containing every one of `needles`.
-fn count_lines(log: &str, needles: &[&str]) -> usize {
-    log.lines()
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .count()
-}
-
-fn sleep_until(t: Instant) {
-    let now = Instant::now();
-    if t > now {
-        thread::sleep(t - now);
-    }
 }
 
 /// A server that accepts, reads the request, then resets the connection
 /// (SO_LINGER 0 then close: the daemon reads ECONNRESET).
-struct ResetServer {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+struct ResetServer(Acceptor);
 
 impl ResetServer {
     fn start() -> ResetServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind reset server");
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c2, s2) = (connections.clone(), stop.clone());
-        let thread = thread::spawn(move || {
-            for stream in listener.incoming() {
-                if s2.load(Ordering::SeqCst) {
-                    return;
+        ResetServer(Acceptor::start(|mut stream, _| {
+            // Read the request head (or give up after a while).
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
-                let Ok(mut stream) = stream else { continue };
-                c2.fetch_add(1, Ordering::SeqCst);
-                // Read the request head (or give up after a while).
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let lg = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: setsockopt on a socket we own, with a valid linger struct.
-                unsafe {
-                    libc::setsockopt(
-                        stream.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        &lg as *const libc::linger as *const libc::c_void,
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    );
-                }
-                drop(stream); // RST
             }
-        });
-        ResetServer {
-            addr,
-            connections,
-            stop,
-            thread: Some(thread),
-        }
+            let lg = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on a socket we own, with a valid linger struct.
+            unsafe {
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    &lg as *const libc::linger as *const libc::c_void,
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+            // Closed when this returns (the acceptor drops its copy then):
+            // with SO_LINGER 0, a RST.
+        }))
     }
 
     fn url(&self) -> String {
-        url_of(self.addr.port())
+        url_of(self.0.port())
     }
 
     fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for ResetServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.0.accepted()
     }
 }
 
@@ -341,7 +280,7 @@ fn healthy_servers_are_picked_at_random() {
     let (_d, port) = start(&[a.url("/m"), b.url("/m")], &Setup::default());
     let mut c = LineClient::connect(port);
     for i in 0..40 {
-        assert_eq!(get(&mut c, &format!("k{i}")), "200 v\n");
+        assert_eq!(c.get(&format!("k{i}")), "200 v\n");
     }
     assert_eq!(a.requests() + b.requests(), 40);
     // P(one server gets fewer than 5 of 40 fair picks) is about 2e-7.
@@ -361,7 +300,7 @@ fn refused_server_rests_and_is_logged_down_once() {
     let mut c = LineClient::connect(port);
     let t0 = Instant::now();
     for i in 0..50 {
-        assert_eq!(get(&mut c, &format!("k{i}")), "200 v\n", "lookup {i}");
+        assert_eq!(c.get(&format!("k{i}")), "200 v\n", "lookup {i}");
     }
     let wall = t0.elapsed();
     assert!(wall < Duration::from_secs(3), "50 lookups took {wall:?}");
@@ -546,10 +485,7 @@ fn lone_broken_server_gives_temporary_errors_never_not_found() {
     let (_d, port) = start(&[bad.url()], &Setup::default());
     let mut c = LineClient::connect(port);
     for i in 0..3 {
-        assert_temp(
-            &get(&mut c, &format!("k{i}")),
-            &format!("reset, lookup {i}"),
-        );
+        assert_temp(&c.get(&format!("k{i}")), &format!("reset, lookup {i}"));
     }
 }
 
@@ -560,7 +496,7 @@ fn lone_503_answers_its_retmsg_and_is_asked_every_time() {
     let mut c = LineClient::connect(port);
     for i in 0..5 {
         assert_eq!(
-            get(&mut c, &format!("k{i}")),
+            c.get(&format!("k{i}")),
             "400 backend%20overloaded\n",
             "lookup {i}"
         );
@@ -587,7 +523,7 @@ fn max_attempts_bounds_the_servers_tried() {
     let mut c = LineClient::connect(port);
     let total = || servers.iter().map(|s| s.requests()).sum::<usize>();
     for i in 0..6 {
-        let r = get(&mut c, &format!("k{i}"));
+        let r = c.get(&format!("k{i}"));
         assert!(
             ["400 busy%200\n", "400 busy%201\n", "400 busy%202\n"].contains(&r.as_str()),
             "lookup {i}: {r:?}"
@@ -639,7 +575,7 @@ fn lookup_deadline_does_not_count_against_the_last_server() {
     let mut n = 0;
     while hang.requests() == 0 {
         assert!(n < 40, "the hanging server was never picked");
-        let r = get(&mut c, &format!("k{n}"));
+        let r = c.get(&format!("k{n}"));
         if hang.requests() == 0 {
             assert_eq!(r, "200 v\n");
         } else {
@@ -654,7 +590,7 @@ fn lookup_deadline_does_not_count_against_the_last_server() {
         "the 400 ms server answered within http_timeout whenever it had the time; log:\n{log}"
     );
     // And it still serves the next lookup (the hanging one rests).
-    assert_eq!(get(&mut c, "after"), "200 v\n");
+    assert_eq!(c.get("after"), "200 v\n");
 }
 
 // ---------------------------------------------------------------------------
@@ -778,7 +714,7 @@ fn recovery_after_restart_on_the_same_port() {
     let url = server.url("/m");
     let (d, port) = start(std::slice::from_ref(&url), &Setup::default());
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "k0"), "200 v\n");
+    assert_eq!(c.get("k0"), "200 v\n");
     drop(server);
     for i in 1..4 {
         let (r, lat) = timed_get(&mut c, &format!("k{i}"));
@@ -789,7 +725,7 @@ fn recovery_after_restart_on_the_same_port() {
     let t = Instant::now();
     let mut i = 0;
     loop {
-        let r = get(&mut c, &format!("r{i}"));
+        let r = c.get(&format!("r{i}"));
         if r == "200 v\n" {
             break;
         }
@@ -807,7 +743,7 @@ fn recovery_after_restart_on_the_same_port() {
         i
     );
     for i in 0..5 {
-        assert_eq!(get(&mut c, &format!("s{i}")), "200 v\n");
+        assert_eq!(c.get(&format!("s{i}")), "200 v\n");
     }
     assert!(server.requests() >= 6);
     let log = d.stderr();
@@ -828,7 +764,7 @@ fn rested_server_is_probed_after_its_rest_while_others_are_up() {
     let mut n = 0;
     while count_lines(&d.stderr(), &["is down", &b_url]) == 0 {
         assert!(n < 60, "the dead server was never picked in 60 lookups");
-        assert_eq!(get(&mut c, &format!("a{n}")), "200 v\n");
+        assert_eq!(c.get(&format!("a{n}")), "200 v\n");
         n += 1;
     }
     let down_at = Instant::now();
@@ -836,7 +772,7 @@ fn rested_server_is_probed_after_its_rest_while_others_are_up() {
         .expect("bind the revived server");
     sleep_until(down_at + RETRY_INTERVAL + Duration::from_millis(200));
     for i in 0..40 {
-        assert_eq!(get(&mut c, &format!("b{i}")), "200 v\n");
+        assert_eq!(c.get(&format!("b{i}")), "200 v\n");
         if b.requests() > 0 && i >= 10 {
             break;
         }
@@ -869,8 +805,8 @@ fn stale_entries_answer_when_every_server_fails() {
     };
     let (d, port) = start(&[server.url("/m")], &setup);
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "known"), "200 v\n");
-    let not_found = get(&mut c, "unknown");
+    assert_eq!(c.get("known"), "200 v\n");
+    let not_found = c.get("unknown");
     assert!(not_found.starts_with("500 "), "{not_found:?}");
     assert_eq!(server.requests(), 2);
     drop(server);
@@ -887,7 +823,7 @@ fn stale_entries_answer_when_every_server_fails() {
         assert!(lat < Duration::from_secs(1), "round {i}: {lat:?}");
     }
     // A key never cached has nothing stale: temporary error.
-    assert_temp(&get(&mut c, "never-seen"), "uncached key, server gone");
+    assert_temp(&c.get("never-seen"), "uncached key, server gone");
     let log = d.stderr();
     assert_eq!(
         count_lines(&log, &["stale"]),
@@ -1269,7 +1205,7 @@ stale_ttl = "0s"
                     let mut c = LineClient::connect(port);
                     barrier.wait();
                     let key = format!("k{i}@x");
-                    let r = get(&mut c, &key);
+                    let r = c.get(&key);
                     (key, r)
                 })
             })

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Framing, LineClient, Reply, TestServer};
+use common::{Acceptor, Framing, LineClient, Reply, TestServer};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -183,34 +183,27 @@ fn restart_on_same_port() {
 }
 
 /// A fake tcp_table server: answers `200 v-KEY` for keys starting with "a",
-/// `500 not found` otherwise, over one keep-alive connection.
-fn fake_tcp_table() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let stream = stream.unwrap();
-            std::thread::spawn(move || {
-                let mut w = stream.try_clone().unwrap();
-                for line in std::io::BufRead::lines(std::io::BufReader::new(stream)) {
-                    let Ok(line) = line else { return };
-                    let key = line.strip_prefix("get ").unwrap_or("");
-                    let reply = if key.starts_with('a') {
-                        format!("200 v-{key}\n")
-                    } else {
-                        "500 not found\n".to_string()
-                    };
-                    w.write_all(reply.as_bytes()).unwrap();
-                }
-            });
+/// `500 not found` otherwise, over keep-alive connections.
+fn fake_tcp_table() -> Acceptor {
+    Acceptor::start(|stream, _| {
+        let mut w = stream.try_clone().unwrap();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stream)) {
+            let Ok(line) = line else { return };
+            let key = line.strip_prefix("get ").unwrap_or("");
+            let reply = if key.starts_with('a') {
+                format!("200 v-{key}\n")
+            } else {
+                "500 not found\n".to_string()
+            };
+            w.write_all(reply.as_bytes()).unwrap();
         }
-    });
-    port
+    })
 }
 
 #[test]
 fn postmap_against_fake_tcp_table() {
-    let table = format!("tcp:127.0.0.1:{}", fake_tcp_table());
+    let server = fake_tcp_table();
+    let table = format!("tcp:127.0.0.1:{}", server.port());
     let (code, out, err) = common::postmap_q("alice", &table);
     assert_eq!((code, out.as_str()), (0, "v-alice\n"), "stderr: {err}");
     let (code, out, _) = common::postmap_q("bob", &table);

@@ -13,11 +13,14 @@
 
 mod common;
 
-use common::{free_port, proc_status_kib, rss_kib, Daemon, LineClient, Reply, Request, TestServer};
+use common::{
+    assert_temp, client_sockets, count_lines, cpu_ticks, free_port, open_fds, proc_status_kib,
+    quoted_list, rss_kib, show, socket_inodes, Acceptor, Daemon, LineClient, Reply, Request,
+    TestServer,
+};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{RwLock, RwLockReadGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -33,18 +36,6 @@ static EXCLUSIVE: RwLock<()> = RwLock::new(());
 
 fn shared_slot() -> RwLockReadGuard<'static, ()> {
     EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn show(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn quoted_list(items: &[String]) -> String {
-    items
-        .iter()
-        .map(|s| format!("{s:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// One `[maps.NAME]` section on tcp port `port`, short timeouts; `extra`
@@ -87,18 +78,6 @@ fn echo_server() -> TestServer {
     })
 }
 
-/// User + system CPU time of PID, in clock ticks (/proc/PID/stat fields 14, 15).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
-    // The command name (field 2) may hold spaces: count from the last ')'.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): utime is field 14, stime 15.
-    let utime: u64 = fields[11].parse().unwrap();
-    let stime: u64 = fields[12].parse().unwrap();
-    utime + stime
-}
-
 /// Peak RSS of PID (/proc/PID/status VmHWM), in KiB.
 fn hwm_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmHWM")
@@ -128,46 +107,6 @@ fn clock_ticks_per_second() -> u64 {
     } else {
         100
     }
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// The daemon's accepted connections on `port` (any state but listening),
-/// matched by socket inode between /proc/PID/fd and /proc/net/tcp.
-fn client_sockets(pid: u32, port: u16) -> usize {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|t| {
-                    let t = t.to_string_lossy().into_owned();
-                    Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    // /proc/net/tcp is no snapshot: read while sockets come and go, a line
-    // can appear twice. Count distinct inodes.
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let local = format!(":{port:04X}");
-    let found: std::collections::HashSet<String> = table
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() > 9 && f[1].ends_with(&local) && f[3] != "0A")
-        .filter(|f| inodes.iter().any(|i| i == f[9]))
-        .map(|f| f[9].to_string())
-        .collect();
-    found.len()
-}
-
-/// Lines of `log` containing `needle`.
-fn count_lines(log: &str, needle: &str) -> usize {
-    log.lines().filter(|l| l.contains(needle)).count()
 }
 
 /// Raises this process's open-files soft limit to its hard limit; returns
@@ -279,21 +218,6 @@ impl Raw {
     }
 }
 
-/// `get KEY\n` on `c`, one reply line (panics after 10 s).
-fn get(c: &mut LineClient, key: &str) -> String {
-    show(&c.query(format!("get {key}\n").as_bytes()))
-}
-
-/// A reply must be a temporary error: `400 ` and a reason, one line,
-/// never `500` (bounce) nor `200`.
-fn assert_temp(reply: &str, what: &str) {
-    assert!(
-        reply.starts_with("400 ") && reply.len() > 5 && reply.ends_with('\n'),
-        "{what}: want a 400 temporary error, got {reply:?}"
-    );
-    assert_eq!(reply.matches('\n').count(), 1, "{what}: {reply:?}");
-}
-
 // ---------------------------------------------------------------------------
 // 1. Client side
 // ---------------------------------------------------------------------------
@@ -360,7 +284,7 @@ fn a_mebibyte_without_newline_is_not_buffered() {
     // Warm up (first lookups allocate pools, cache shards, buffers).
     let mut warm = LineClient::connect(port);
     for i in 0..20 {
-        assert_eq!(get(&mut warm, &format!("w{i}")), format!("200 v-w{i}\n"));
+        assert_eq!(warm.get(&format!("w{i}")), format!("200 v-w{i}\n"));
     }
     reset_hwm(pid);
     let before = rss_kib(pid);
@@ -422,7 +346,7 @@ fn a_mebibyte_without_newline_is_not_buffered() {
         "daemon peak RSS went from {before} to {peak} KiB: it buffered the over-long lines"
     );
     // And it still serves.
-    assert_eq!(get(&mut warm, "after"), "200 v-after\n");
+    assert_eq!(warm.get("after"), "200 v-after\n");
 }
 
 #[test]
@@ -481,11 +405,11 @@ fn lines_that_are_not_requests_get_400_and_the_next_line_is_served() {
     // the client and its map.
     let log = d.stderr();
     assert_eq!(
-        count_lines(&log, "bad tcp_table request from 127.0.0.1:"),
+        count_lines(&log, &["bad tcp_table request from 127.0.0.1:"]),
         1,
         "stderr:\n{log}"
     );
-    assert_eq!(count_lines(&log, "bad "), 1, "stderr:\n{log}");
+    assert_eq!(count_lines(&log, &["bad "]), 1, "stderr:\n{log}");
     assert!(log.contains("(map virtual): "), "stderr:\n{log}");
 }
 
@@ -554,7 +478,7 @@ fn socketmap_malformed_or_absurd_netstrings_close_the_connection() {
     // Thirteen bad connections within seconds: one log line, naming the client.
     let log = d.stderr();
     assert_eq!(
-        count_lines(&log, "bad socketmap request from 127.0.0.1:"),
+        count_lines(&log, &["bad socketmap request from 127.0.0.1:"]),
         1,
         "stderr:\n{log}"
     );
@@ -672,7 +596,7 @@ fn max_clients_waits_without_spinning_then_serves_the_waiting() {
     // Let the daemon see the readiness probe's connection close: until then
     // it counts towards max_clients.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while client_sockets(pid, port) > 0 && Instant::now() < deadline {
+    while client_sockets(port, &socket_inodes(pid)) > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     let mut conns: Vec<Raw> = (0..60).map(|_| Raw::connect(port)).collect();
@@ -689,7 +613,7 @@ fn max_clients_waits_without_spinning_then_serves_the_waiting() {
     }
     // The daemon holds exactly 50 of them.
     assert_eq!(
-        client_sockets(pid, port),
+        client_sockets(port, &socket_inodes(pid)),
         50,
         "connections the daemon holds"
     );
@@ -714,7 +638,7 @@ fn max_clients_waits_without_spinning_then_serves_the_waiting() {
     );
     let log = d.stderr();
     assert_eq!(
-        count_lines(&log, "max_clients (50) reached"),
+        count_lines(&log, &["max_clients (50) reached"]),
         1,
         "stderr:\n{log}"
     );
@@ -737,7 +661,7 @@ fn max_clients_waits_without_spinning_then_serves_the_waiting() {
         c.line(Duration::from_secs(5)).map(|r| show(&r)),
         Ok("200 v-again\n".to_string())
     );
-    assert_eq!(count_lines(&d.stderr(), "max_clients"), 1);
+    assert_eq!(count_lines(&d.stderr(), &["max_clients"]), 1);
 }
 
 #[test]
@@ -772,7 +696,7 @@ fn allow_from_refuses_other_networks_and_says_so() {
     assert_eq!(show(&got), "", "a refused client gets no reply");
     // Allowed: served.
     let mut ok = LineClient::connect(served);
-    assert_eq!(get(&mut ok, "alice"), "200 v-alice\n");
+    assert_eq!(ok.get("alice"), "200 v-alice\n");
     // Socketmap follows [daemon] allow_from (loopback allowed).
     let mut sm = LineClient::connect(sm_port);
     assert_eq!(sm.socketmap_query("outside", b"bob"), b"OK v-bob");
@@ -785,7 +709,7 @@ fn allow_from_refuses_other_networks_and_says_so() {
     assert_eq!(
         count_lines(
             &log,
-            "refused a connection from 127.0.0.1: not in allow_from"
+            &["refused a connection from 127.0.0.1: not in allow_from"]
         ),
         1,
         "stderr:\n{log}"
@@ -816,7 +740,7 @@ fn daemon_wide_allow_from_refuses_loopback() {
         .unwrap_or_else(|got| panic!("refused client still connected (got {got:?})"));
     assert_eq!(show(&got), "");
     let mut ok = LineClient::connect(tcp);
-    assert_eq!(get(&mut ok, "alice"), "200 v-alice\n");
+    assert_eq!(ok.get("alice"), "200 v-alice\n");
     assert_eq!(server.requests(), 1);
     assert!(
         d.stderr()
@@ -982,7 +906,7 @@ fn replies_over_the_parser_limits_are_temporary_errors() {
     for ((name, _, fine), (server, port)) in cases.iter().zip(&servers) {
         let mut c = LineClient::connect(*port);
         let t = Instant::now();
-        let reply = get(&mut c, "alice");
+        let reply = c.get("alice");
         let took = t.elapsed();
         if *fine {
             assert_eq!(reply, "200 v\n", "{name}");
@@ -994,12 +918,12 @@ fn replies_over_the_parser_limits_are_temporary_errors() {
                 "{name}: the answer took {took:?}: the limit did not trigger"
             );
             // Asked again (the server rests now): still temporary.
-            assert_temp(&get(&mut c, "bob"), name);
+            assert_temp(&c.get("bob"), name);
         }
         assert!(server.requests() >= 1, "{name}: the server was never asked");
         // Others are still served.
         assert_eq!(
-            get(&mut good_client, &format!("after-{name}")),
+            good_client.get(&format!("after-{name}")),
             format!("200 v-after-{name}\n")
         );
     }
@@ -1008,55 +932,33 @@ fn replies_over_the_parser_limits_are_temporary_errors() {
 
 /// A server that answers every request one byte per second, holding the
 /// connection, until dropped.
-struct Trickle {
-    port: u16,
-    stop: Arc<AtomicBool>,
-}
+struct Trickle(Acceptor);
 
 impl Trickle {
     fn start() -> Trickle {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = Arc::clone(&stop);
-        thread::spawn(move || {
-            for s in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
+        Trickle(Acceptor::start(|mut s, _| {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&b[..n]),
+                }
+            }
+            let reply =
+                b"HTTP/1.1 200 OK\r\nPOSTFIX-DICT-RESULTS: trickled\r\nContent-Length: 0\r\n\r\n";
+            for byte in reply {
+                // Fails once the server is dropped (the connection shut down).
+                if s.write_all(&[*byte]).is_err() {
                     return;
                 }
-                let Ok(mut s) = s else { continue };
-                let stop3 = Arc::clone(&stop2);
-                thread::spawn(move || {
-                    let mut head = Vec::new();
-                    let mut b = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut b) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let reply = b"HTTP/1.1 200 OK\r\nPOSTFIX-DICT-RESULTS: trickled\r\nContent-Length: 0\r\n\r\n";
-                    for byte in reply {
-                        if stop3.load(Ordering::SeqCst) || s.write_all(&[*byte]).is_err() {
-                            return;
-                        }
-                        thread::sleep(Duration::from_secs(1));
-                    }
-                });
+                thread::sleep(Duration::from_secs(1));
             }
-        });
-        Trickle { port, stop }
+        }))
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/trickle", self.port)
-    }
-}
-
-impl Drop for Trickle {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        format!("http://127.0.0.1:{}/trickle", self.0.port())
     }
 }
 
@@ -1089,7 +991,7 @@ fn a_trickling_server_is_cut_off_by_the_deadlines() {
         thread::spawn(move || {
             let mut c = LineClient::connect(port);
             let t = Instant::now();
-            let reply = get(&mut c, "alice");
+            let reply = c.get("alice");
             (reply, t.elapsed())
         })
     };
@@ -1097,7 +999,7 @@ fn a_trickling_server_is_cut_off_by_the_deadlines() {
     // Meanwhile others are served at once.
     let mut g = LineClient::connect(pg);
     let t = Instant::now();
-    assert_eq!(get(&mut g, "bob"), "200 v-bob\n");
+    assert_eq!(g.get("bob"), "200 v-bob\n");
     assert!(t.elapsed() < Duration::from_secs(1));
     let (r1, t1) = h1.join().unwrap();
     let (r2, t2) = h2.join().unwrap();
@@ -1160,9 +1062,9 @@ fn result_bytes_reach_postfix_percent_encoded() {
     ];
     for (port, key, want) in cases {
         let mut c = LineClient::connect(*port);
-        assert_eq!(get(&mut c, key), *want, "key {key} on port {port}");
+        assert_eq!(c.get(key), *want, "key {key} on port {port}");
         // Answered from the cache: the same bytes.
-        assert_eq!(get(&mut c, key), *want, "key {key} (cached)");
+        assert_eq!(c.get(key), *want, "key {key} (cached)");
     }
     // A control byte inside a server's line (a CR, a NUL that would cut the
     // value in Postfix) makes the reply a server error: temporary, never a
@@ -1170,7 +1072,7 @@ fn result_bytes_reach_postfix_percent_encoded() {
     let before = body.requests();
     for (port, key) in [(pb, "cr"), (pb, "nul"), (pn, "cr")] {
         let mut c = LineClient::connect(port);
-        let r = get(&mut c, key);
+        let r = c.get(key);
         assert!(
             r.starts_with("400 ") && r.contains("control%20byte"),
             "key {key} on port {port}: {r:?}"
@@ -1200,14 +1102,14 @@ fn results_too_long_for_tcp_table_are_400_and_logged_once() {
     let (d, port) = tcp_daemon(&server, "", "");
     let mut c = LineClient::connect(port);
     // 4091 encoded bytes: "200 " + value + "\n" is exactly 4096 bytes.
-    let fits = get(&mut c, "a-4091");
+    let fits = c.get("a-4091");
     assert_eq!(fits.len(), 4096);
     assert_eq!(fits, format!("200 {}\n", "a".repeat(4091)));
     // "x"*4088 + %20 + "y" = 4092 encoded bytes: one too many.
     let over_keys = ["a-4092", "a-5000", "a-16000", "sp-4088", "a-4093"];
     let t = Instant::now();
     for key in over_keys {
-        let reply = get(&mut c, key);
+        let reply = c.get(key);
         assert_temp(&reply, key);
         assert!(reply.len() <= 4096);
         assert!(
@@ -1215,14 +1117,14 @@ fn results_too_long_for_tcp_table_are_400_and_logged_once() {
             "{key}: {reply:?}"
         );
         // The connection stays usable.
-        assert_eq!(get(&mut c, "a-3"), "200 aaa\n");
+        assert_eq!(c.get("a-3"), "200 aaa\n");
     }
     assert!(
         t.elapsed() < Duration::from_secs(9),
         "the rate-limit window is 10 s"
     );
     let log = d.stderr();
-    assert_eq!(count_lines(&log, "too long"), 1, "stderr:\n{log}");
+    assert_eq!(count_lines(&log, &["too long"]), 1, "stderr:\n{log}");
 }
 
 #[test]
@@ -1236,10 +1138,10 @@ fn body_over_max_result_bytes_is_400() {
     });
     let (_d, port) = tcp_daemon(&server, "", "result = \"body\"\nmax_result_bytes = 100");
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "fits"), format!("200 {}\n", "f".repeat(100)));
-    assert_temp(&get(&mut c, "over"), "101-byte body");
-    assert_temp(&get(&mut c, "huge"), "1 MiB body");
-    let nf = get(&mut c, "missing");
+    assert_eq!(c.get("fits"), format!("200 {}\n", "f".repeat(100)));
+    assert_temp(&c.get("over"), "101-byte body");
+    assert_temp(&c.get("huge"), "1 MiB body");
+    let nf = c.get("missing");
     assert!(nf.starts_with("500 "), "404 is not found: {nf:?}");
 }
 
@@ -1252,6 +1154,6 @@ fn header_result_over_max_result_bytes_is_400() {
     });
     let (_d, port) = tcp_daemon(&server, "", "max_result_bytes = 100");
     let mut c = LineClient::connect(port);
-    assert_eq!(get(&mut c, "fits"), format!("200 {}\n", "f".repeat(100)));
-    assert_temp(&get(&mut c, "over"), "200-byte header result");
+    assert_eq!(c.get("fits"), format!("200 {}\n", "f".repeat(100)));
+    assert_temp(&c.get("over"), "200-byte header result");
 }

@@ -9,49 +9,20 @@
 
 mod common;
 
-use common::{free_port, output_within, Daemon, TestServer};
+use common::{free_port, load_output, run_load, show, spawn_load, Acceptor, Daemon, TestServer};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::TcpStream;
+use std::process::Output;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::Duration;
-
-const LOAD: &str = env!("CARGO_BIN_EXE_httpmapd-load");
-
-/// Starts the load generator with `args`, stdin closed, stdout and stderr
-/// piped.
-fn spawn(args: &[&str]) -> Child {
-    Command::new(LOAD)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn httpmapd-load")
-}
-
-/// Runs the load generator with `args`, stdin closed, stdout and stderr
-/// captured; kills it and panics after `limit`.
-fn run(args: &[&str], limit: Duration) -> Output {
-    wait_output(spawn(args), limit, args)
-}
-
-/// `child`'s output once it exits; kills it and panics after `limit`.
-fn wait_output(child: Child, limit: Duration, args: &[&str]) -> Output {
-    output_within(child, limit, &format!("httpmapd-load {args:?}"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// The one JSON object a `--json` run prints on stdout.
 fn json_of(o: &Output) -> Value {
-    let s = text(&o.stdout);
+    let s = show(&o.stdout);
     assert_eq!(s.lines().count(), 1, "one line on stdout: {s:?}");
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s:?}"))
 }
@@ -68,42 +39,26 @@ fn f(v: &Value) -> f64 {
 /// `delay`, one request at a time per connection (a thread each), counting
 /// the keys it was asked.
 struct TableServer {
-    port: u16,
+    acceptor: Acceptor,
     requests: Arc<AtomicU64>,
     keys: Arc<Mutex<HashMap<String, u64>>>,
-    stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
 }
 
 impl TableServer {
     fn start(delay: Duration) -> TableServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicU64::new(0));
         let keys = Arc::new(Mutex::new(HashMap::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (r, k, s) = (requests.clone(), keys.clone(), stop.clone());
-        let accept = thread::spawn(move || {
-            for conn in listener.incoming() {
-                if s.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(conn) = conn else { continue };
-                let (r, k) = (r.clone(), k.clone());
-                thread::spawn(move || serve(conn, delay, &r, &k));
-            }
-        });
+        let (r, k) = (requests.clone(), keys.clone());
+        let acceptor = Acceptor::start(move |conn, _| serve(conn, delay, &r, &k));
         TableServer {
-            port,
+            acceptor,
             requests,
             keys,
-            stop,
-            accept: Some(accept),
         }
     }
 
     fn target(&self) -> String {
-        format!("tcp:127.0.0.1:{}", self.port)
+        format!("tcp:127.0.0.1:{}", self.acceptor.port())
     }
 
     fn requests(&self) -> u64 {
@@ -140,25 +95,15 @@ fn serve(
     }
 }
 
-impl Drop for TableServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 const SHORT: Duration = Duration::from_secs(20);
 
 #[test]
 fn help_and_version_go_to_stdout_with_status_0() {
     for flag in ["--help", "-h"] {
-        let o = run(&[flag], SHORT);
+        let o = run_load(&[flag], SHORT);
         assert_eq!(o.status.code(), Some(0), "{flag}");
-        assert_eq!(text(&o.stderr), "", "{flag}");
-        let help = text(&o.stdout);
+        assert_eq!(show(&o.stderr), "", "{flag}");
+        let help = show(&o.stdout);
         assert!(
             help.starts_with("Load generator for Postfix lookup tables"),
             "{help}"
@@ -197,11 +142,11 @@ fn help_and_version_go_to_stdout_with_status_0() {
         assert!(help.contains("--keys conf/demo.map"), "{help}");
     }
     for flag in ["--version", "-V"] {
-        let o = run(&[flag], SHORT);
+        let o = run_load(&[flag], SHORT);
         assert_eq!(o.status.code(), Some(0));
-        assert_eq!(text(&o.stderr), "");
+        assert_eq!(show(&o.stderr), "");
         assert_eq!(
-            text(&o.stdout),
+            show(&o.stdout),
             format!("httpmapd-load {}\n", env!("CARGO_PKG_VERSION"))
         );
     }
@@ -235,10 +180,10 @@ fn usage_errors_go_to_stderr_with_status_2() {
         ),
     ];
     for (args, says) in cases {
-        let o = run(args, SHORT);
-        let err = text(&o.stderr);
+        let o = run_load(args, SHORT);
+        let err = show(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        assert_eq!(text(&o.stdout), "", "{args:?}");
+        assert_eq!(show(&o.stdout), "", "{args:?}");
         assert!(err.contains(says), "{args:?}: {err:?} lacks {says:?}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
@@ -254,35 +199,35 @@ fn a_closed_stdout_or_stderr_ends_quietly() {
         vec![target.as_str(), "-n", "50", "-c", "1", "-q", "--json"],
         vec!["--help"],
     ] {
-        let mut child = spawn(&args);
+        let mut child = spawn_load(&args);
         drop(child.stdout.take());
-        let o = wait_output(child, SHORT, &args);
-        let err = text(&o.stderr);
+        let o = load_output(child, SHORT, &args);
+        let err = show(&o.stderr);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
         assert_eq!(err, "", "{args:?}");
     }
     // stderr closed at once: the progress lines' writes fail.
     let args = [target.as_str(), "-d", "1300ms", "-c", "1"];
-    let mut child = spawn(&args);
+    let mut child = spawn_load(&args);
     drop(child.stderr.take());
-    let o = wait_output(child, SHORT, &args);
+    let o = load_output(child, SHORT, &args);
     assert_eq!(o.status.code(), Some(0));
     assert!(
-        text(&o.stdout).contains(" requests in 1.30s: "),
+        show(&o.stdout).contains(" requests in 1.30s: "),
         "{}",
-        text(&o.stdout)
+        show(&o.stdout)
     );
 }
 
 #[test]
 fn json_has_the_fields_compare_sh_reads() {
     let server = TableServer::start(Duration::ZERO);
-    let o = run(
+    let o = run_load(
         &[&server.target(), "-n", "200", "-c", "2", "--json", "-q"],
         SHORT,
     );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    assert_eq!(text(&o.stderr), "");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o.stderr));
+    assert_eq!(show(&o.stderr), "");
     let j = json_of(&o);
     assert_eq!(u(&j["requests"]), 200);
     assert_eq!(u(&j["found"]), 200);
@@ -332,8 +277,9 @@ fn open_loop_shows_the_queueing_that_closed_loop_hides() {
     let slow_closed = TableServer::start(Duration::from_millis(20));
     let slow_open = TableServer::start(Duration::from_millis(20));
     let (tc, to) = (slow_closed.target(), slow_open.target());
-    let closed = thread::spawn(move || run(&[&tc, "-c", "1", "-d", "2s", "--json", "-q"], SHORT));
-    let open = run(
+    let closed =
+        thread::spawn(move || run_load(&[&tc, "-c", "1", "-d", "2s", "--json", "-q"], SHORT));
+    let open = run_load(
         &[&to, "-c", "1", "-d", "2s", "--rate", "100", "--json", "-q"],
         SHORT,
     );
@@ -392,7 +338,7 @@ fn open_loop_shows_the_queueing_that_closed_loop_hides() {
 #[test]
 fn open_loop_below_capacity_keeps_the_schedule() {
     let slow = TableServer::start(Duration::from_millis(20));
-    let o = run(
+    let o = run_load(
         &[
             &slow.target(),
             "-c",
@@ -424,7 +370,7 @@ fn open_loop_below_capacity_keeps_the_schedule() {
 fn open_loop_with_a_count_sends_every_request_however_slow_the_rate() {
     let fast = TableServer::start(Duration::ZERO);
     let started = std::time::Instant::now();
-    let o = run(
+    let o = run_load(
         &[
             &fast.target(),
             "-c",
@@ -441,7 +387,7 @@ fn open_loop_with_a_count_sends_every_request_however_slow_the_rate() {
         SHORT,
     );
     let j = json_of(&o);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o.stderr));
     assert_eq!(u(&j["requests"]), 3, "{j}");
     assert_eq!(u(&j["rate"]["sent"]), 3, "{j}");
     assert_eq!(fast.requests(), 3);
@@ -454,7 +400,7 @@ fn zipf_makes_the_first_key_the_most_asked() {
     // s = 1 over 20 keys: P(rank r) = 1 / (r * H20), H20 = 3.5977;
     // user0 (rank 1) 27.8%, user1 13.9%, user2 9.3%, user3 6.9%.
     let server = TableServer::start(Duration::ZERO);
-    let o = run(
+    let o = run_load(
         &[
             &server.target(),
             "--keyspace",
@@ -469,7 +415,7 @@ fn zipf_makes_the_first_key_the_most_asked() {
         ],
         SHORT,
     );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o.stderr));
     assert_eq!(server.requests(), 4000);
     let counts: Vec<u64> = (0..20)
         .map(|i| server.count(&format!("user{i}@example.com")))
@@ -490,7 +436,7 @@ fn zipf_makes_the_first_key_the_most_asked() {
 
     // Uniform, the default: every key about 200 times.
     let server = TableServer::start(Duration::ZERO);
-    let o = run(
+    let o = run_load(
         &[
             &server.target(),
             "--keyspace",
@@ -517,13 +463,13 @@ fn zipf_makes_the_first_key_the_most_asked() {
 #[test]
 fn progress_once_a_second_on_stderr_unless_quiet() {
     let slow = TableServer::start(Duration::from_millis(20));
-    let o = run(
+    let o = run_load(
         &[&slow.target(), "-c", "1", "-d", "2500ms", "--json"],
         SHORT,
     );
     assert_eq!(o.status.code(), Some(0));
     let j = json_of(&o);
-    let err = text(&o.stderr);
+    let err = show(&o.stderr);
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 2, "{err}");
     for (i, line) in lines.iter().enumerate() {
@@ -544,13 +490,13 @@ fn progress_once_a_second_on_stderr_unless_quiet() {
     }
     assert!(u(&j["requests"]) <= 125);
 
-    let o = run(
+    let o = run_load(
         &[&slow.target(), "-c", "1", "-d", "1200ms", "--quiet"],
         SHORT,
     );
     assert_eq!(o.status.code(), Some(0));
-    assert_eq!(text(&o.stderr), "");
-    assert!(text(&o.stdout).contains(" requests in 1.20s: "));
+    assert_eq!(show(&o.stderr), "");
+    assert!(show(&o.stdout).contains(" requests in 1.20s: "));
 }
 
 /// The keys of conf/demo.map, as the demo backend serves them.
@@ -594,7 +540,7 @@ fn demo_keys_are_hits_and_generated_keys_are_misses() {
         format!("http:127.0.0.1:{}/virtual", backend.port()),
     ];
     for target in &targets {
-        let o = run(
+        let o = run_load(
             &[
                 target, "--keys", demo_keys, "-n", "300", "-c", "2", "--json", "-q",
             ],
@@ -607,7 +553,7 @@ fn demo_keys_are_hits_and_generated_keys_are_misses() {
             "{target}: {j}"
         );
         assert_eq!(u(&j["keys"]), pairs.len() as u64);
-        let o = run(
+        let o = run_load(
             &[
                 target,
                 "--keyspace",

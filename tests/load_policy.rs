@@ -10,20 +10,18 @@
 
 mod common;
 
-use common::output_within;
+use common::run_load;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-const LOAD: &str = env!("CARGO_BIN_EXE_httpmapd-load");
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// The attributes Postfix 3.8 sends in every smtpd policy request.
@@ -255,24 +253,11 @@ fn tmp(name: &str) -> PathBuf {
     ))
 }
 
-/// Runs the load generator with `args`, stdin closed, stdout and stderr
-/// captured; kills it and panics after [`LIMIT`].
-fn run(args: &[&str]) -> Output {
-    let child = Command::new(LOAD)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn httpmapd-load");
-    output_within(child, LIMIT, &format!("httpmapd-load {args:?}"))
-}
-
 /// Runs with `--json -q`; the report (status checked: 0).
 fn run_json(args: &[&str]) -> Value {
     let mut a = args.to_vec();
     a.extend(["--json", "-q"]);
-    let o = run(&a);
+    let o = run_load(&a, LIMIT);
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
         o.status.code(),
@@ -436,17 +421,20 @@ fn a_unix_socket_target() {
 #[test]
 fn a_reply_without_an_action_is_a_protocol_error() {
     let (target, seen) = tcp_server(Mode::NoAction, Duration::ZERO);
-    let o = run(&[
-        &target,
-        "-c",
-        "1",
-        "-n",
-        "5",
-        "--timeout",
-        "2s",
-        "--json",
-        "-q",
-    ]);
+    let o = run_load(
+        &[
+            &target,
+            "-c",
+            "1",
+            "-n",
+            "5",
+            "--timeout",
+            "2s",
+            "--json",
+            "-q",
+        ],
+        LIMIT,
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     // Nothing answered, errors: status 1.
     assert_eq!(o.status.code(), Some(1), "{out}");

@@ -9,10 +9,11 @@
 mod common;
 
 use common::{
-    free_port, metric, rss_kib, stats_get, try_stats_request, unique_temp_dir, wait_until, Daemon,
-    LineClient, Reply, StatsResponse, TestServer,
+    free_port, log_lines, metric, netstring, read_netstring, rss_kib, run_check, show,
+    socket_inodes, stats_get, try_stats_request, unique_temp_dir, wait_until, Daemon, LineClient,
+    Reply, StatsResponse, TestServer,
 };
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -29,33 +30,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_httpmapd");
 
 /// Bound on every poll below (generous for a loaded 2-core machine).
 const WAIT: Duration = Duration::from_secs(5);
-
-/// Runs `httpmapd -c PATH --check`: (exit code, stdout, stderr).
-fn check(path: &Path) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("-c")
-        .arg(path)
-        .arg("--check")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run httpmapd --check");
-    (
-        out.status.code().expect("exited, not killed"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Waits until the daemon's stderr contains `needle`; returns the stderr.
-fn wait_log(d: &Daemon, needle: &str) -> String {
-    let mut text = String::new();
-    let found = wait_until(WAIT, || {
-        text = d.stderr();
-        text.contains(needle)
-    });
-    assert!(found, "no {needle:?} in the log within {WAIT:?}:\n{text}");
-    text
-}
 
 /// Waits until the daemon handles SIGHUP, SIGINT, SIGTERM and SIGUSR1, so a
 /// test's signal never meets a default action even if the daemon's
@@ -77,14 +51,6 @@ fn start(config: &str, ready_port: u16) -> Daemon {
          this test's clients could reach it"
     );
     d
-}
-
-/// The log lines containing `needle`.
-fn log_lines(text: &str, needle: &str) -> Vec<String> {
-    text.lines()
-        .filter(|l| l.contains(needle))
-        .map(str::to_string)
-        .collect()
 }
 
 /// Whether a TCP connect to 127.0.0.1:port is refused (nobody listens).
@@ -117,22 +83,6 @@ fn listening_inodes(port: u16) -> Vec<u64> {
         }
     }
     out
-}
-
-/// Inodes of the sockets process `pid` has open.
-fn socket_inodes(pid: u32) -> Vec<u64> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|t| {
-            t.to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
-        .collect()
 }
 
 /// Whether process `pid` holds a TCP socket listening on `port`. (Asked of
@@ -188,20 +138,6 @@ fn reload_on_fresh_port(d: &Daemon, make: impl Fn(u16) -> String) -> (u16, Strin
     panic!("no free port for the reload in 5 tries:\n{}", d.stderr());
 }
 
-/// A tcp_table request line.
-fn get(key: &str) -> Vec<u8> {
-    format!("get {key}\n").into_bytes()
-}
-
-fn show(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Asserts a reply line byte for byte.
-fn assert_reply(got: Vec<u8>, want: &str) {
-    assert_eq!(show(&got), want, "reply bytes");
-}
-
 /// A `HEAD` request's whole answer, as text.
 fn http_head(port: u16, path: &str) -> String {
     let r = try_stats_request(port, "HEAD", path, WAIT)
@@ -233,36 +169,6 @@ fn assert_line(text: &str, line: &str) {
         text.lines().any(|l| l == line),
         "missing line {line:?} in:\n{text}"
     );
-}
-
-/// A socketmap request `name key` as a netstring.
-fn netstring_request(name: &str, key: &str) -> Vec<u8> {
-    let payload = format!("{name} {key}");
-    format!("{}:{payload},", payload.len()).into_bytes()
-}
-
-/// One netstring reply read from a Unix stream.
-fn read_netstring(s: &mut UnixStream) -> String {
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut len = 0usize;
-    loop {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).expect("netstring length");
-        match b[0] {
-            b'0'..=b'9' => len = len * 10 + usize::from(b[0] - b'0'),
-            b':' => break,
-            other => panic!("bad netstring byte {:?}", other as char),
-        }
-    }
-    let mut payload = vec![0u8; len + 1];
-    s.read_exact(&mut payload).expect("netstring payload");
-    assert_eq!(payload.pop(), Some(b','), "netstring ends with ','");
-    show(&payload)
-}
-
-/// A map server answering `pairs` (found) and not found for other keys.
-fn map_server(pairs: &[(&str, &str)]) -> TestServer {
-    TestServer::with_map(pairs)
 }
 
 // ---------------------------------------------------------------------------
@@ -297,13 +203,13 @@ result = "body"
 "#,
     )
     .unwrap();
-    let (code, out, err) = check(&path);
+    let (code, out, err) = run_check(&path, &[]);
     assert_eq!(code, 0, "stdout {out:?} stderr {err:?}");
     assert_eq!(out, format!("{}: ok (2 map(s))\n", path.display()));
     assert_eq!(err, "", "nothing on stderr for a valid file");
 
     let shipped = common::crate_file("conf/httpmapd.toml");
-    let (code, out, err) = check(&shipped);
+    let (code, out, err) = run_check(&shipped, &[]);
     assert_eq!(code, 0, "conf/httpmapd.toml: stdout {out:?} stderr {err:?}");
     assert_eq!(out, format!("{}: ok (1 map(s))\n", shipped.display()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -322,7 +228,7 @@ fn check_prints_each_problem_with_its_line() {
     )
     .unwrap();
     let p = path.display().to_string();
-    let (code, out, err) = check(&path);
+    let (code, out, err) = run_check(&path, &[]);
     assert_eq!(code, 1, "stdout {out:?} stderr {err:?}");
     assert_eq!(out, "", "nothing on stdout for an invalid file");
     assert_eq!(
@@ -341,7 +247,7 @@ fn check_prints_each_problem_with_its_line() {
          servers = [\"http://127.0.0.1:8080/virtual\"]\nhttp_timeout = \"3s\"\nbogus_key = 1\n",
     )
     .unwrap();
-    let (code, out, err) = check(&unknown);
+    let (code, out, err) = run_check(&unknown, &[]);
     assert_eq!(code, 1, "stdout {out:?} stderr {err:?}");
     assert_eq!(out, "");
     let lines: Vec<&str> = err.lines().collect();
@@ -359,7 +265,7 @@ fn check_prints_each_problem_with_its_line() {
          tcp_listen = \"127.0.0.1:10021\"\nservers = [\"http://127.0.0.1:8080/virtual\"]\n",
     )
     .unwrap();
-    let (code, _, err) = check(&unknown);
+    let (code, _, err) = run_check(&unknown, &[]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.starts_with(&format!(
@@ -387,7 +293,7 @@ fn check_prints_every_problem_even_with_an_unknown_key() {
     )
     .unwrap();
     let p = path.display().to_string();
-    let (code, _, err) = check(&path);
+    let (code, _, err) = run_check(&path, &[]);
     assert_eq!(code, 1, "{err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 3, "one line per problem:\n{err}");
@@ -407,7 +313,7 @@ fn check_prints_every_problem_even_with_an_unknown_key() {
 fn check_missing_file_exits_1_with_a_clear_message() {
     let dir = unique_temp_dir("httpmapd-ops-check");
     let path = dir.join("does-not-exist.toml");
-    let (code, out, err) = check(&path);
+    let (code, out, err) = run_check(&path, &[]);
     assert_eq!(code, 1, "stdout {out:?} stderr {err:?}");
     assert_eq!(out, "");
     let lines: Vec<&str> = err.lines().collect();
@@ -430,7 +336,7 @@ fn check_missing_file_exits_1_with_a_clear_message() {
 
 #[test]
 fn sighup_reload_keeps_client_connections_and_swaps_listeners_and_servers() {
-    let s1 = map_server(&[
+    let s1 = TestServer::with_map(&[
         ("alice@example.com", "alice@one.example"),
         ("bob@example.com", "bob@one.example"),
     ]);
@@ -453,13 +359,10 @@ servers = ["{s1}"]
         s1 = s1.url("/virtual"),
     );
     let d = start(&before, p_virtual);
-    wait_log(&d, "started:");
+    d.wait_log("started:", WAIT);
 
     let mut c = LineClient::connect(p_virtual);
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@one.example\n",
-    );
+    assert_eq!(c.get("alice@example.com"), "200 alice@one.example\n",);
     let mut sm = LineClient::connect(p_sm);
     assert_eq!(
         show(&sm.socketmap_query("virtual", b"bob@example.com")),
@@ -504,14 +407,8 @@ servers = ["{s2e}"]
 
     // The same connection still works, now answered by the new server: the
     // cached answer of the old servers was dropped.
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@two.example\n",
-    );
-    assert_reply(
-        c.query(&get("carol@example.com")),
-        "200 carol@two.example\n",
-    );
+    assert_eq!(c.get("alice@example.com"), "200 alice@two.example\n",);
+    assert_eq!(c.get("carol@example.com"), "200 carol@two.example\n",);
     assert_eq!(s1.requests(), 2, "the old server is not asked any more");
     assert_eq!(
         s2.keys(),
@@ -520,10 +417,7 @@ servers = ["{s2e}"]
 
     // The new listener answers for its map.
     let mut e = LineClient::connect(p_extra);
-    assert_reply(
-        e.query(&get("dave@example.com")),
-        "200 dave@extra.example\n",
-    );
+    assert_eq!(e.get("dave@example.com"), "200 dave@extra.example\n",);
     assert_eq!(s2.paths().last().map(String::as_str), Some("/extra"));
 
     // A connection accepted on the removed listener before the reload stays
@@ -555,7 +449,7 @@ servers = ["{s2e}"]
 
 #[test]
 fn sighup_reload_that_keeps_the_servers_keeps_the_cache() {
-    let s = map_server(&[
+    let s = TestServer::with_map(&[
         ("alice@example.com", "alice@mail.example"),
         ("bob@example.com", "bob@mail.example"),
     ]);
@@ -575,46 +469,35 @@ http_timeout = "{timeout}"
     };
     let d = start(&config("3s"), port);
     let mut c = LineClient::connect(port);
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@mail.example\n",
-    );
-    assert_reply(c.query(&get("nobody@example.com")), "500 not found\n");
+    assert_eq!(c.get("alice@example.com"), "200 alice@mail.example\n",);
+    assert_eq!(c.get("nobody@example.com"), "500 not found\n");
     assert_eq!(s.requests(), 2);
 
     std::fs::write(&d.config_path, config("2s")).unwrap();
-    d.signal(libc::SIGHUP);
-    let log = wait_log(&d, "reloaded");
-    let line = log_lines(&log, "reloaded").pop().unwrap();
+    let line = d.reload_ok();
     assert!(
         line.ends_with("(0 listener(s) added, 0 removed; cache dropped for 0 map(s))"),
         "{line}"
     );
 
     // Cached answers (found and not found) still come from the cache.
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@mail.example\n",
-    );
-    assert_reply(c.query(&get("nobody@example.com")), "500 not found\n");
+    assert_eq!(c.get("alice@example.com"), "200 alice@mail.example\n",);
+    assert_eq!(c.get("nobody@example.com"), "500 not found\n");
     let mut c2 = LineClient::connect(port);
-    assert_reply(
-        c2.query(&get("Alice@Example.com")),
-        "200 alice@mail.example\n",
-    );
+    assert_eq!(c2.get("Alice@Example.com"), "200 alice@mail.example\n",);
     assert_eq!(s.requests(), 2, "no new server request for cached keys");
     // A new key still reaches the (unchanged) server.
-    assert_reply(c.query(&get("bob@example.com")), "200 bob@mail.example\n");
+    assert_eq!(c.get("bob@example.com"), "200 bob@mail.example\n");
     assert_eq!(s.requests(), 3);
 }
 
 #[test]
 fn sighup_with_an_invalid_file_is_refused_and_the_old_config_keeps_serving() {
-    let s1 = map_server(&[
+    let s1 = TestServer::with_map(&[
         ("alice@example.com", "alice@one.example"),
         ("bob@example.com", "bob@one.example"),
     ]);
-    let s2 = map_server(&[("alice@example.com", "alice@two.example")]);
+    let s2 = TestServer::with_map(&[("alice@example.com", "alice@two.example")]);
     let (port, other_port) = (free_port(), free_port());
     let d = start(
         &format!(
@@ -630,10 +513,7 @@ servers = ["{url}"]
         port,
     );
     let mut c = LineClient::connect(port);
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@one.example\n",
-    );
+    assert_eq!(c.get("alice@example.com"), "200 alice@one.example\n",);
 
     // Line 7 has an unknown key; the rest would move the map elsewhere.
     let bad = format!(
@@ -642,8 +522,8 @@ servers = ["{url}"]
         url = s2.url("/virtual")
     );
     std::fs::write(&d.config_path, &bad).unwrap();
-    d.signal(libc::SIGHUP);
-    let log = wait_log(&d, "reload refused");
+    d.reload().expect_err("the reload is refused");
+    let log = d.stderr();
     let refused_lines = log_lines(&log, "reload refused");
     assert_eq!(refused_lines.len(), 1, "{log}");
     assert!(
@@ -656,12 +536,9 @@ servers = ["{url}"]
     assert!(!log.contains("reloaded"), "{log}");
 
     // Old listener, old server, old cache.
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@one.example\n",
-    );
+    assert_eq!(c.get("alice@example.com"), "200 alice@one.example\n",);
     let mut c2 = LineClient::connect(port);
-    assert_reply(c2.query(&get("bob@example.com")), "200 bob@one.example\n");
+    assert_eq!(c2.get("bob@example.com"), "200 bob@one.example\n");
     assert_eq!(s1.requests(), 2);
     assert_eq!(s2.requests(), 0);
     assert_not_listening(d.pid(), other_port); // the refused config's listener
@@ -677,15 +554,9 @@ servers = ["{url}"]
     );
     wait_not_listening(&d, port);
     let mut c3 = LineClient::connect(other_port);
-    assert_reply(
-        c3.query(&get("alice@example.com")),
-        "200 alice@two.example\n",
-    );
+    assert_eq!(c3.get("alice@example.com"), "200 alice@two.example\n",);
     // The connection on the removed listener is still served.
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@two.example\n",
-    );
+    assert_eq!(c.get("alice@example.com"), "200 alice@two.example\n",);
     assert_eq!(s2.requests(), 1);
 }
 
@@ -717,13 +588,10 @@ servers = ["{url}"]
         port,
     );
     let mut idle = LineClient::connect(port);
-    assert_reply(
-        idle.query(&get("quick@example.com")),
-        "200 quick@mail.example\n",
-    );
+    assert_eq!(idle.get("quick@example.com"), "200 quick@mail.example\n",);
 
     let mut c = LineClient::connect(port);
-    c.send(&get("slow@example.com"));
+    c.send(b"get slow@example.com\n");
     assert!(
         s.wait_for_requests(2, WAIT),
         "the slow lookup reached the server"
@@ -735,7 +603,7 @@ servers = ["{url}"]
     let pid = d.pid();
     wait_not_listening(&d, port);
     // The lookup in flight is answered, byte for byte.
-    assert_reply(c.read_line(), "200 slow@mail.example\n");
+    assert_eq!(show(&c.read_line()), "200 slow@mail.example\n");
     let status = d.wait_exit(WAIT).expect("httpmapd exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "exit status {status}");
     let log = d.stderr();
@@ -752,7 +620,7 @@ servers = ["{url}"]
 
 #[test]
 fn sigint_with_nothing_in_flight_exits_0_promptly() {
-    let s = map_server(&[("alice@example.com", "alice@mail.example")]);
+    let s = TestServer::with_map(&[("alice@example.com", "alice@mail.example")]);
     let (port, sm_port) = (free_port(), free_port());
     let mut d = start(
         &format!(
@@ -770,10 +638,7 @@ servers = ["{url}"]
     );
     // Idle client connections do not hold the shutdown up.
     let mut c = LineClient::connect(port);
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@mail.example\n",
-    );
+    assert_eq!(c.get("alice@example.com"), "200 alice@mail.example\n",);
     let _sm = LineClient::connect(sm_port);
     let pid = d.pid();
     let t = Instant::now();
@@ -821,21 +686,15 @@ servers = ["{url}"]
         stats,
     );
     let mut c = LineClient::connect(port);
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@mail.example\n",
-    );
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@mail.example\n",
-    );
-    assert_reply(c.query(&get("nobody@example.com")), "500 not found\n");
-    assert_reply(c.query(&get("busy@example.com")), "400 maintenance\n");
+    assert_eq!(c.get("alice@example.com"), "200 alice@mail.example\n",);
+    assert_eq!(c.get("alice@example.com"), "200 alice@mail.example\n",);
+    assert_eq!(c.get("nobody@example.com"), "500 not found\n");
+    assert_eq!(c.get("busy@example.com"), "400 maintenance\n");
     assert_eq!(s.requests(), 3);
     assert!(!d.stderr().contains("counters:"));
 
     d.signal(libc::SIGUSR1);
-    let log = wait_log(&d, "counters:");
+    let log = d.wait_log("counters:", WAIT);
     // Give a duplicate line (if any) a chance to show up.
     thread::sleep(Duration::from_millis(200));
     let log = if d.stderr().len() > log.len() {
@@ -852,10 +711,7 @@ servers = ["{url}"]
          cache_bytes=395 cache_hits=1 cache_misses=3 coalesced=0 evictions=0 refreshes=0"
     );
     // The daemon goes on serving.
-    assert_reply(
-        c.query(&get("alice@example.com")),
-        "200 alice@mail.example\n",
-    );
+    assert_eq!(c.get("alice@example.com"), "200 alice@mail.example\n",);
     d.signal(libc::SIGUSR1);
     assert!(
         wait_until(WAIT, || log_lines(&d.stderr(), "counters:").len() == 2),
@@ -1047,7 +903,7 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
         ("busy@example.com", "400 maintenance\n"),
         ("a@example.com", "200 alice@mail.example\n"), // a cache hit
     ] {
-        assert_reply(c.query(&get(key)), want);
+        assert_eq!(c.get(key), want);
     }
     assert_eq!(s.requests(), 6);
     for r in s.request_log() {
@@ -1141,13 +997,15 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
 
     // The only server goes away; a lookup fails and the server rests.
     drop(s);
-    let reply = c.query(&get("down@example.com"));
+    let reply = c.query(b"get down@example.com\n");
     assert!(
         reply.starts_with(b"400 ") && reply.ends_with(b"\n"),
         "a temporary error, got {:?}",
         show(&reply)
     );
-    assert!(wait_log(&d, "is down").contains(&format!("server {url} (map virtual) is down: ")));
+    assert!(d
+        .wait_log("is down", WAIT)
+        .contains(&format!("server {url} (map virtual) is down: ")));
     let h = http_get(stats, "/health");
     assert_eq!(h.status, 503, "{}", h.body);
     assert_eq!(h.body, "degraded\nmap virtual: 0/1 servers up\n");
@@ -1177,11 +1035,11 @@ headers = {{ Authorization = "Bearer {SECRET}" }}
     }
     // SIGUSR1 and a refused reload do not show it either.
     d.signal(libc::SIGUSR1);
-    wait_log(&d, "counters:");
+    d.wait_log("counters:", WAIT);
     let cfg = std::fs::read_to_string(&d.config_path).unwrap();
     std::fs::write(&d.config_path, format!("{cfg}bogus = 1\n")).unwrap();
-    d.signal(libc::SIGHUP);
-    let log = wait_log(&d, "reload refused");
+    d.reload().expect_err("the reload is refused");
+    let log = d.stderr();
     assert!(!log.contains(SECRET), "{log}");
     // The refused reload shows in the metrics (recorded right after its log line).
     let deadline = std::time::Instant::now() + WAIT;
@@ -1220,7 +1078,7 @@ servers = ["{url}"]
 
 #[test]
 fn unix_socket_has_its_mode_and_goes_away_at_exit() {
-    let s = map_server(&[("alice@example.com", "alice@mail.example")]);
+    let s = TestServer::with_map(&[("alice@example.com", "alice@mail.example")]);
     let dir = unique_temp_dir("httpmapd-ops-unix");
     let sock = dir.join("httpmapd.sock");
     let port = free_port();
@@ -1230,12 +1088,13 @@ fn unix_socket_has_its_mode_and_goes_away_at_exit() {
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
 
     let mut u = UnixStream::connect(&sock).expect("connect to the Unix socket");
-    u.write_all(&netstring_request("virtual", "alice@example.com"))
+    u.set_read_timeout(Some(WAIT)).unwrap();
+    u.write_all(&netstring(b"virtual alice@example.com"))
         .unwrap();
-    assert_eq!(read_netstring(&mut u), "OK alice@mail.example");
-    u.write_all(&netstring_request("virtual", "nobody@example.com"))
+    assert_eq!(show(&read_netstring(&mut u)), "OK alice@mail.example");
+    u.write_all(&netstring(b"virtual nobody@example.com"))
         .unwrap();
-    assert_eq!(read_netstring(&mut u), "NOTFOUND ");
+    assert_eq!(show(&read_netstring(&mut u)), "NOTFOUND ");
 
     d.signal(libc::SIGTERM);
     let status = d.wait_exit(WAIT).expect("exits after SIGTERM");
@@ -1249,7 +1108,7 @@ fn unix_socket_has_its_mode_and_goes_away_at_exit() {
 
 #[test]
 fn unix_socket_stale_file_is_replaced() {
-    let s = map_server(&[("alice@example.com", "alice@mail.example")]);
+    let s = TestServer::with_map(&[("alice@example.com", "alice@mail.example")]);
     let dir = unique_temp_dir("httpmapd-ops-unix");
     let sock = dir.join("httpmapd.sock");
     // A socket file nobody listens on any more (a crashed daemon's).
@@ -1268,9 +1127,10 @@ fn unix_socket_stale_file_is_replaced() {
     let port = free_port();
     let d = start(&unix_config(&sock, port, &s.url("/virtual")), port);
     let mut u = UnixStream::connect(&sock).expect("the daemon listens on the path");
-    u.write_all(&netstring_request("virtual", "alice@example.com"))
+    u.set_read_timeout(Some(WAIT)).unwrap();
+    u.write_all(&netstring(b"virtual alice@example.com"))
         .unwrap();
-    assert_eq!(read_netstring(&mut u), "OK alice@mail.example");
+    assert_eq!(show(&read_netstring(&mut u)), "OK alice@mail.example");
     assert_eq!(
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o7777,
         0o660
@@ -1281,7 +1141,7 @@ fn unix_socket_stale_file_is_replaced() {
 
 #[test]
 fn unix_socket_in_use_by_a_live_listener_prevents_start_with_exit_2() {
-    let s = map_server(&[("alice@example.com", "alice@mail.example")]);
+    let s = TestServer::with_map(&[("alice@example.com", "alice@mail.example")]);
     let dir = unique_temp_dir("httpmapd-ops-unix");
     let sock = dir.join("httpmapd.sock");
     let live = UnixListener::bind(&sock).unwrap();
@@ -1341,7 +1201,7 @@ fn unix_socket_in_use_by_a_live_listener_prevents_start_with_exit_2() {
 /// daemon every time. Many workers widen that window.
 #[test]
 fn signal_right_after_the_port_accepts_does_not_kill_it() {
-    let s = map_server(&[("alice@example.com", "alice@mail.example")]);
+    let s = TestServer::with_map(&[("alice@example.com", "alice@mail.example")]);
     let dir = unique_temp_dir("httpmapd-ops-early");
     for round in 0..5 {
         let port = free_port();
@@ -1409,8 +1269,8 @@ fn signal_right_after_the_port_accepts_does_not_kill_it() {
 /// user may join), Postfix's connections spread over two daemons.
 #[test]
 fn second_daemon_on_the_same_tcp_port_fails_to_start() {
-    let s1 = map_server(&[("alice@example.com", "alice@one.example")]);
-    let s2 = map_server(&[("alice@example.com", "alice@two.example")]);
+    let s1 = TestServer::with_map(&[("alice@example.com", "alice@one.example")]);
+    let s2 = TestServer::with_map(&[("alice@example.com", "alice@two.example")]);
     let port = free_port();
     let config = |url: String| {
         format!(

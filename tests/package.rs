@@ -117,17 +117,6 @@ const TOOLS: &[(&str, &str)] = &[
 // Tools, the build, helpers
 // ---------------------------------------------------------------------------
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            std::fs::metadata(dir.join(tool)).is_ok_and(|m| {
-                m.is_file()
-                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-            })
-        })
-    })
-}
-
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
 }
@@ -146,7 +135,7 @@ fn missing_tools() -> &'static [(&'static str, &'static str)] {
                         .output()
                         .is_ok_and(|o| o.status.success())
                 } else {
-                    !on_path(tool)
+                    common::find_program(tool, &["$PATH"]).is_none()
                 }
             })
             .copied()
@@ -170,7 +159,7 @@ fn require_tools() {
 
 /// Fails the test when man (man-db) is missing.
 fn require_man() {
-    if !on_path("man") {
+    if common::find_program("man", &["$PATH"]).is_none() {
         common::missing("man", "the Debian package man-db (apt-get install man-db)");
     }
 }
@@ -309,7 +298,7 @@ fn dpkg_architecture() -> String {
 }
 
 fn source(rel: &str) -> Vec<u8> {
-    let p = Path::new(MANIFEST_DIR).join(rel);
+    let p = common::crate_file(rel);
     std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
@@ -934,7 +923,7 @@ fn unit_runs_the_packaged_paths() {
 fn unit_passes_systemd_analyze_verify() {
     require_tools();
     require_man();
-    if !on_path("systemd-analyze") {
+    if common::find_program("systemd-analyze", &["$PATH"]).is_none() {
         common::missing(
             "systemd-analyze",
             "the Debian package systemd (apt-get install systemd)",

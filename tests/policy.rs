@@ -14,22 +14,23 @@
 //! - The HTTP side: the JSON and form bodies, their headers, the request id
 //!   and its echo, the answers (body and JSON), caching, metrics.
 //!
-//! The policy servers are [`PolicyServer`], a small HTTP/1.1 server written
-//! here: unlike the harness's `TestServer` it keeps each request's body.
+//! The policy servers are the harness's `TestServer` (which keeps each
+//! request with its body) answering with an [`Answer`] (see
+//! [`policy_server`]).
 
 mod common;
 
 use common::postfix::{self, PrivatePostfix, SmtpClient};
 use common::{
-    free_port, metric, metric_samples, metrics, stats_body, unique_temp_dir, wait_until, Daemon,
+    cpu_ticks, free_port, log_lines, metric, metric_samples, metrics, quoted_list, run_check,
+    stats_body, unique_temp_dir, wait_until, Daemon, Framing, Reply, Request, TestServer,
 };
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 /// The default `default_action` (README, issue 14).
@@ -39,25 +40,20 @@ const DEFAULT_ACTION: &str = "DEFER_IF_PERMIT Policy service unavailable";
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------
-// The policy server: HTTP/1.1, keeps every request with its body
+// The policy server: the harness's TestServer, answering with an Answer
 // ---------------------------------------------------------------------------
 
-/// One request as the policy server received it.
-#[derive(Debug, Clone)]
-struct PolicyRequest {
-    method: String,
-    path: String,
-    /// HTTP version minor number (1 for HTTP/1.1).
-    version: u8,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-    /// Which connection carried it (1 = the first accepted).
-    connection: usize,
-    /// Its place on that connection (1 = the first request).
-    seq_on_connection: usize,
+/// What the tests read in a request the policy server received: its
+/// headers, its id and the attributes in its body.
+trait PolicyRequest {
+    fn headers_named(&self, name: &str) -> Vec<String>;
+    fn only_header(&self, name: &str) -> String;
+    fn id(&self) -> Option<String>;
+    fn attrs(&self) -> Vec<(String, String)>;
+    fn attr(&self, name: &str) -> String;
 }
 
-impl PolicyRequest {
+impl PolicyRequest for Request {
     /// Every value of header `name` (case-insensitive), as text.
     fn headers_named(&self, name: &str) -> Vec<String> {
         self.headers
@@ -68,7 +64,7 @@ impl PolicyRequest {
     }
 
     /// The one value of header `name`; panics if it is missing or repeated.
-    fn header(&self, name: &str) -> String {
+    fn only_header(&self, name: &str) -> String {
         let v = self.headers_named(name);
         assert_eq!(v.len(), 1, "header {name} in {:?}", self.headers);
         v[0].clone()
@@ -191,201 +187,44 @@ impl Answer {
         self.delay = d;
         self
     }
-}
 
-type Handler = dyn Fn(&PolicyRequest) -> Answer + Send + Sync + 'static;
-
-struct ServerShared {
-    handler: Box<Handler>,
-    stop: AtomicBool,
-    requests: AtomicUsize,
-    connections: AtomicUsize,
-    log: Mutex<Vec<PolicyRequest>>,
-    streams: Mutex<HashMap<usize, TcpStream>>,
-}
-
-/// A policy server on 127.0.0.1: one thread per connection, keep-alive,
-/// `Content-Length` bodies. Dropping it closes everything.
-struct PolicyServer {
-    addr: SocketAddr,
-    shared: Arc<ServerShared>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl PolicyServer {
-    fn start(handler: impl Fn(&PolicyRequest) -> Answer + Send + Sync + 'static) -> PolicyServer {
-        PolicyServer::start_on("127.0.0.1:0", handler).expect("bind the policy server")
-    }
-
-    /// On a given address (to come back on the port it had).
-    fn start_on(
-        addr: &str,
-        handler: impl Fn(&PolicyRequest) -> Answer + Send + Sync + 'static,
-    ) -> io::Result<PolicyServer> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(ServerShared {
-            handler: Box::new(handler),
-            stop: AtomicBool::new(false),
-            requests: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-            log: Mutex::new(Vec::new()),
-            streams: Mutex::new(HashMap::new()),
-        });
-        let s = shared.clone();
-        let accept = thread::spawn(move || {
-            for stream in listener.incoming() {
-                if s.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(stream) = stream else {
-                    thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let serial = s.connections.fetch_add(1, Ordering::SeqCst) + 1;
-                if let Ok(clone) = stream.try_clone() {
-                    s.streams.lock().unwrap().insert(serial, clone);
-                }
-                let s2 = s.clone();
-                thread::spawn(move || {
-                    let _ = serve_policy_connection(stream, &s2, serial);
-                    s2.streams.lock().unwrap().remove(&serial);
-                });
-            }
-        });
-        Ok(PolicyServer {
-            addr,
-            shared,
-            accept: Some(accept),
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn requests(&self) -> usize {
-        self.shared.requests.load(Ordering::SeqCst)
-    }
-
-    fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
-    }
-
-    fn log(&self) -> Vec<PolicyRequest> {
-        self.shared.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for PolicyServer {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-        for (_, s) in self.shared.streams.lock().unwrap().drain() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-fn serve_policy_connection(
-    mut stream: TcpStream,
-    shared: &ServerShared,
-    serial: usize,
-) -> io::Result<()> {
-    let _ = stream.set_nodelay(true);
-    let mut buf: Vec<u8> = Vec::new();
-    let mut seq = 0;
-    loop {
-        // One head.
-        let (mut request, head_len, body_len) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let headers: Vec<(String, Vec<u8>)> = req
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_string(), h.value.to_vec()))
-                        .collect();
-                    let body_len = headers
-                        .iter()
-                        .find(|(n, _)| n.eq_ignore_ascii_case("Content-Length"))
-                        .map(|(_, v)| {
-                            String::from_utf8_lossy(v)
-                                .trim()
-                                .parse::<usize>()
-                                .expect("Content-Length")
-                        })
-                        .unwrap_or(0);
-                    let r = PolicyRequest {
-                        method: req.method.unwrap_or("").to_string(),
-                        path: req.path.unwrap_or("").to_string(),
-                        version: req.version.unwrap_or(0),
-                        headers,
-                        body: Vec::new(),
-                        connection: serial,
-                        seq_on_connection: 0,
-                    };
-                    break (r, n, body_len);
-                }
-                Ok(httparse::Status::Partial) => {}
-                Err(_) => {
-                    stream.write_all(
-                        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    )?;
-                    return Ok(());
-                }
-            }
-            let mut chunk = [0u8; 8192];
-            let n = stream.read(&mut chunk)?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
+    /// The HTTP reply to `req`: the status, `POSTFIX-POLICY-ID` as
+    /// [`Answer::echo`] says, the body (`Content-Length`), after the delay.
+    fn reply(self, req: &Request) -> Reply {
+        let id = req.id().unwrap_or_default();
+        let echoed = match self.echo {
+            Echo::Same => Some(id),
+            Echo::Missing => None,
+            Echo::Wrong if id == "0123456789abcdef" => Some("fedcba9876543210".to_string()),
+            Echo::Wrong => Some("0123456789abcdef".to_string()),
         };
-        while buf.len() < head_len + body_len {
-            let mut chunk = [0u8; 8192];
-            let n = stream.read(&mut chunk)?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        request.body = buf[head_len..head_len + body_len].to_vec();
-        buf.drain(..head_len + body_len);
-        seq += 1;
-        request.seq_on_connection = seq;
-        shared.log.lock().unwrap().push(request.clone());
-        shared.requests.fetch_add(1, Ordering::SeqCst);
-        let answer = (shared.handler)(&request);
-        let deadline = Instant::now() + answer.delay;
-        while Instant::now() < deadline {
-            if shared.stop.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        let mut out = format!("HTTP/1.1 {} Whatever\r\n", answer.status).into_bytes();
-        let id = request.id().unwrap_or_default();
-        match answer.echo {
-            Echo::Same => out.extend_from_slice(format!("POSTFIX-POLICY-ID: {id}\r\n").as_bytes()),
-            Echo::Missing => {}
-            Echo::Wrong => {
-                let wrong = if id == "0123456789abcdef" {
-                    "fedcba9876543210"
-                } else {
-                    "0123456789abcdef"
-                };
-                out.extend_from_slice(format!("POSTFIX-POLICY-ID: {wrong}\r\n").as_bytes());
-            }
-        }
-        out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", answer.body.len()).as_bytes());
-        out.extend_from_slice(&answer.body);
-        stream.write_all(&out)?;
+        let reply = Reply::Http {
+            status: self.status,
+            headers: echoed
+                .map(|v| ("POSTFIX-POLICY-ID".to_string(), v.into_bytes()))
+                .into_iter()
+                .collect(),
+            body: self.body,
+            framing: Framing::ContentLength,
+            close: false,
+        };
+        reply.delayed(self.delay)
     }
+}
+
+/// A policy server on 127.0.0.1: the harness's [`TestServer`] (a thread per
+/// connection, keep-alive, every request kept with its body) answering
+/// each request with `handler`'s [`Answer`].
+fn policy_server(handler: impl Fn(&Request) -> Answer + Send + Sync + 'static) -> TestServer {
+    policy_server_on("127.0.0.1:0", handler).expect("bind the policy server")
+}
+
+/// As [`policy_server`], on a given address (to come back on the port it had).
+fn policy_server_on(
+    addr: &str,
+    handler: impl Fn(&Request) -> Answer + Send + Sync + 'static,
+) -> io::Result<TestServer> {
+    TestServer::start_on(addr, move |req| handler(req).reply(req))
 }
 
 // ---------------------------------------------------------------------------
@@ -605,10 +444,9 @@ fn start_policy(name: &str, servers: &[String], extra: &str) -> (Daemon, u16, u1
 /// A policy section with short timeouts (unless `extra` sets them); the
 /// `extra` lines are added.
 fn policy_section(name: &str, port: u16, servers: &[String], extra: &str) -> String {
-    let servers: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
     let mut out = format!(
         "\n[policies.{name}]\nlisten = \"127.0.0.1:{port}\"\nservers = [{}]\n",
-        servers.join(", ")
+        quoted_list(servers)
     );
     for (key, value) in [
         ("connect_timeout", "\"300ms\""),
@@ -625,27 +463,6 @@ fn policy_section(name: &str, port: u16, servers: &[String], extra: &str) -> Str
     out
 }
 
-/// The daemon's warning lines containing `part`.
-fn warnings(daemon: &Daemon, part: &str) -> Vec<String> {
-    daemon
-        .stderr()
-        .lines()
-        .filter(|l| l.contains(part))
-        .map(str::to_string)
-        .collect()
-}
-
-/// CPU time (user + system) of process `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let f = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
-    f(14).unwrap_or(0) + f(15).unwrap_or(0)
-}
-
 // ---------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------
@@ -655,17 +472,9 @@ fn check_config(text: &str) -> (i32, String) {
     let dir = unique_temp_dir("httpmapd-policy-check");
     let path = dir.join("httpmapd.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_httpmapd"))
-        .arg("-c")
-        .arg(&path)
-        .arg("--check")
-        .output()
-        .expect("run httpmapd --check");
+    let (code, _, stderr) = run_check(&path, &[]);
     let _ = std::fs::remove_dir_all(&dir);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE"),
-    )
+    (code, stderr.replace(&path.display().to_string(), "FILE"))
 }
 
 #[test]
@@ -754,7 +563,7 @@ servers = ["http://127.0.0.1:9000/check"]
 fn pipelined_requests_are_answered_in_order_with_exact_bytes() {
     // The first request is answered last by the server: the replies must
     // still come in request order.
-    let server = PolicyServer::start(|req| {
+    let server = policy_server(|req| {
         let n: u64 = req.attr("n").parse().unwrap();
         Answer::action(&format!("OK request {n}")).delayed(Duration::from_millis((5 - n) * 60))
     });
@@ -804,7 +613,7 @@ fn pipelined_requests_are_answered_in_order_with_exact_bytes() {
 /// byte, one warning line names the client and the reason, and clients
 /// connected before and after are served.
 fn check_malformed(kind: &str, bad: &[u8], why: &str) {
-    let server = PolicyServer::start(|_| Answer::action("DUNNO"));
+    let server = policy_server(|_| Answer::action("DUNNO"));
     let (daemon, port, stats) = start_policy("strict", &[server.url("/")], "");
     let mut before = PolicyClient::connect(port);
     assert_eq!(
@@ -821,15 +630,15 @@ fn check_malformed(kind: &str, bad: &[u8], why: &str) {
         bad_client.local_port()
     );
     assert!(
-        wait_until(Duration::from_secs(2), || !warnings(
-            &daemon,
+        wait_until(Duration::from_secs(2), || !log_lines(
+            &daemon.stderr(),
             "bad policy request"
         )
         .is_empty()),
         "{kind}: no warning line"
     );
     assert_eq!(
-        warnings(&daemon, "bad policy request"),
+        log_lines(&daemon.stderr(), "bad policy request"),
         vec![want],
         "{kind}: the warning lines"
     );
@@ -905,8 +714,7 @@ fn three_hundred_attributes_close_the_connection_without_an_answer() {
 #[test]
 fn a_bad_request_after_a_good_one_on_the_same_connection() {
     // The good request pipelined before it is answered, then the close.
-    let server =
-        PolicyServer::start(|_| Answer::action("OK first").delayed(Duration::from_millis(200)));
+    let server = policy_server(|_| Answer::action("OK first").delayed(Duration::from_millis(200)));
     let (_daemon, port, _stats) = start_policy("strict", &[server.url("/")], "");
     let mut c = PolicyClient::connect(port);
     let mut both = smtpd_request("192.0.2.1", "a@x.test", "b@y.test");
@@ -924,7 +732,7 @@ fn a_bad_request_after_a_good_one_on_the_same_connection() {
 fn bad_request_warnings_are_rate_limited() {
     // Four bad requests of four kinds within the 10 s window: one line,
     // for the first; every connection is closed all the same.
-    let server = PolicyServer::start(|_| Answer::action("DUNNO"));
+    let server = policy_server(|_| Answer::action("DUNNO"));
     let (daemon, port, stats) = start_policy("strict", &[server.url("/")], "");
     let mut long_line = b"sender=".to_vec();
     long_line.extend(std::iter::repeat_n(b'b', 9000));
@@ -941,7 +749,7 @@ fn bad_request_warnings_are_rate_limited() {
             .unwrap_or_else(|e| panic!("bad request {i}: {e}"));
     }
     assert_eq!(
-        warnings(&daemon, "bad policy request"),
+        log_lines(&daemon.stderr(), "bad policy request"),
         vec![format!(
             "httpmapd: warning: bad policy request from 127.0.0.1:{first_port} (policy strict): malformed policy request: a line without '='; closing the connection (0 similar not logged)"
         )]
@@ -956,7 +764,7 @@ fn bad_request_warnings_are_rate_limited() {
 
 #[test]
 fn a_request_of_exactly_max_request_bytes_is_answered() {
-    let server = PolicyServer::start(|_| Answer::action("OK fits"));
+    let server = policy_server(|_| Answer::action("OK fits"));
     let (_daemon, port, _stats) =
         start_policy("small", &[server.url("/")], "max_request_bytes = 1024");
     // 10 lines of 100 bytes, one of 23, the empty line: 1024 bytes.
@@ -977,7 +785,7 @@ fn a_request_of_exactly_max_request_bytes_is_answered() {
 
 #[test]
 fn a_request_over_max_request_bytes_closes_the_connection_without_an_answer() {
-    let server = PolicyServer::start(|_| Answer::action("OK"));
+    let server = policy_server(|_| Answer::action("OK"));
     let (daemon, port, _stats) =
         start_policy("small", &[server.url("/")], "max_request_bytes = 1024");
     // 11 lines of 100 bytes (short lines, few attributes): 1100 bytes
@@ -1003,11 +811,11 @@ fn a_request_over_max_request_bytes_closes_the_connection_without_an_answer() {
             "a request over max_request_bytes: {e}; the daemon used {busy} CPU ticks in the \
              next second (100 = one core busy); another client on the same (only) worker \
              got {served:?}; warnings: {:?}",
-            warnings(&daemon, "bad policy request")
+            log_lines(&daemon.stderr(), "bad policy request")
         );
     }
     assert_eq!(
-        warnings(&daemon, "bad policy request"),
+        log_lines(&daemon.stderr(), "bad policy request"),
         vec![format!(
             "httpmapd: warning: bad policy request from 127.0.0.1:{} (policy small): policy request too large: the request is over its limit; closing the connection (0 similar not logged)",
             c.local_port()
@@ -1025,7 +833,7 @@ fn a_request_over_max_request_bytes_closes_the_connection_without_an_answer() {
 fn a_max_request_bytes_over_64_kib_is_honoured() {
     // max_request_bytes may be up to 1 MiB: a request of 90,000 bytes (in
     // lines under 8192 bytes) fits a 100,000-byte limit.
-    let server = PolicyServer::start(|req| Answer::action(&format!("OK {}", req.body.len())));
+    let server = policy_server(|req| Answer::action(&format!("OK {}", req.body.len())));
     let (daemon, port, _stats) =
         start_policy("big", &[server.url("/")], "max_request_bytes = 100000");
     let mut c = PolicyClient::connect(port);
@@ -1053,7 +861,7 @@ fn a_max_request_bytes_over_64_kib_is_honoured() {
 
 #[test]
 fn a_unix_socket_listener_answers() {
-    let server = PolicyServer::start(|req| Answer::action(&format!("OK {}", req.attr("sender"))));
+    let server = policy_server(|req| Answer::action(&format!("OK {}", req.attr("sender"))));
     let dir = unique_temp_dir("httpmapd-policy-unix");
     let path = dir.join("policy.sock");
     let (_daemon, _stats) = start_daemon(
@@ -1086,7 +894,7 @@ fn a_unix_socket_listener_answers() {
 
 #[test]
 fn allow_from_refuses_other_clients() {
-    let server = PolicyServer::start(|_| Answer::action("OK"));
+    let server = policy_server(|_| Answer::action("OK"));
     let (port, open_port) = (free_port(), free_port());
     let (_daemon, _stats) = start_daemon(
         1,
@@ -1123,7 +931,7 @@ fn allow_from_refuses_other_clients() {
 
 #[test]
 fn json_and_form_bodies_reach_the_server_exactly() {
-    let server = PolicyServer::start(|_| Answer::action("DUNNO"));
+    let server = policy_server(|_| Answer::action("DUNNO"));
     let (json_port, form_port) = (free_port(), free_port());
     let headers = "headers = { Authorization = \"Bearer s3cret\", X-Policy-Client = \"mx1\" }";
     let (_daemon, _stats) = start_daemon(
@@ -1162,7 +970,7 @@ fn json_and_form_bodies_reach_the_server_exactly() {
     assert_eq!(f.ask(&req), "DUNNO");
     assert_eq!(j.ask(&req), "DUNNO");
     assert_eq!(f.ask(&req), "DUNNO");
-    let log = server.log();
+    let log = server.request_log();
     assert_eq!(log.len(), 4);
     let mut ids = Vec::new();
     for (i, r) in log.iter().enumerate() {
@@ -1174,10 +982,14 @@ fn json_and_form_bodies_reach_the_server_exactly() {
         assert_eq!(r.method, "POST", "request {i}");
         assert_eq!(r.path, path, "request {i}");
         assert_eq!(r.version, 1, "request {i}: HTTP/1.1");
-        assert_eq!(r.header("Host"), server.addr.to_string(), "request {i}");
-        assert_eq!(r.header("Content-Type"), ct, "request {i}");
         assert_eq!(
-            r.header("Content-Length"),
+            r.only_header("Host"),
+            server.addr().to_string(),
+            "request {i}"
+        );
+        assert_eq!(r.only_header("Content-Type"), ct, "request {i}");
+        assert_eq!(
+            r.only_header("Content-Length"),
             r.body.len().to_string(),
             "request {i}"
         );
@@ -1186,9 +998,13 @@ fn json_and_form_bodies_reach_the_server_exactly() {
             "request {i}: {:?}",
             r.headers
         );
-        assert_eq!(r.header("Authorization"), "Bearer s3cret", "request {i}");
-        assert_eq!(r.header("X-Policy-Client"), "mx1", "request {i}");
-        let id = r.header("POSTFIX-POLICY-ID");
+        assert_eq!(
+            r.only_header("Authorization"),
+            "Bearer s3cret",
+            "request {i}"
+        );
+        assert_eq!(r.only_header("X-Policy-Client"), "mx1", "request {i}");
+        let id = r.only_header("POSTFIX-POLICY-ID");
         assert!(
             id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
             "request {i}: POSTFIX-POLICY-ID {id:?}"
@@ -1282,7 +1098,7 @@ fn answer_for(case: &str) -> Answer {
 
 #[test]
 fn the_action_is_the_reply_body_or_the_default_action() {
-    let server = PolicyServer::start(|req| answer_for(&req.attr("case")));
+    let server = policy_server(|req| answer_for(&req.attr("case")));
     let (port, custom_port) = (free_port(), free_port());
     let (daemon, _stats) = start_daemon(
         1,
@@ -1346,7 +1162,7 @@ fn the_action_is_the_reply_body_or_the_default_action() {
         "DUNNO"
     );
     // Counted and logged (rate-limited: one line so far).
-    let lines = warnings(&daemon, "no server gave an action");
+    let lines = log_lines(&daemon.stderr(), "no server gave an action");
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(
         lines[0],
@@ -1359,7 +1175,7 @@ fn the_action_is_the_reply_body_or_the_default_action() {
 
 #[test]
 fn a_json_pointer_gives_the_action() {
-    let server = PolicyServer::start(|req| answer_for(&req.attr("case")));
+    let server = policy_server(|req| answer_for(&req.attr("case")));
     let (port, nested_port) = (free_port(), free_port());
     let (_daemon, _stats) = start_daemon(
         1,
@@ -1410,7 +1226,7 @@ fn a_4096_byte_action_with_a_trailing_newline_is_the_action() {
     // ends its action with a newline (echo, print) gives the action.
     let action = format!("OK {}", "a".repeat(4093));
     let body = format!("{action}\n");
-    let server = PolicyServer::start(move |_| Answer::action(&body));
+    let server = policy_server(move |_| Answer::action(&body));
     let (_daemon, port, _stats) = start_policy("p", &[server.url("/")], "");
     let mut c = PolicyClient::connect(port);
     let got = c.ask(&request(&[("sender", "a@x.test")]));
@@ -1429,7 +1245,7 @@ fn a_json_reply_larger_than_4096_bytes_gives_its_action() {
         r#"{{"action":"REJECT 5.7.1 listed","detail":"{}"}}"#,
         "x".repeat(5000)
     );
-    let server = PolicyServer::start(move |_| Answer::action(&body));
+    let server = policy_server(move |_| Answer::action(&body));
     let (_daemon, port, _stats) =
         start_policy("p", &[server.url("/")], "result = \"json:/action\"");
     let mut c = PolicyClient::connect(port);
@@ -1441,7 +1257,7 @@ fn a_json_reply_larger_than_4096_bytes_gives_its_action() {
 
 #[test]
 fn all_servers_down_gives_the_default_action_and_a_mirror_is_used() {
-    let up = PolicyServer::start(|_| Answer::action("OK from the mirror"));
+    let up = policy_server(|_| Answer::action("OK from the mirror"));
     let down1 = format!("http://127.0.0.1:{}/", free_port());
     let down2 = format!("http://127.0.0.1:{}/", free_port());
     let (port, mirror_port) = (free_port(), free_port());
@@ -1515,7 +1331,7 @@ fn cache_key_caches_the_action_per_tuple_but_never_the_default_action() {
     let fail = Arc::new(AtomicBool::new(false));
     let handler = {
         let (counter, fail) = (counter.clone(), fail.clone());
-        move |req: &PolicyRequest| {
+        move |req: &Request| {
             let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
             if fail.load(Ordering::SeqCst) {
                 return Answer::body(503, b"");
@@ -1526,8 +1342,8 @@ fn cache_key_caches_the_action_per_tuple_but_never_the_default_action() {
             }
         }
     };
-    let server = PolicyServer::start(handler.clone());
-    let addr = server.addr.to_string();
+    let server = policy_server(handler.clone());
+    let addr = server.addr().to_string();
     let (port, short_port) = (free_port(), free_port());
     let key = "cache_key = [\"client_address\", \"sender\"]";
     let (_daemon, stats) = start_daemon(
@@ -1612,7 +1428,7 @@ fn cache_key_caches_the_action_per_tuple_but_never_the_default_action() {
         ask(&mut c, "192.0.2.8", "d@x.test", "r2@y.test"),
         DEFAULT_ACTION
     );
-    let server = PolicyServer::start_on(&addr, handler).expect("the server back on its port");
+    let server = policy_server_on(&addr, handler).expect("the server back on its port");
     assert_eq!(
         ask(&mut c, "192.0.2.8", "d@x.test", "r3@y.test"),
         "OK 7 d@x.test"
@@ -1660,7 +1476,7 @@ fn cache_key_caches_the_action_per_tuple_but_never_the_default_action() {
 
 #[test]
 fn without_cache_key_every_request_reaches_a_server() {
-    let server = PolicyServer::start(|_| Answer::action("OK"));
+    let server = policy_server(|_| Answer::action("OK"));
     // (A ttl without cache_key is refused: see policy_configuration_is_checked.)
     let (_daemon, port, stats) = start_policy("nocache", &[server.url("/")], "");
     // Identical requests: pipelined on one connection, then on three.
@@ -1700,7 +1516,7 @@ fn concurrent_requests_on_two_workers_each_get_their_own_answer() {
     // Without cache_key, requests on different connections must never share
     // a fetch, whichever worker serves them. 16 connections spread over two
     // workers (SO_REUSEPORT); every request is in flight at once.
-    let server = PolicyServer::start(|req| {
+    let server = policy_server(|req| {
         Answer::action(&format!("OK {}", req.attr("sender"))).delayed(Duration::from_millis(400))
     });
     let port = free_port();
@@ -1732,7 +1548,7 @@ fn a_cached_tuple_hit_near_its_expiry_is_still_answered_after_it() {
     // a server: the refreshed or a new fetch), not left waiting.
     let counter = Arc::new(AtomicUsize::new(0));
     let c2 = counter.clone();
-    let server = PolicyServer::start(move |_| {
+    let server = policy_server(move |_| {
         Answer::action(&format!("OK {}", c2.fetch_add(1, Ordering::SeqCst) + 1))
     });
     let port = free_port();
@@ -1778,7 +1594,7 @@ fn concurrent_requests_for_one_cached_tuple_share_one_fetch() {
     // each default action is counted.
     let fail = Arc::new(AtomicBool::new(false));
     let f2 = fail.clone();
-    let server = PolicyServer::start(move |req| {
+    let server = policy_server(move |req| {
         let a = if f2.load(Ordering::SeqCst) {
             Answer::body(503, b"")
         } else {
@@ -1854,15 +1670,14 @@ fn a_wrong_policy_id_echo_is_never_delivered() {
     // must never reach Postfix); the retry on a fresh connection is right.
     let counter = Arc::new(AtomicUsize::new(0));
     let c2 = counter.clone();
-    let server = PolicyServer::start(move |_| {
+    let server = policy_server(move |_| {
         if c2.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
             Answer::action("REJECT not yours").echo(Echo::Wrong)
         } else {
             Answer::action("OK yours")
         }
     });
-    let always_wrong =
-        PolicyServer::start(|_| Answer::action("REJECT not yours").echo(Echo::Wrong));
+    let always_wrong = policy_server(|_| Answer::action("REJECT not yours").echo(Echo::Wrong));
     let (port, wrong_port) = (free_port(), free_port());
     let (daemon, stats) = start_daemon(
         1,
@@ -1926,7 +1741,7 @@ fn a_wrong_policy_id_echo_is_never_delivered() {
         1.0
     );
     // One line (rate-limited) for the first rejected reply.
-    let lines = warnings(&daemon, "): reply rejected");
+    let lines = log_lines(&daemon.stderr(), "): reply rejected");
     let prefix = format!(
         "httpmapd: warning: server {} (map policy:echo): reply rejected: it echoes policy request id \"0123456789abcdef\" but ",
         server.url("/")
@@ -1941,7 +1756,7 @@ fn a_wrong_policy_id_echo_is_never_delivered() {
 
 #[test]
 fn require_key_echo_refuses_a_reply_without_the_policy_id() {
-    let silent = PolicyServer::start(|_| Answer::action("OK unproven").echo(Echo::Missing));
+    let silent = policy_server(|_| Answer::action("OK unproven").echo(Echo::Missing));
     let (strict_port, lax_port) = (free_port(), free_port());
     let (_daemon, stats) = start_daemon(
         1,
@@ -2002,7 +1817,7 @@ fn require_key_echo_refuses_a_reply_without_the_policy_id() {
 
 #[test]
 fn policy_metrics_count_exactly() {
-    let server = PolicyServer::start(|req| match req.attr("sender").as_str() {
+    let server = policy_server(|req| match req.attr("sender").as_str() {
         "ok@x.test" => Answer::action("OK"),
         "dunno@x.test" => Answer::action(""),
         "reject@x.test" => Answer::action("REJECT 5.7.1 no"),
@@ -2223,7 +2038,7 @@ fn postfix_smtpd_asks_httpmapd_over_one_policy_connection() {
     let defer = Arc::new(AtomicBool::new(false));
     let handler = {
         let defer = defer.clone();
-        move |req: &PolicyRequest| {
+        move |req: &Request| {
             if defer.load(Ordering::SeqCst) {
                 return Answer::action("DEFER_IF_PERMIT try later");
             }
@@ -2233,8 +2048,8 @@ fn postfix_smtpd_asks_httpmapd_over_one_policy_connection() {
             }
         }
     };
-    let server = PolicyServer::start(handler.clone());
-    let server_addr = server.addr.to_string();
+    let server = policy_server(handler.clone());
+    let server_addr = server.addr().to_string();
     let policy_port = free_port();
     let (daemon, stats) = start_daemon(
         1,
@@ -2287,7 +2102,7 @@ fn postfix_smtpd_asks_httpmapd_over_one_policy_connection() {
     defer.store(false, Ordering::SeqCst);
     assert_eq!(server.requests(), 5);
     // What smtpd sent, as the server received it.
-    let log = server.log();
+    let log = server.request_log();
     let senders: Vec<(String, String)> = log
         .iter()
         .map(|r| (r.attr("sender"), r.attr("recipient")))
@@ -2306,7 +2121,7 @@ fn postfix_smtpd_asks_httpmapd_over_one_policy_connection() {
     for r in &log {
         assert_eq!(r.method, "POST");
         assert_eq!(r.path, "/policy");
-        assert_eq!(r.header("Content-Type"), "application/json");
+        assert_eq!(r.only_header("Content-Type"), "application/json");
         assert_eq!(r.attr("request"), "smtpd_access_policy");
         assert_eq!(r.attr("protocol_state"), "RCPT");
         assert_eq!(r.attr("protocol_name"), "ESMTP");
@@ -2327,7 +2142,7 @@ fn postfix_smtpd_asks_httpmapd_over_one_policy_connection() {
         "450 4.7.1 <d1@example.com>: Recipient address rejected: Policy service unavailable"
     );
     // Back on its port: answered again.
-    let server = PolicyServer::start_on(&server_addr, handler).expect("the server back");
+    let server = policy_server_on(&server_addr, handler).expect("the server back");
     assert_eq!(
         smtp.rcpt("friend@client.test", "e1@example.com"),
         "250 2.1.5 Ok"

@@ -28,12 +28,11 @@
 mod common;
 
 use common::postfix::{self, PrivatePostfix, SmtpClient};
-use common::{free_port, Daemon, LineClient, Reply, Request, TestServer};
+use common::{free_port, Acceptor, Daemon, LineClient, Reply, Request, TestServer};
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 /// The envelope sender of every test message.
@@ -135,43 +134,22 @@ struct SinkMessage {
 /// A minimal SMTP server on 127.0.0.1 (220/250/354/221, no extensions) that
 /// records every message. Dropping it stops it and closes its connections.
 struct Sink {
-    port: u16,
+    acceptor: Acceptor,
     messages: Arc<Mutex<Vec<SinkMessage>>>,
-    stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<Vec<TcpStream>>>,
-    accept: Option<JoinHandle<()>>,
 }
 
 impl Sink {
     fn start() -> Sink {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the SMTP sink");
-        let port = listener.local_addr().unwrap().port();
         let messages = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let streams = Arc::new(Mutex::new(Vec::<TcpStream>::new()));
-        let (m, s, st) = (messages.clone(), stop.clone(), streams.clone());
-        let accept = thread::spawn(move || {
-            for stream in listener.incoming() {
-                if s.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                if let Ok(clone) = stream.try_clone() {
-                    st.lock().unwrap().push(clone);
-                }
-                let m = m.clone();
-                thread::spawn(move || {
-                    let _ = sink_session(stream, &m);
-                });
-            }
+        let m = messages.clone();
+        let acceptor = Acceptor::start(move |stream, _| {
+            let _ = sink_session(stream, &m);
         });
-        Sink {
-            port,
-            messages,
-            stop,
-            streams,
-            accept: Some(accept),
-        }
+        Sink { acceptor, messages }
+    }
+
+    fn port(&self) -> u16 {
+        self.acceptor.port()
     }
 
     fn messages(&self) -> Vec<SinkMessage> {
@@ -202,20 +180,6 @@ impl Sink {
             .into_iter()
             .filter(|m| m.from.is_empty() || m.rcpts.iter().any(|r| r == SENDER))
             .collect()
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ =
-            TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_secs(1));
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-        for s in self.streams.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
     }
 }
 
@@ -512,7 +476,7 @@ fn postfix_delivers_through_httpmapd_and_defers_while_the_directory_is_down() {
     // Setup: sink, directory, httpmapd, Postfix (dropped in reverse order:
     // Postfix stops first).
     let sink = Sink::start();
-    let handler = directory(sink.port);
+    let handler = directory(sink.port());
     let server = TestServer::start(handler.clone());
     let http_addr = server.addr().to_string();
     let maps = MapPorts {
@@ -524,9 +488,12 @@ fn postfix_delivers_through_httpmapd_and_defers_while_the_directory_is_down() {
     for port in [maps.virtual_, maps.access] {
         drop(LineClient::connect(port));
     }
-    let pf = PrivatePostfix::start("httpmapd-postfix", &main_cf(&maps, sink.port), 3, |ports| {
-        master_cf(SmtpPorts::new(ports), &maps)
-    });
+    let pf = PrivatePostfix::start(
+        "httpmapd-postfix",
+        &main_cf(&maps, sink.port()),
+        3,
+        |ports| master_cf(SmtpPorts::new(ports), &maps),
+    );
     let smtp = SmtpPorts::new(&pf.smtpd);
     eprintln!(
         "setup ({:?}): postfix in {} (smtpd on {}, {}, {}), httpmapd tcp maps on {}, {}, {}, \
@@ -539,7 +506,7 @@ fn postfix_delivers_through_httpmapd_and_defers_while_the_directory_is_down() {
         maps.virtual_,
         maps.access,
         maps.transport,
-        sink.port
+        sink.port()
     );
 
     // 1. An alias is accepted and delivered rewritten.
@@ -712,7 +679,7 @@ fn postfix_delivers_through_httpmapd_and_defers_while_the_directory_is_down() {
     let waited = wait_found(
         maps.transport,
         "real-held@dest.test",
-        &format!("smtp:[127.0.0.1]:{}", sink.port),
+        &format!("smtp:[127.0.0.1]:{}", sink.port()),
         Duration::from_secs(15),
     );
     wait_found(

@@ -92,18 +92,15 @@ fn promtool() -> PathBuf {
     if let Some(p) = std::env::var_os("PROMTOOL") {
         return PathBuf::from(p);
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
-        .map(|d| d.join("promtool"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
+    common::find_program("promtool", &["$PATH", "/usr/bin", "/usr/local/bin"]).unwrap_or_else(
+        || {
             common::missing(
                 "promtool (looked for on PATH, in /usr/bin and /usr/local/bin)",
                 "the Debian package prometheus (apt-get install prometheus), \
-                 or set PROMTOOL=/path/to/promtool",
+             or set PROMTOOL=/path/to/promtool",
             )
-        })
+        },
+    )
 }
 
 /// Runs promtool with `args` from the repository's top; returns whether it

@@ -88,7 +88,7 @@ fn run_shell(cmd: &str, dir: &Path, mail_config: &Path) -> (i32, String, String)
 #[test]
 fn readme_quick_start_works_as_written() {
     // The README's lookups run Postfix's postmap: fail now if it is missing.
-    common::postmap_path();
+    common::postfix::program("postmap");
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let code = section_code(&readme, "## Quick start");
     // The first command starts everything; the `$` lines and their output follow.

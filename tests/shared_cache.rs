@@ -26,17 +26,17 @@
 mod common;
 
 use common::{
-    free_port, metric, metrics, stats_get, unique_temp_dir, wait_until, Daemon, LineClient, Reply,
-    TestServer,
+    count_lines, free_port, log_lines, metric, metrics, output_within, show, stats_get,
+    unique_temp_dir, wait_until, Acceptor, Daemon, LineClient, Reply, TestServer,
 };
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Barrier};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,17 +54,12 @@ const WAIT: Duration = Duration::from_secs(5);
 
 /// Where `redis-server` is; fails the test when it is not installed.
 fn redis_server_path() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("redis-server"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            common::missing(
-                "redis-server",
-                "the Debian package redis-server (apt-get install redis-server)",
-            )
-        })
+    common::find_program("redis-server", &["$PATH", "/usr/bin", "/usr/sbin"]).unwrap_or_else(|| {
+        common::missing(
+            "redis-server",
+            "the Debian package redis-server (apt-get install redis-server)",
+        )
+    })
 }
 
 /// A private `redis-server`: 127.0.0.1 on a free port (and a Unix socket in
@@ -376,10 +371,6 @@ impl RespConn {
     }
 }
 
-fn show(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn show_args(args: &[&[u8]]) -> Vec<String> {
     args.iter().map(|a| show(a)).collect()
 }
@@ -635,8 +626,7 @@ impl Node {
     }
 
     fn get_in(&self, map: &str, key: &str) -> String {
-        let mut c = LineClient::connect(self.port(map));
-        show(&c.query(format!("get {}\n", encode_key(key)).as_bytes()))
+        LineClient::connect(self.port(map)).get(&encode_key(key))
     }
 
     fn client(&self) -> LineClient {
@@ -654,15 +644,21 @@ impl Node {
 
     /// Waits until every worker is connected to the shared cache.
     fn wait_connected(&self) {
-        let want = self.workers as f64;
+        self.wait_connections(self.workers, Duration::from_secs(15));
+    }
+
+    /// Waits up to `within` until `n` workers are connected to the shared
+    /// cache (`httpmapd_shared_cache_connections`).
+    fn wait_connections(&self, n: usize, within: Duration) {
+        let want = n as f64;
         let mut last = -1.0;
-        let ok = wait_until(Duration::from_secs(15), || {
+        let ok = wait_until(within, || {
             last = self.metric("httpmapd_shared_cache_connections");
             last == want
         });
         assert!(
             ok,
-            "{last} of {want} workers connected to the shared cache; log:\n{}",
+            "{last} workers, not {want}, connected to the shared cache; log:\n{}",
             self.log()
         );
     }
@@ -681,12 +677,12 @@ impl Node {
 
     /// Log lines saying the shared cache went down.
     fn down_lines(&self) -> usize {
-        count_lines(&self.log(), "is down")
+        count_lines(&self.log(), &["is down"])
     }
 
     /// Log lines saying the shared cache is back.
     fn up_lines(&self) -> usize {
-        count_lines(&self.log(), "is up again")
+        count_lines(&self.log(), &["is up again"])
     }
 }
 
@@ -696,16 +692,9 @@ impl Drop for Node {
     }
 }
 
-fn count_lines(log: &str, needle: &str) -> usize {
-    log.lines().filter(|l| l.contains(needle)).count()
-}
-
 /// Lines of `log` containing `needle`, for messages.
 fn lines_with(log: &str, needle: &str) -> String {
-    log.lines()
-        .filter(|l| l.contains(needle))
-        .collect::<Vec<_>>()
-        .join("\n")
+    log_lines(log, needle).join("\n")
 }
 
 /// A command's outcome.
@@ -716,18 +705,16 @@ struct Out {
     stderr: String,
 }
 
-/// Runs a command to its end (at most 30 s).
+/// Runs a command to its end (killed, and the test failed, after 30 s).
 fn run(mut cmd: Command) -> Out {
-    cmd.stdin(Stdio::null());
-    let (tx, rx) = mpsc::channel();
     let what = format!("{cmd:?}");
-    thread::spawn(move || {
-        let _ = tx.send(cmd.output());
-    });
-    let out = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("{what} did not finish within 30 s"))
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = output_within(child, Duration::from_secs(30), &what);
     Out {
         code: out.status.code().unwrap_or(-1),
         stdout: show(&out.stdout),
@@ -1132,7 +1119,7 @@ fn redis_killed_mid_load_loses_and_falsifies_nothing() {
                     };
                     j += 1;
                     let was_killed = killed.load(Ordering::SeqCst);
-                    let got = show(&c.query(format!("get {key}\n").as_bytes()));
+                    let got = c.get(&key);
                     count.answers += 1;
                     if was_killed {
                         count.after_kill += 1;
@@ -1172,9 +1159,7 @@ fn redis_killed_mid_load_loses_and_falsifies_nothing() {
         );
     }
     for n in &nodes {
-        assert!(wait_until(WAIT, || n
-            .metric("httpmapd_shared_cache_connections")
-            == 0.0));
+        n.wait_connections(0, WAIT);
         let log = n.log();
         assert!(
             log.contains(&format!("shared cache {} is down", redis.described())),
@@ -1280,74 +1265,39 @@ enum Fake {
 }
 
 /// A listener that plays `fake` on every connection; counts connections.
-struct FakeRedis {
-    port: u16,
-    connections: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-}
+struct FakeRedis(Acceptor);
 
 impl FakeRedis {
     fn start(fake: Fake) -> FakeRedis {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        l.set_nonblocking(true).unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (n, st) = (connections.clone(), stop.clone());
-        thread::spawn(move || {
-            while !st.load(Ordering::SeqCst) {
-                let Ok((mut s, _)) = l.accept() else {
-                    thread::sleep(Duration::from_millis(5));
-                    continue;
-                };
-                n.fetch_add(1, Ordering::SeqCst);
-                let st = st.clone();
-                thread::spawn(move || {
-                    s.set_nonblocking(false).unwrap();
-                    if let Fake::Close = fake {
-                        return;
-                    }
-                    s.set_read_timeout(Some(Duration::from_millis(100)))
-                        .unwrap();
-                    let mut buf = [0u8; 4096];
-                    while !st.load(Ordering::SeqCst) {
-                        match s.read(&mut buf) {
-                            Ok(0) => return,
-                            Ok(_) => {
-                                let junk: &[u8] = match fake {
-                                    Fake::NotResp => b"HTTP/1.1 400 Bad Request\r\n\r\n\x00\xff",
-                                    Fake::HugeBulk => b"$99999999999\r\n",
-                                    Fake::Errors => {
-                                        b"-ERR unknown command, with args beginning with: \r\n"
-                                    }
-                                    Fake::Close => b"",
-                                };
-                                if s.write_all(junk).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => return,
-                        }
-                    }
-                });
+        FakeRedis(Acceptor::start(move |mut s, _| {
+            if let Fake::Close = fake {
+                return;
             }
-        });
-        FakeRedis {
-            port,
-            connections,
-            stop,
-        }
+            let mut buf = [0u8; 4096];
+            // Until the daemon closes, or the fake is dropped (shut down).
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let junk: &[u8] = match fake {
+                    Fake::NotResp => b"HTTP/1.1 400 Bad Request\r\n\r\n\x00\xff",
+                    Fake::HugeBulk => b"$99999999999\r\n",
+                    Fake::Errors => b"-ERR unknown command, with args beginning with: \r\n",
+                    Fake::Close => b"",
+                };
+                if s.write_all(junk).is_err() {
+                    return;
+                }
+            }
+        }))
     }
-}
 
-impl Drop for FakeRedis {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+    fn port(&self) -> u16 {
+        self.0.port()
+    }
+
+    fn connections(&self) -> usize {
+        self.0.accepted()
     }
 }
 
@@ -1356,13 +1306,13 @@ fn a_server_speaking_garbage_in_place_of_redis_is_only_misses() {
     for fake in [Fake::NotResp, Fake::HugeBulk, Fake::Errors, Fake::Close] {
         let f = FakeRedis::start(fake);
         let backend = Backend::start(Duration::ZERO);
-        let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", f.port);
+        let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", f.port());
         let cfg = Cfg::new(Some(&url), &backend.url()).shared("timeout = \"50ms\"");
         let started = Instant::now();
         let node = Node::start(&cfg);
         // Let it try (and fail) a few times.
         assert!(
-            wait_until(WAIT, || f.connections.load(Ordering::SeqCst) >= 2),
+            wait_until(WAIT, || f.connections() >= 2),
             "{fake:?}: the daemon never connected"
         );
         let keys = key_set("t5", 30);
@@ -1386,7 +1336,7 @@ fn a_server_speaking_garbage_in_place_of_redis_is_only_misses() {
         );
         eprintln!(
             "{fake:?}: {} connections in {:?}; errors protocol {protocol} reply {reply} unavailable {unavailable}; log:\n{}",
-            f.connections.load(Ordering::SeqCst),
+            f.connections(),
             started.elapsed(),
             lines_with(&log, "shared cache")
         );
@@ -1418,14 +1368,14 @@ fn a_server_speaking_garbage_in_place_of_redis_is_only_misses() {
             lines_with(&log, "shared cache")
         );
         assert!(
-            log.contains(&format!("redis://:***@127.0.0.1:{}/0 is down", f.port)),
+            log.contains(&format!("redis://:***@127.0.0.1:{}/0 is down", f.port())),
             "{log}"
         );
         assert_no_password("the log", &log);
         // Reconnects back off: each worker tries at 0, 100, 300, 700,
         // 1500 ms... (the wait doubles from 100 ms): in T ms at most
         // 2 + log2(T / 100 + 1) tries per worker.
-        let conns = f.connections.load(Ordering::SeqCst);
+        let conns = f.connections();
         let ms = started.elapsed().as_millis() as f64;
         let bound = 2 * (2 + (ms / 100.0 + 1.0).log2().floor() as usize);
         assert!(
@@ -1461,11 +1411,7 @@ fn the_password_shows_nowhere() {
         (&none, "NOAUTH"),
         (&user, "WRONGPASS"),
     ] {
-        assert!(
-            wait_until(WAIT, || n.log().contains(needle)),
-            "no {needle} in the log:\n{}",
-            n.log()
-        );
+        n.daemon.wait_log(needle, WAIT);
         assert_eq!(n.get("y@example.com"), want("y@example.com", 1));
     }
     assert!(wrong
@@ -1672,7 +1618,7 @@ fn fan_out(redis: &Redis, claim_wait: &str, prefix: &str, rounds: usize) -> (usi
                 let (b, key) = (barrier.clone(), key.clone());
                 thread::spawn(move || {
                     b.wait();
-                    show(&c.query(format!("get {key}\n").as_bytes()))
+                    c.get(&key)
                 })
             })
             .collect();
@@ -2311,12 +2257,8 @@ fn reload_keeps_or_renews_the_shared_cache() {
     assert_eq!(before.len(), 2, "{before:?}");
 
     // Unchanged: same connections, L1 kept (no command for a hit).
-    a.daemon.signal(libc::SIGHUP);
-    assert!(
-        wait_until(WAIT, || count_lines(&a.log(), "reloaded") == 1),
-        "{}",
-        a.log()
-    );
+    a.daemon.reload_ok();
+    assert_eq!(count_lines(&a.log(), &["reloaded"]), 1, "{}", a.log());
     thread::sleep(Duration::from_millis(300));
     c.reset_stats();
     assert_eq!(a.get("max@example.com"), want("max@example.com", 1));
@@ -2335,7 +2277,7 @@ fn reload_keeps_or_renews_the_shared_cache() {
         ),
     )
     .unwrap();
-    a.daemon.signal(libc::SIGHUP);
+    a.daemon.reload_ok();
     assert!(
         wait_until(WAIT, || {
             let now = clients(&mut c);
@@ -2447,7 +2389,7 @@ fn a_result_fetched_under_the_old_configuration_is_not_written_to_redis() {
     let text = std::fs::read_to_string(a.config()).unwrap();
     assert!(text.contains(&old.url()));
     std::fs::write(a.config(), text.replace(&old.url(), &new.url())).unwrap();
-    a.daemon.reload().expect("reloaded");
+    a.daemon.reload_ok();
     assert_eq!(
         show(&client.read_line()),
         want(key, 1),

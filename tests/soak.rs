@@ -36,7 +36,9 @@
 
 mod common;
 
-use common::{free_port, proc_status_kib, rss_kib, Daemon, Reply, Request, TestServer};
+use common::{
+    client_sockets, free_port, proc_status_kib, rss_kib, Daemon, Reply, Request, TestServer,
+};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -89,34 +91,6 @@ fn fds(pid: u32) -> (usize, Vec<u64>) {
         }
     }
     (total, sockets)
-}
-
-/// TCP sockets other than the listener whose local port is `port` (the
-/// daemon's accepted client connections, in any state: established, or
-/// close-wait once the client closed), from /proc/net/tcp, among `inodes`.
-fn client_sockets(port: u16, inodes: &[u64]) -> usize {
-    // /proc/net/tcp is no snapshot (a line can appear twice while sockets
-    // come and go): count distinct inodes.
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let found: std::collections::HashSet<&str> = table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() < 10 {
-                return false;
-            }
-            let local_port = f[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            let listening = f[3] == "0A";
-            let inode: u64 = f[9].parse().unwrap_or(0);
-            local_port == Some(port) && !listening && inodes.contains(&inode)
-        })
-        .filter_map(|l| l.split_whitespace().nth(9))
-        .collect();
-    found.len()
 }
 
 /// The daemon's TCP sockets grouped by (peer, state): "client" for

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    free_port, postmap_q, postmap_q_stdin, unique_temp_dir, Daemon, LineClient, Reply, TestServer,
+    free_port, netstring, postmap_q, postmap_q_stdin, show, unique_temp_dir, Daemon, LineClient,
+    Reply, TestServer,
 };
 use std::path::PathBuf;
 
@@ -104,18 +105,6 @@ retry_interval = "1s"
     fn tcp(&self) -> String {
         format!("tcp:127.0.0.1:{}", self.tcp_port)
     }
-}
-
-fn show(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// `LEN:payload,` for raw requests.
-fn netstring(payload: &[u8]) -> Vec<u8> {
-    let mut v = format!("{}:", payload.len()).into_bytes();
-    v.extend_from_slice(payload);
-    v.push(b',');
-    v
 }
 
 // ---------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{free_port, postmap_q, postmap_q_stdin, Daemon, LineClient, Reply, TestServer};
+use common::{
+    free_port, open_fds, postmap_q, postmap_q_stdin, show, Daemon, LineClient, Reply, TestServer,
+};
 use std::time::Duration;
 
 /// A daemon serving one map, "virtual", from `server` over tcp_table on the
@@ -41,10 +43,6 @@ fn table(port: u16) -> String {
 /// `postmap -q key table` for the daemon's tcp_table on `port`.
 fn q(key: &str, port: u16) -> (i32, String, String) {
     postmap_q(key, &table(port))
-}
-
-fn show(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn keys_as_strings(server: &TestServer) -> Vec<String> {
@@ -686,13 +684,6 @@ fn raw_client_eof_after_its_answers_closes_the_session() {
     );
     c.stream().shutdown(std::net::Shutdown::Write).unwrap();
     assert!(c.is_closed_by_peer(), "the daemon keeps a finished session");
-}
-
-/// Open descriptors of a process (Linux).
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 #[test]

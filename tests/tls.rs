@@ -18,8 +18,8 @@
 mod common;
 
 use common::{
-    free_port, metric, metrics, postmap_q, stats_body, unique_temp_dir, wait_until, Daemon,
-    LineClient, NginxProcess, Reply, TestServer,
+    assert_temp, free_port, log_lines, metric, metrics, postmap_q, run_check, show, stats_body,
+    unique_temp_dir, wait_until, Acceptor, Daemon, LineClient, NginxProcess, Reply, TestServer,
 };
 use rcgen::{
     date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType,
@@ -29,8 +29,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -412,59 +412,26 @@ fn connections(hits: &[Hit]) -> Vec<u64> {
 // ---------------------------------------------------------------------------
 
 /// Accepts connections on 127.0.0.1, reads what comes and never writes.
-struct Stall {
-    port: u16,
-    accepted: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<Vec<TcpStream>>>,
-}
+struct Stall(Acceptor);
 
 impl Stall {
     fn start() -> Stall {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let streams = Arc::new(Mutex::new(Vec::new()));
-        let (a, s, st) = (accepted.clone(), stop.clone(), streams.clone());
-        thread::spawn(move || {
-            for conn in listener.incoming() {
-                if s.load(Ordering::SeqCst) {
-                    return;
+        Stall(Acceptor::start(|mut conn, _| {
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut sink) {
+                if n == 0 {
+                    break;
                 }
-                let Ok(mut conn) = conn else { continue };
-                a.fetch_add(1, Ordering::SeqCst);
-                st.lock().unwrap().push(conn.try_clone().unwrap());
-                thread::spawn(move || {
-                    let mut sink = [0u8; 4096];
-                    while let Ok(n) = conn.read(&mut sink) {
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                });
             }
-        });
-        Stall {
-            port,
-            accepted,
-            stop,
-            streams,
-        }
+        }))
+    }
+
+    fn port(&self) -> u16 {
+        self.0.port()
     }
 
     fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Stall {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        for s in self.streams.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        self.0.accepted()
     }
 }
 
@@ -493,33 +460,9 @@ fn start(config: &str, ready_port: u16, env: &[(&str, &Path)]) -> Daemon {
     })
 }
 
-/// The log lines containing `needle`.
-fn log_lines(text: &str, needle: &str) -> Vec<String> {
-    text.lines()
-        .filter(|l| l.contains(needle))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Waits until the daemon's stderr contains `needle` `n` times; returns it.
-fn wait_log_n(d: &Daemon, needle: &str, n: usize) -> String {
-    let mut text = String::new();
-    let found = wait_until(WAIT, || {
-        text = d.stderr();
-        log_lines(&text, needle).len() >= n
-    });
-    assert!(
-        found,
-        "not {n} line(s) with {needle:?} in the log within {WAIT:?}:\n{text}"
-    );
-    text
-}
-
 /// SIGHUP, then waits for the next "reloaded" line (panics on "reload refused").
 fn reload(d: &Daemon) {
-    if let Err(refused) = d.reload() {
-        panic!("reload refused: {refused}\n{}", d.stderr());
-    }
+    d.reload_ok();
     // The workers take the new configuration from their mailboxes.
     thread::sleep(Duration::from_millis(100));
 }
@@ -552,23 +495,6 @@ fn assert_down_once(log: &str, url: &str, map: &str, reason: &str, exact: bool) 
     }
 }
 
-/// A tcp_table `get` request.
-fn get(key: &str) -> Vec<u8> {
-    format!("get {key}\n").into_bytes()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Asserts a tcp_table reply is a temporary error ("400 ...", one line).
-fn assert_temp(reply: &str, what: &str) {
-    assert!(
-        reply.starts_with("400 ") && reply.ends_with('\n') && reply.matches('\n').count() == 1,
-        "{what}: expected a temporary error \"400 ...\\n\", got {reply:?}"
-    );
-}
-
 /// `{map="M",server="URL"}` labels plus more.
 fn labels(map: &str, url: &str, more: &str) -> String {
     if more.is_empty() {
@@ -576,22 +502,6 @@ fn labels(map: &str, url: &str, more: &str) -> String {
     } else {
         format!("{{map=\"{map}\",server=\"{url}\",{more}}}")
     }
-}
-
-/// Runs `httpmapd -c PATH --check` with these environment variables:
-/// (exit code, stdout, stderr).
-fn check(path: &Path, env: &[(&str, &Path)]) -> (i32, String, String) {
-    let mut c = Command::new(BIN);
-    c.arg("-c").arg(path).arg("--check").stdin(Stdio::null());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let out = c.output().expect("run httpmapd --check");
-    (
-        out.status.code().expect("exited, not killed"),
-        text(&out.stdout),
-        text(&out.stderr),
-    )
 }
 
 /// The 1-based line of `text` holding `needle` (which must be on one line only).
@@ -672,7 +582,7 @@ ttl = "0s"
     let mut c = LineClient::connect(p_mixed);
     for i in 0..20 {
         let key = format!("m{i}@example.com");
-        assert_eq!(text(&c.query(&get(&key))), format!("200 v-{key}\n"));
+        assert_eq!(c.get(&key), format!("200 v-{key}\n"));
     }
     let tls_mixed = nginx
         .hits_on(0)
@@ -742,7 +652,7 @@ tls_client_key = "{rkey}"
     let d = start(&config, port, &[]);
     let mut c = LineClient::connect(port);
     assert_eq!(
-        text(&c.socketmap_query("mtls", b"alice@example.com")),
+        show(&c.socketmap_query("mtls", b"alice@example.com")),
         "OK alice@mail.example"
     );
     let hits = nginx.hits_on(0);
@@ -751,7 +661,7 @@ tls_client_key = "{rkey}"
     assert_eq!(hits[0].status, 200);
 
     for map in ["nocert", "rogue"] {
-        let reply = text(&c.socketmap_query(map, b"alice@example.com"));
+        let reply = show(&c.socketmap_query(map, b"alice@example.com"));
         assert!(reply.starts_with("TEMP "), "{map}: {reply:?}");
     }
     // nginx completes the handshake and answers 400 ("No required SSL
@@ -768,7 +678,7 @@ tls_client_key = "{rkey}"
     assert_eq!(refused[1].1, "CN=intruder", "{hits:?}");
     // The accepted identity still works.
     assert_eq!(
-        text(&c.socketmap_query("mtls", b"alice@example.com")),
+        show(&c.socketmap_query("mtls", b"alice@example.com")),
         "OK alice@mail.example"
     );
     drop(d);
@@ -879,7 +789,7 @@ servers = ["{}"]
     let d = start(&config, port, &[("SSL_CERT_FILE", &system_store)]);
     let mut c = LineClient::connect(port);
     assert_eq!(
-        text(&c.socketmap_query("sysstore_ok", b"k@example.com")),
+        show(&c.socketmap_query("sysstore_ok", b"k@example.com")),
         "OK v-k@example.com",
         "SSL_CERT_FILE is the system store"
     );
@@ -887,7 +797,7 @@ servers = ["{}"]
     // Alone: a temporary error, and the reason in the log.
     for (map, bad, reason, exact) in &cases {
         let t0 = Instant::now();
-        let reply = text(&c.socketmap_query(map, b"alone@example.com"));
+        let reply = show(&c.socketmap_query(map, b"alone@example.com"));
         let took = t0.elapsed();
         assert!(reply.starts_with("TEMP "), "{map}: {reply:?}");
         let log = d.stderr();
@@ -896,10 +806,7 @@ servers = ["{}"]
     }
     // tcp_table: 400.
     let mut t = LineClient::connect(tcp_port);
-    assert_temp(
-        &text(&t.query(&get("again@example.com"))),
-        "expired over tcp_table",
-    );
+    assert_temp(&t.get("again@example.com"), "expired over tcp_table");
 
     // With a good mirror: every lookup succeeds. Look up until the bad
     // server has been tried once (it then rests 10 s).
@@ -911,7 +818,7 @@ servers = ["{}"]
         while n < 40 && !d.stderr().contains(&down) {
             let key = format!("{m}-{n}@example.com");
             assert_eq!(
-                text(&c.socketmap_query(&m, key.as_bytes())),
+                show(&c.socketmap_query(&m, key.as_bytes())),
                 format!("OK v-{key}"),
                 "{m}"
             );
@@ -922,7 +829,7 @@ servers = ["{}"]
         for i in n..n + 5 {
             let key = format!("{m}-{i}@example.com");
             assert_eq!(
-                text(&c.socketmap_query(&m, key.as_bytes())),
+                show(&c.socketmap_query(&m, key.as_bytes())),
                 format!("OK v-{key}")
             );
         }
@@ -1006,7 +913,7 @@ fn a_stalled_handshake_is_bounded_by_connect_timeout() {
     let good = write_leaf(&pki, "good", &ca.server(&["127.0.0.1"]));
     let nginx = TlsNginx::start(&[Site::tls(&good)], &[]);
     let stall = Stall::start();
-    let stall_url = format!("https://127.0.0.1:{}/echo", stall.port);
+    let stall_url = format!("https://127.0.0.1:{}/echo", stall.port());
     let good_url = format!("https://127.0.0.1:{}/echo", nginx.port(0));
     let port = free_port();
     let config = format!(
@@ -1031,7 +938,7 @@ ttl = "0s"
     let d = start(&config, port, &[]);
     let mut c = LineClient::connect(port);
     let t0 = Instant::now();
-    let reply = text(&c.socketmap_query("stall", b"alone@example.com"));
+    let reply = show(&c.socketmap_query("stall", b"alone@example.com"));
     let took = t0.elapsed();
     eprintln!("stalled handshake: answered {reply:?} after {took:?}");
     assert!(reply.starts_with("TEMP "), "{reply:?}");
@@ -1048,7 +955,7 @@ ttl = "0s"
         let key = format!("m-{n}@example.com");
         let t0 = Instant::now();
         assert_eq!(
-            text(&c.socketmap_query("stall_m", key.as_bytes())),
+            show(&c.socketmap_query("stall_m", key.as_bytes())),
             format!("OK v-{key}")
         );
         assert!(
@@ -1061,7 +968,7 @@ ttl = "0s"
     for i in n..n + 5 {
         let key = format!("m-{i}@example.com");
         assert_eq!(
-            text(&c.socketmap_query("stall_m", key.as_bytes())),
+            show(&c.socketmap_query("stall_m", key.as_bytes())),
             format!("OK v-{key}")
         );
     }
@@ -1112,7 +1019,7 @@ header_files = {{ Authorization = "{token}" }}
     let mut c = LineClient::connect(port);
     for i in 0..300 {
         let key = format!("user{i}@example.com");
-        assert_eq!(text(&c.query(&get(&key))), format!("200 v-{key}\n"));
+        assert_eq!(c.get(&key), format!("200 v-{key}\n"));
     }
     let hits = nginx.hits_on(0);
     assert_eq!(hits.len(), 300);
@@ -1211,7 +1118,7 @@ ttl = "0s"
             for i in 0..n {
                 let key = format!("{tag}-{i}@example.com");
                 assert_eq!(
-                    text(&c.socketmap_query(map, key.as_bytes())),
+                    show(&c.socketmap_query(map, key.as_bytes())),
                     format!("OK v-{key}")
                 );
             }
@@ -1297,26 +1204,14 @@ tls_client_key = "{}"
     );
     let d = start(&config, port, &[]);
     let mut c = LineClient::connect(port);
-    assert_eq!(
-        text(&c.query(&get("one@example.com"))),
-        "200 v-one@example.com\n"
-    );
-    assert_eq!(
-        text(&c.query(&get("two@example.com"))),
-        "200 v-two@example.com\n"
-    );
+    assert_eq!(c.get("one@example.com"), "200 v-one@example.com\n");
+    assert_eq!(c.get("two@example.com"), "200 v-two@example.com\n");
     let b = client_ca.client("b");
     std::fs::write(&ccert, &b.cert).unwrap();
     std::fs::write(&ckey, &b.key).unwrap();
     reload(&d);
-    assert_eq!(
-        text(&c.query(&get("three@example.com"))),
-        "200 v-three@example.com\n"
-    );
-    assert_eq!(
-        text(&c.query(&get("four@example.com"))),
-        "200 v-four@example.com\n"
-    );
+    assert_eq!(c.get("three@example.com"), "200 v-three@example.com\n");
+    assert_eq!(c.get("four@example.com"), "200 v-four@example.com\n");
     let hits = nginx.hits_on(0);
     let seen: Vec<(&str, &str)> = hits
         .iter()
@@ -1378,10 +1273,10 @@ header_files = {{ Authorization = "{token}" }}
     let d = start(&body(""), port, &[]);
     let mut c = LineClient::connect(port);
     assert_eq!(
-        text(&c.socketmap_query("api", b"alice@example.com")),
+        show(&c.socketmap_query("api", b"alice@example.com")),
         "OK alice@mail.example"
     );
-    let reply = text(&c.socketmap_query("failing", b"alice@example.com"));
+    let reply = show(&c.socketmap_query("failing", b"alice@example.com"));
     assert!(reply.starts_with("TEMP "), "{reply:?}");
     let log = d.stderr();
     assert!(log.contains("is down"), "the dead server failed:\n{log}");
@@ -1396,23 +1291,22 @@ header_files = {{ Authorization = "{token}" }}
 
     // A refused reload (an unknown key), then a reload with a new secret.
     std::fs::write(&d.config_path, body("bogus_key = 1\n")).unwrap();
-    d.signal(libc::SIGHUP);
-    wait_log_n(&d, "reload refused", 1);
+    d.reload().expect_err("the reload is refused");
     assert_eq!(
-        text(&c.socketmap_query("api", b"alice@example.com")),
+        show(&c.socketmap_query("api", b"alice@example.com")),
         "OK alice@mail.example"
     );
     std::fs::write(&token, format!("{SECRET2}\n")).unwrap();
     std::fs::write(&d.config_path, body("")).unwrap();
     reload(&d);
     assert_eq!(
-        text(&c.socketmap_query("api", b"alice@example.com")),
+        show(&c.socketmap_query("api", b"alice@example.com")),
         "OK alice@mail.example"
     );
     let auth: Vec<String> = ok
         .request_log()
         .iter()
-        .map(|r| text(r.header("Authorization").unwrap_or_default()))
+        .map(|r| show(r.header("Authorization").unwrap_or_default()))
         .collect();
     assert_eq!(auth, [SECRET, SECRET, SECRET2]);
 
@@ -1427,11 +1321,11 @@ header_files = {{ Authorization = "{token}" }}
     }
 
     // --check: a valid file, an invalid one, bad secret files.
-    let (code, out, err) = check(&d.config_path, &[]);
+    let (code, out, err) = run_check(&d.config_path, &[]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(err, "");
     let bad = files.write("bad.toml", &body("bogus_key = 1\n"));
-    let (code, out2, err2) = check(&bad, &[]);
+    let (code, out2, err2) = run_check(&bad, &[]);
     assert_eq!((code, out2.as_str()), (1, ""), "{err2}");
     let want = format!(
         "{}:{}: unknown field `bogus_key`",
@@ -1460,7 +1354,7 @@ header_files = {{ Authorization = "{token}" }}
             file.display()
         );
         let path = files.write("secret.toml", &cfg);
-        let (code, out, err) = check(&path, &[]);
+        let (code, out, err) = run_check(&path, &[]);
         assert_eq!((code, out.as_str()), (1, ""), "{err}");
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(lines.len(), 1, "{err}");
@@ -1610,7 +1504,7 @@ tls_server_name = "not a name!"
             format!("maps.j_system_store: the system trust store: cannot read {missing}: "),
         ),
     ];
-    let (code, out, err) = check(&path, &[("SSL_CERT_FILE", Path::new(&missing))]);
+    let (code, out, err) = run_check(&path, &[("SSL_CERT_FILE", Path::new(&missing))]);
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     let lines: Vec<&str> = err.lines().collect();
     for (line, msg) in &expected {
@@ -1623,7 +1517,7 @@ tls_server_name = "not a name!"
     assert_eq!(lines.len(), expected.len(), "one line per problem:\n{err}");
 
     // An empty system store, reported on the map's line too.
-    let (code, _, err) = check(&path, &[("SSL_CERT_FILE", &empty)]);
+    let (code, _, err) = run_check(&path, &[("SSL_CERT_FILE", &empty)]);
     assert_eq!(code, 1);
     let want = format!(
         "{p}:{}: maps.j_system_store: the system trust store: {}: no usable CA certificate in it",
@@ -1638,7 +1532,7 @@ tls_server_name = "not a name!"
          tls_client_key = \"{ckey}\"\ntls_server_name = \"dir.example.test\"\n\n[maps.b]\n{srv}\n"
     );
     let fixed_path = dir.write("fixed.toml", &fixed);
-    let (code, out, err) = check(&fixed_path, &[("SSL_CERT_FILE", Path::new(&ca))]);
+    let (code, out, err) = run_check(&fixed_path, &[("SSL_CERT_FILE", Path::new(&ca))]);
     assert_eq!((code, err.as_str()), (0, ""), "{fixed}");
     assert_eq!(out, format!("{}: ok (2 map(s))\n", fixed_path.display()));
 }
@@ -1660,7 +1554,7 @@ fn require_namespaces(hosts: &Path) {
         .output();
     let why = match probe {
         Ok(o) if o.status.success() => return,
-        Ok(o) => format!("{}: {}", o.status, text(&o.stderr).trim_end()),
+        Ok(o) => format!("{}: {}", o.status, show(&o.stderr).trim_end()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => common::missing(
             "unshare",
             "the Debian package util-linux (apt-get install util-linux)",
@@ -1746,7 +1640,7 @@ fn until_answer(c: &mut LineClient, want: &str, within: Duration) -> Option<Dura
     let mut n = 0;
     wait_until(within, || {
         n += 1;
-        let r = text(&c.query(&get(&format!("s{n}@example.com"))));
+        let r = c.get(&format!("s{n}@example.com"));
         assert!(r == "200 a\n" || r == "200 b\n", "{r:?}");
         thread::sleep(Duration::from_millis(50));
         r == want
@@ -1767,16 +1661,13 @@ fn a_host_name_that_moves_is_followed() {
     let (d, hosts, url, port) = moving_daemon(&dir, sport);
     let mut c = LineClient::connect(port);
     for i in 0..3 {
-        assert_eq!(
-            text(&c.query(&get(&format!("k{i}@example.com")))),
-            "200 a\n"
-        );
+        assert_eq!(c.get(&format!("k{i}@example.com")), "200 a\n");
     }
     rewrite_in_place(&hosts, "127.0.0.1 localhost\n127.0.0.3 backend.test\n");
     let want = format!(
         "httpmapd: info: server {url} (map moving): backend.test now resolves to 127.0.0.3"
     );
-    let log = wait_log_n(&d, &want, 1);
+    let log = d.wait_log(&want, WAIT);
     assert_eq!(
         log_lines(&log, "now resolves to"),
         std::slice::from_ref(&want),
@@ -1792,10 +1683,7 @@ fn a_host_name_that_moves_is_followed() {
     );
     let before = a.requests();
     for i in 0..5 {
-        assert_eq!(
-            text(&c.query(&get(&format!("b{i}@example.com")))),
-            "200 b\n"
-        );
+        assert_eq!(c.get(&format!("b{i}@example.com")), "200 b\n");
     }
     assert_eq!(a.requests(), before, "nothing more to the old address");
 }
@@ -1813,10 +1701,7 @@ fn new_connections_follow_a_moved_name_a_failed_resolution_keeps_it() {
     let (d, hosts, url, port) = moving_daemon(&dir, sport);
     let mut c = LineClient::connect(port);
     for i in 0..3 {
-        assert_eq!(
-            text(&c.query(&get(&format!("k{i}@example.com")))),
-            "200 a\n"
-        );
+        assert_eq!(c.get(&format!("k{i}@example.com")), "200 a\n");
     }
     rewrite_in_place(&hosts, "127.0.0.1 localhost\n127.0.0.3 backend.test\n");
     let took = until_answer(&mut c, "200 b\n", Duration::from_secs(5));
@@ -1829,17 +1714,14 @@ fn new_connections_follow_a_moved_name_a_failed_resolution_keeps_it() {
     assert_eq!(log_lines(&log, "now resolves to"), [want], "{log}");
     let before = a.requests();
     for i in 0..5 {
-        assert_eq!(
-            text(&c.query(&get(&format!("b{i}@example.com")))),
-            "200 b\n"
-        );
+        assert_eq!(c.get(&format!("b{i}@example.com")), "200 b\n");
     }
     assert_eq!(a.requests(), before, "nothing more to the old address");
 
     // The name stops resolving: the last address is kept, one warning.
     rewrite_in_place(&hosts, "127.0.0.1 localhost\n");
     let keeping = format!("server {url} (map moving): ");
-    let log = wait_log_n(&d, "keeping its last addresses", 1);
+    let log = d.wait_log("keeping its last addresses", WAIT);
     let warned = log_lines(&log, "keeping its last addresses");
     assert!(
         warned[0].starts_with(&format!("httpmapd: warning: {keeping}")),
@@ -1847,13 +1729,10 @@ fn new_connections_follow_a_moved_name_a_failed_resolution_keeps_it() {
     );
     let b_before = b.requests();
     for i in 0..3 {
-        assert_eq!(
-            text(&c.query(&get(&format!("c{i}@example.com")))),
-            "200 b\n"
-        );
+        assert_eq!(c.get(&format!("c{i}@example.com")), "200 b\n");
     }
     thread::sleep(Duration::from_millis(2500));
-    assert_eq!(text(&c.query(&get("c9@example.com"))), "200 b\n");
+    assert_eq!(c.get("c9@example.com"), "200 b\n");
     assert_eq!(b.requests(), b_before + 4);
     assert_eq!(
         log_lines(&d.stderr(), "keeping its last addresses").len(),
@@ -1863,7 +1742,7 @@ fn new_connections_follow_a_moved_name_a_failed_resolution_keeps_it() {
     // It resolves again (to the same address): one info line.
     rewrite_in_place(&hosts, "127.0.0.1 localhost\n127.0.0.3 backend.test\n");
     let again = format!("httpmapd: info: server {url} (map moving): backend.test resolves again");
-    let log = wait_log_n(&d, &again, 1);
+    let log = d.wait_log(&again, WAIT);
     assert_eq!(log_lines(&log, "resolves again"), [again]);
     assert_eq!(log_lines(&log, "now resolves to").len(), 1, "{log}");
 }
@@ -1909,7 +1788,7 @@ ttl = "0s"
     let mut c = LineClient::connect(port);
     for i in 0..10 {
         let key = format!("k{i}@example.com");
-        assert_eq!(text(&c.query(&get(&key))), format!("200 v-{key}\n"));
+        assert_eq!(c.get(&key), format!("200 v-{key}\n"));
     }
     let hits = nginx.hits_on(0);
     assert_eq!(hits.len(), 10);
@@ -1943,10 +1822,8 @@ const RECORD: usize = 16 * 1024;
 /// daemon's last read of the reply decrypts the stray record too, so the
 /// stray reply waits in rustls' buffer while the socket is empty.
 struct StrayTlsServer {
-    port: u16,
-    accepted: Arc<AtomicUsize>,
+    acceptor: Acceptor,
     requests: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
 }
 
 impl StrayTlsServer {
@@ -1964,38 +1841,12 @@ impl StrayTlsServer {
                 .with_single_cert(chain, key)
                 .unwrap(),
         );
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, r, s) = (accepted.clone(), requests.clone(), stop.clone());
-        thread::spawn(move || {
-            for sock in listener.incoming() {
-                if s.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(sock) = sock else { continue };
-                a.fetch_add(1, Ordering::SeqCst);
-                let (config, r) = (config.clone(), r.clone());
-                thread::spawn(move || {
-                    let _ = serve_stray_tls(sock, config, &r);
-                });
-            }
+        let r = requests.clone();
+        let acceptor = Acceptor::start(move |sock, _| {
+            let _ = serve_stray_tls(sock, config.clone(), &r);
         });
-        StrayTlsServer {
-            port,
-            accepted,
-            requests,
-            stop,
-        }
-    }
-}
-
-impl Drop for StrayTlsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        StrayTlsServer { acceptor, requests }
     }
 }
 
@@ -2032,7 +1883,7 @@ fn serve_stray_tls(
         };
         let head: Vec<u8> = buf.drain(..end).collect();
         requests.fetch_add(1, Ordering::SeqCst);
-        let key = text(&head)
+        let key = show(&head)
             .lines()
             .find_map(|l| {
                 let (name, value) = l.split_once(':')?;
@@ -2075,7 +1926,7 @@ fn a_stray_reply_decrypted_with_the_last_one_is_not_taken_for_the_next_key() {
     let ca_file = pki.write("ca.pem", &ca.pem);
     let server = StrayTlsServer::start(&ca.server(&["127.0.0.1"]));
     let (port, stats) = (free_port(), free_port());
-    let url = format!("https://127.0.0.1:{}/m", server.port);
+    let url = format!("https://127.0.0.1:{}/m", server.acceptor.port());
     let config = format!(
         r#"[daemon]
 workers = 1
@@ -2093,16 +1944,16 @@ negative_ttl = "0s"
     );
     let d = start(&config, port, &[]);
     let mut c = LineClient::connect(port);
-    assert_eq!(text(&c.query(&get("a@x"))), "200 v-a@x\n");
+    assert_eq!(c.get("a@x"), "200 v-a@x\n");
     assert_eq!(
-        text(&c.query(&get("b@x"))),
+        c.get("b@x"),
         "200 v-b@x\n",
         "b@x got b's value, not the stray reply; log:\n{}",
         d.stderr()
     );
     assert_eq!(server.requests.load(Ordering::SeqCst), 2);
     assert_eq!(
-        server.accepted.load(Ordering::SeqCst),
+        server.acceptor.accepted(),
         2,
         "b@x went on a new connection"
     );

@@ -1,10 +1,12 @@
 //! Shared harness for the integration tests: a scriptable HTTP/1.1 backend
-//! (`TestServer`), the real `httpmapd` binary under test (`Daemon`: start,
-//! signals, reload), clients for the Postfix side (`postmap_q`,
-//! `LineClient`), a private real nginx (`NginxProcess`, and `Nginx` serving
-//! dict_http from it), the daemon's stats listener (`stats_get`, `metrics`,
-//! `metric`), small process helpers, and a private real Postfix instance
-//! (the `postfix` submodule).
+//! (`TestServer`) and the raw TCP server under it and the tests' own
+//! servers (`Acceptor`), the real `httpmapd` binary under test (`Daemon`:
+//! start, signals, reload, its log; `run_check`), clients for the Postfix
+//! side (`postmap_q`, `LineClient`), a private real nginx (`NginxProcess`,
+//! and `Nginx` serving dict_http from it), the daemon's stats listener
+//! (`stats_get`, `metrics`, `metric`), small helpers (log lines, replies,
+//! netstrings, programs, /proc), and a private real Postfix instance (the
+//! `postfix` submodule).
 //!
 //! Everything talks over real loopback sockets; nothing here knows the
 //! daemon's internals. Most `tests/*.rs` do `mod common;`; not every test
@@ -61,8 +63,12 @@ pub struct Request {
     pub method: String,
     /// The request target as sent (path and query).
     pub path: String,
+    /// The HTTP version's minor number: 1 for HTTP/1.1, 0 for HTTP/1.0.
+    pub version: u8,
     /// Headers in order, names as sent.
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The body (`Content-Length` bytes; empty without one).
+    pub body: Vec<u8>,
     /// The `POSTFIX-DICT-EMAIL` header (or `POSTFIX_DICT_EMAIL`), if any.
     pub key: Option<Vec<u8>>,
     /// Which TCP connection carried it: 1 for the first one the server
@@ -266,33 +272,28 @@ impl Reply {
 
 type Handler = dyn Fn(&Request) -> Reply + Send + Sync + 'static;
 
-/// State shared by the accept thread, the connection threads and the owner.
+/// State shared by the connection threads and the owner.
 struct Shared {
     handler: Box<Handler>,
     stop: AtomicBool,
     requests: AtomicUsize,
-    connections: AtomicUsize,
     /// Keys and requests in arrival order: the first [`MAX_LOGGED_REQUESTS`]
     /// (a soak sends millions; the counts stay exact).
     keys: Mutex<Vec<Vec<u8>>>,
     log: Mutex<Vec<Request>>,
     /// Close a keep-alive connection silently after this long without a request.
     idle_close: Mutex<Option<Duration>>,
-    /// Clones of the connections still open (by serial), so `drop` can shut
-    /// them all down; a connection's thread removes its own when it ends.
-    streams: Mutex<std::collections::HashMap<usize, TcpStream>>,
 }
 
 /// Requests a test server keeps in its log (see [`TestServer::request_log`]).
 pub const MAX_LOGGED_REQUESTS: usize = 100_000;
 
-/// A scriptable HTTP/1.1 server on 127.0.0.1: one thread per connection,
-/// keep-alive, request bodies read and discarded. Dropping it stops
-/// accepting and shuts down every connection.
+/// A scriptable HTTP/1.1 server on 127.0.0.1: one thread per connection
+/// (an [`Acceptor`]), keep-alive, request bodies (`Content-Length`) read and
+/// kept. Dropping it stops accepting and shuts down every connection.
 pub struct TestServer {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    accept_thread: Option<JoinHandle<()>>,
+    acceptor: Acceptor,
 }
 
 impl TestServer {
@@ -307,27 +308,19 @@ impl TestServer {
         addr: &str,
         handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
     ) -> io::Result<TestServer> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             handler: Box::new(handler),
             stop: AtomicBool::new(false),
             requests: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
             keys: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             idle_close: Mutex::new(None),
-            streams: Mutex::new(std::collections::HashMap::new()),
         });
-        let accept_shared = Arc::clone(&shared);
-        let accept_thread = thread::Builder::new()
-            .name(format!("test-server-{}", addr.port()))
-            .spawn(move || accept_loop(listener, accept_shared))?;
-        Ok(TestServer {
-            addr,
-            shared,
-            accept_thread: Some(accept_thread),
-        })
+        let conn_shared = Arc::clone(&shared);
+        let acceptor = Acceptor::start_on(addr, move |stream, serial| {
+            let _ = serve_connection(stream, &conn_shared, serial);
+        })?;
+        Ok(TestServer { shared, acceptor })
     }
 
     /// A map-backed handler: found for keys in the map, not found otherwise.
@@ -344,16 +337,16 @@ impl TestServer {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.acceptor.addr()
     }
 
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.acceptor.port()
     }
 
     /// "http://127.0.0.1:PORT{path}"
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("http://{}{}", self.addr(), path)
     }
 
     /// How many requests reached the server (counted when the head is parsed,
@@ -369,7 +362,7 @@ impl TestServer {
 
     /// How many TCP connections were accepted.
     pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
+        self.acceptor.accepted()
     }
 
     /// Every request so far (with or without a key), in arrival order.
@@ -402,51 +395,119 @@ impl TestServer {
     }
 }
 
+/// Stops accepting and shuts every connection down (the acceptor's drop,
+/// after this): blocked reads (NeverAnswer, idle keep-alive) return EOF and
+/// their threads end; clients see EOF.
 impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A raw TCP server on 127.0.0.1, for the tests' own protocols and
+/// misbehaving peers: each connection it accepts goes to `serve` with its
+/// serial number (1 for the first) on a thread of its own, and is closed
+/// when `serve` returns. Dropping it stops accepting and shuts down the
+/// connections still open (their reads see EOF, their writes fail).
+pub struct Acceptor {
+    addr: SocketAddr,
+    shared: Arc<AcceptorShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct AcceptorShared {
+    stop: AtomicBool,
+    accepted: AtomicUsize,
+    /// Clones of the connections still open (by serial), so `drop` can shut
+    /// them all down; a connection's thread removes its own when it ends.
+    streams: Mutex<std::collections::HashMap<usize, TcpStream>>,
+}
+
+impl Acceptor {
+    /// On a free port of 127.0.0.1.
+    pub fn start(serve: impl Fn(TcpStream, usize) + Send + Sync + 'static) -> Acceptor {
+        Acceptor::start_on("127.0.0.1:0", serve).expect("bind 127.0.0.1:0")
+    }
+
+    /// On a given address (e.g. to come back on the port a server had).
+    pub fn start_on(
+        addr: &str,
+        serve: impl Fn(TcpStream, usize) + Send + Sync + 'static,
+    ) -> io::Result<Acceptor> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(AcceptorShared {
+            stop: AtomicBool::new(false),
+            accepted: AtomicUsize::new(0),
+            streams: Mutex::new(std::collections::HashMap::new()),
+        });
+        let sh = Arc::clone(&shared);
+        let serve = Arc::new(serve);
+        let thread = thread::Builder::new()
+            .name(format!("acceptor-{}", addr.port()))
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if sh.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let stream = match stream {
+                        Ok(s) => s,
+                        // EMFILE and friends: do not spin.
+                        Err(_) => {
+                            thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                    };
+                    let serial = sh.accepted.fetch_add(1, Ordering::SeqCst) + 1;
+                    {
+                        let mut streams = sh.streams.lock().unwrap();
+                        // Checked under the lock so drop cannot miss this stream.
+                        if sh.stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        if let Ok(clone) = stream.try_clone() {
+                            streams.insert(serial, clone);
+                        }
+                    }
+                    let (sh, serve) = (Arc::clone(&sh), Arc::clone(&serve));
+                    thread::spawn(move || {
+                        serve(stream, serial);
+                        sh.streams.lock().unwrap().remove(&serial);
+                    });
+                }
+            })?;
+        Ok(Acceptor {
+            addr,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// How many connections it accepted.
+    pub fn accepted(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Acceptor {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         // Wake the blocking accept() so it sees the stop flag.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.accept_thread.take() {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // Shut every connection down: blocked reads (NeverAnswer, idle
-        // keep-alive) return EOF and their threads end; clients see EOF.
         for (_, s) in self.shared.streams.lock().unwrap().drain() {
             let _ = s.shutdown(Shutdown::Both);
         }
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    for stream in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let stream = match stream {
-            Ok(s) => s,
-            // EMFILE and friends: do not spin.
-            Err(_) => {
-                thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        let serial = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
-        {
-            let mut streams = shared.streams.lock().unwrap();
-            // Checked under the lock so drop cannot miss this stream.
-            if shared.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if let Ok(clone) = stream.try_clone() {
-                streams.insert(serial, clone);
-            }
-        }
-        let conn_shared = Arc::clone(&shared);
-        thread::spawn(move || {
-            let _ = serve_connection(stream, &conn_shared, serial);
-            conn_shared.streams.lock().unwrap().remove(&serial);
-        });
     }
 }
 
@@ -499,7 +560,9 @@ fn parse_request(buf: &[u8]) -> Result<Parsed, String> {
         request: Request {
             method: req.method.unwrap_or("").to_string(),
             path: req.path.unwrap_or("").to_string(),
+            version: req.version.unwrap_or(0),
             headers,
+            body: Vec::new(),
             key,
             connection: 0,
             seq_on_connection: 0,
@@ -540,7 +603,7 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared, serial: usize) -> io
         let (mut request, client_wants_close) = loop {
             match parse_request(&buf) {
                 Ok(Parsed::Complete {
-                    request,
+                    mut request,
                     head_len,
                     body_len,
                     client_wants_close,
@@ -550,6 +613,7 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared, serial: usize) -> io
                             return Ok(());
                         }
                     }
+                    request.body = buf[head_len..head_len + body_len].to_vec();
                     buf.drain(..head_len + body_len);
                     break (request, client_wants_close);
                 }
@@ -782,14 +846,9 @@ impl Daemon {
     /// to `ready_port` on 127.0.0.1 succeeds; panics with the daemon's stderr
     /// if it exits or never becomes ready.
     pub fn start(config: &str, ready_port: u16) -> Daemon {
-        Daemon::start_with_args(config, ready_port, &[])
-    }
-
-    /// As `start`, with extra command-line arguments after `-c PATH`.
-    pub fn start_with_args(config: &str, ready_port: u16, extra_args: &[&str]) -> Daemon {
         Daemon::start_command(config, ready_port, |config_path| {
             let mut c = Command::new(env!("CARGO_BIN_EXE_httpmapd"));
-            c.arg("-c").arg(config_path).args(extra_args);
+            c.arg("-c").arg(config_path);
             c
         })
     }
@@ -892,33 +951,46 @@ impl Daemon {
         );
     }
 
+    /// Waits up to `within` until its stderr has a line containing
+    /// `needle`; returns the stderr (panics with it if there is none).
+    pub fn wait_log(&self, needle: &str, within: Duration) -> String {
+        let mut text = String::new();
+        let found = wait_until(within, || {
+            text = self.stderr();
+            text.contains(needle)
+        });
+        assert!(found, "no {needle:?} in the log within {within:?}:\n{text}");
+        text
+    }
+
     /// Sends SIGHUP and waits (up to 10 s) for its outcome in the log:
     /// Ok(the new "reloaded" line) or Err(the new "reload refused" line).
     /// Panics if neither comes.
     pub fn reload(&self) -> Result<String, String> {
-        let lines = |text: &str, needle: &str| -> Vec<String> {
-            text.lines()
-                .filter(|l| l.contains(needle))
-                .map(str::to_string)
-                .collect()
-        };
         let before = self.stderr();
-        let done = lines(&before, "reloaded ").len();
-        let refused = lines(&before, "reload refused").len();
+        let done = log_lines(&before, "reloaded ").len();
+        let refused = log_lines(&before, "reload refused").len();
         self.signal(libc::SIGHUP);
         let mut text = String::new();
         assert!(
             wait_until(Duration::from_secs(10), || {
                 text = self.stderr();
-                lines(&text, "reloaded ").len() > done
-                    || lines(&text, "reload refused").len() > refused
+                log_lines(&text, "reloaded ").len() > done
+                    || log_lines(&text, "reload refused").len() > refused
             }),
             "neither reloaded nor refused after 10 s:\n{text}"
         );
-        match lines(&text, "reloaded ").get(done) {
+        match log_lines(&text, "reloaded ").get(done) {
             Some(line) => Ok(line.clone()),
-            None => Err(lines(&text, "reload refused").swap_remove(refused)),
+            None => Err(log_lines(&text, "reload refused").swap_remove(refused)),
         }
+    }
+
+    /// As [`Daemon::reload`], which must succeed: the new "reloaded" line
+    /// (panics, with the log, on "reload refused").
+    pub fn reload_ok(&self) -> String {
+        self.reload()
+            .unwrap_or_else(|refused| panic!("reload refused: {refused}\n{}", self.stderr()))
     }
 }
 
@@ -937,6 +1009,23 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs `httpmapd -c PATH --check` (stdin closed) with these extra
+/// environment variables: (exit code, stdout, stderr). Panics if it could
+/// not run or was killed.
+pub fn run_check(path: &Path, env: &[(&str, &Path)]) -> (i32, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_httpmapd"));
+    c.arg("-c").arg(path).arg("--check").stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run httpmapd --check");
+    (
+        out.status.code().expect("exited, not killed"),
+        show(&out.stdout),
+        show(&out.stderr),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // (c) Clients: Postfix's postmap, and a raw line client
 // ---------------------------------------------------------------------------
@@ -944,22 +1033,6 @@ impl Drop for Daemon {
 /// How long a postmap run may take before the harness kills it. Postfix's own
 /// timeouts are 100 s; a reconnect loop against a dead port takes ~11 s.
 const POSTMAP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The postmap binary, looked up on PATH and then in /usr/sbin; fails the
-/// test (see [`missing`]) when Postfix is not installed.
-pub fn postmap_path() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join("postmap"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            missing(
-                "Postfix's postmap",
-                "the Debian package postfix (apt-get install postfix)",
-            )
-        })
-}
 
 /// Runs Postfix's own `postmap -q KEY TABLE` with MAIL_CONFIG pointing at a
 /// temp dir holding an empty main.cf; fails the test when postmap is not
@@ -977,16 +1050,10 @@ pub fn postmap_q_stdin(input: &str, table: &str) -> (i32, String, String) {
 }
 
 fn run_postmap(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
-    let postmap = postmap_path();
+    let postmap = postfix::program("postmap");
     let config_dir = unique_temp_dir("httpmapd-postmap");
-    // Postfix re-reads a main.cf modified within the last second or two
-    // (it waits for a file "being edited" to settle, 300 ms at a time), so
-    // date it an hour back.
-    let main_cf = std::fs::File::create(config_dir.join("main.cf")).expect("write main.cf");
-    main_cf
-        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
-        .expect("set main.cf mtime");
-    drop(main_cf);
+    // An empty main.cf, dated back (see `postfix::write_old_file`).
+    postfix::write_old_file(&config_dir.join("main.cf"), "");
     let out_path = config_dir.join("stdout");
     let err_path = config_dir.join("stderr");
     let path = format!(
@@ -1109,41 +1176,25 @@ impl LineClient {
         self.read_line()
     }
 
-    /// Exactly `n` bytes (panics on timeout or EOF).
-    pub fn read_exact(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            if !self.fill(LINE_CLIENT_TIMEOUT) {
-                panic!("connection closed after {} of {} bytes", self.buf.len(), n);
-            }
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    /// One netstring `LEN:payload,`; returns the payload (panics if malformed).
+    /// One netstring `LEN:payload,`; returns the payload (panics if it is
+    /// malformed, after 10 s without a byte, or on EOF before its end).
     pub fn read_netstring(&mut self) -> Vec<u8> {
-        let mut len = 0usize;
-        loop {
-            let b = self.read_exact(1)[0];
-            match b {
-                b'0'..=b'9' => len = len * 10 + (b - b'0') as usize,
-                b':' => break,
-                _ => panic!("malformed netstring length byte {:?}", b as char),
-            }
-        }
-        let payload = self.read_exact(len);
-        assert_eq!(self.read_exact(1), b",", "netstring not ended by ','");
-        payload
+        read_netstring(self)
     }
 
     /// Sends a socketmap request `name key` as a netstring and reads the reply payload.
     pub fn socketmap_query(&mut self, name: &str, key: &[u8]) -> Vec<u8> {
-        let mut payload = format!("{} ", name).into_bytes();
-        payload.extend_from_slice(key);
-        let mut req = format!("{}:", payload.len()).into_bytes();
-        req.extend_from_slice(&payload);
-        req.push(b',');
-        self.send(&req);
+        self.send(&netstring(&[format!("{name} ").as_bytes(), key].concat()));
         self.read_netstring()
+    }
+
+    /// A tcp_table lookup: sends `get KEY\n` (the key as given, no `%XX`
+    /// quoting) and returns the reply line as text, byte for byte (it must
+    /// be UTF-8).
+    pub fn get(&mut self, key: &str) -> String {
+        let reply = self.query(format!("get {key}\n").as_bytes());
+        String::from_utf8(reply)
+            .unwrap_or_else(|e| panic!("the reply to get {key} is not UTF-8: {e}"))
     }
 
     /// Whether the peer has closed the connection: waits up to 1 s for EOF
@@ -1180,6 +1231,20 @@ impl LineClient {
     }
 }
 
+/// The bytes received: those already buffered first. Panics after 10 s
+/// without any; 0 at EOF.
+impl Read for LineClient {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.buf.is_empty() && !self.fill(LINE_CLIENT_TIMEOUT) {
+            return Ok(0);
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        self.buf.drain(..n);
+        Ok(n)
+    }
+}
+
 /// Reads a file relative to the crate root (for checking shipped configs).
 pub fn crate_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -1195,17 +1260,12 @@ pub const NGINX_RETMSG: &str = "service in maintenance";
 /// The nginx binary, looked up on PATH and then in /usr/sbin; fails the
 /// test (see [`missing`]) when nginx is not installed.
 pub fn nginx_path() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join("nginx"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            missing(
-                "nginx",
-                "the Debian package nginx-light (apt-get install nginx-light)",
-            )
-        })
+    find_program("nginx", &["$PATH", "/usr/sbin"]).unwrap_or_else(|| {
+        missing(
+            "nginx",
+            "the Debian package nginx-light (apt-get install nginx-light)",
+        )
+    })
 }
 
 /// One line of the private nginx's access log.
@@ -1390,11 +1450,6 @@ impl Nginx {
         ids.dedup();
         ids.len()
     }
-
-    /// nginx's error log so far.
-    pub fn error_log(&self) -> String {
-        self.process.error_log()
-    }
 }
 
 /// A private nginx process, for [`Nginx`] and for tests that write their
@@ -1576,6 +1631,170 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Sleeps until `t` (not at all if it has passed).
+pub fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        thread::sleep(t - now);
+    }
+}
+
+/// Bytes as text, invalid UTF-8 replaced.
+pub fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `"a", "b"`: each item as a quoted string, comma-separated (for a TOML
+/// list such as `servers = [...]`).
+pub fn quoted_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The lines of `text` (a log) containing `needle`.
+pub fn log_lines(text: &str, needle: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// How many lines of `text` (a log) contain every one of `needles`.
+pub fn count_lines(text: &str, needles: &[&str]) -> usize {
+    text.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+/// Whether a tcp_table reply is a temporary error: `400 `, a reason, and
+/// one `\n` that ends it (no CR).
+pub fn is_temp(reply: &str) -> bool {
+    reply.starts_with("400 ")
+        && reply.len() > 5
+        && reply.ends_with('\n')
+        && reply.matches('\n').count() == 1
+        && !reply.contains('\r')
+}
+
+/// Asserts [`is_temp`]: a temporary error (mail deferred), never `500`
+/// (not found: bounced) nor `200`.
+#[track_caller]
+pub fn assert_temp(reply: &str, what: &str) {
+    assert!(
+        is_temp(reply),
+        "{what}: expected a temporary error \"400 ...\\n\", got {reply:?}"
+    );
+}
+
+/// `payload` as a netstring, `LEN:payload,`.
+pub fn netstring(payload: &[u8]) -> Vec<u8> {
+    [format!("{}:", payload.len()).as_bytes(), payload, b","].concat()
+}
+
+/// Reads one netstring `LEN:payload,` from `r`; returns the payload
+/// (panics if it is malformed or the stream fails or ends first).
+pub fn read_netstring(r: &mut impl Read) -> Vec<u8> {
+    let mut len = 0usize;
+    loop {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b).expect("netstring length");
+        match b[0] {
+            b'0'..=b'9' => len = len * 10 + usize::from(b[0] - b'0'),
+            b':' => break,
+            other => panic!("malformed netstring length byte {:?}", other as char),
+        }
+    }
+    let mut payload = vec![0u8; len + 1];
+    r.read_exact(&mut payload).expect("netstring payload");
+    assert_eq!(payload.pop(), Some(b','), "netstring not ended by ','");
+    payload
+}
+
+/// Program `name`: the first executable file of that name in `dirs`, in
+/// order, where `"$PATH"` stands for the directories of PATH; None when
+/// there is none.
+pub fn find_program(name: &str, dirs: &[&str]) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    dirs.iter()
+        .flat_map(|&d| match d {
+            "$PATH" => std::env::split_paths(&path).collect(),
+            _ => vec![PathBuf::from(d)],
+        })
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// User + system CPU time of process `pid`, in clock ticks (/proc/PID/stat
+/// fields 14 and 15).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // The command name (field 2) may hold spaces: count from the last ')'.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime 15.
+    let utime: u64 = fields[11].parse().unwrap();
+    let stime: u64 = fields[12].parse().unwrap();
+    utime + stime
+}
+
+/// How many descriptors process `pid` has open (0 if /proc does not say).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Inodes of the sockets process `pid` has open.
+pub fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|t| {
+            t.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// TCP sockets other than the listener whose local port is `port` (a
+/// daemon's accepted client connections, in any state: established, or
+/// close-wait once the client closed), from /proc/net/tcp, among `inodes`
+/// (see [`socket_inodes`]).
+pub fn client_sockets(port: u16, inodes: &[u64]) -> usize {
+    // /proc/net/tcp is no snapshot (a line can appear twice while sockets
+    // come and go): count distinct inodes.
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let found: std::collections::HashSet<&str> = table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 10 {
+                return false;
+            }
+            let local_port = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            let listening = f[3] == "0A";
+            let inode: u64 = f[9].parse().unwrap_or(0);
+            local_port == Some(port) && !listening && inodes.contains(&inode)
+        })
+        .filter_map(|l| l.split_whitespace().nth(9))
+        .collect();
+    found.len()
+}
+
 /// VmRSS of process `pid` (from /proc/PID/status), in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmRSS")
@@ -1634,6 +1853,30 @@ pub fn output_within(mut child: Child, limit: Duration, what: &str) -> std::proc
         stdout: out.join().unwrap(),
         stderr: err.join().unwrap(),
     }
+}
+
+/// Starts the load generator (`httpmapd-load`) with `args`, stdin closed,
+/// stdout and stderr piped.
+pub fn spawn_load(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_httpmapd-load"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn httpmapd-load")
+}
+
+/// The output of the load generator `child` (from [`spawn_load`] with
+/// `args`) once it exits; kills it and panics after `limit`.
+pub fn load_output(child: Child, limit: Duration, args: &[&str]) -> std::process::Output {
+    output_within(child, limit, &format!("httpmapd-load {args:?}"))
+}
+
+/// Runs the load generator with `args` to its end (see [`spawn_load`],
+/// [`load_output`]).
+pub fn run_load(args: &[&str], limit: Duration) -> std::process::Output {
+    load_output(spawn_load(args), limit, args)
 }
 
 // ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@
 // Not every test that includes `common` uses this module.
 #![allow(dead_code)]
 
-use super::{free_port, missing, test_name, unique_temp_dir};
+use super::{find_program, free_port, missing, test_name, unique_temp_dir};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
@@ -31,17 +31,12 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// A Postfix program: /usr/sbin first, then PATH. Fails the test (see
 /// [`missing`]) when Postfix is not installed.
 pub fn program(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::iter::once(PathBuf::from("/usr/sbin"))
-        .chain(std::env::split_paths(&path))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            missing(
-                &format!("Postfix's {name}"),
-                "the Debian package postfix (apt-get install postfix)",
-            )
-        })
+    find_program(name, &["/usr/sbin", "$PATH"]).unwrap_or_else(|| {
+        missing(
+            &format!("Postfix's {name}"),
+            "the Debian package postfix (apt-get install postfix)",
+        )
+    })
 }
 
 /// Writes `text` to `path`, dated an hour back: Postfix waits for a config
