@@ -312,6 +312,9 @@ fn show(shared: &Shared, map: &[u8], key: &[u8], out: &mut Emit<'_>) -> Result<S
             .map_err(|e| format!("shared cache: {e}"))?
         {
             Value::Bulk(b) => match value::decode(&b) {
+                Some(e) if e.fingerprint != shared.fingerprint(id) => {
+                    out(b"shared\tother-configuration")?
+                }
                 Some(e) => {
                     let now_unix = value::unix_ms() as i64;
                     let left = e.fresh_until_unix_ms as i64 - now_unix;

@@ -245,9 +245,14 @@ fn build_shared(
         .map(|id| cache.gen(id).wrapping_add(u32::from(purge.contains(&id))))
         .collect();
     let own_writes = prev.map_or_else(Arc::default, |p| p.own_writes.clone());
+    let fingerprints = maps
+        .iter()
+        .map(|m| m.as_ref().map_or(0, |m| m.cfg.answers_fingerprint()))
+        .collect();
     let shared = Shared {
         cfg,
         gens,
+        fingerprints,
         cache,
         stats,
         maps,

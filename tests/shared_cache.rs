@@ -400,11 +400,13 @@ fn wait_keys(c: &mut RespConn, pattern: &str, n: usize) {
     assert!(ok, "{} keys {pattern}, not {n}: {last:?}", last.len());
 }
 
-/// The stored form of a result, as the daemon writes it: version 1, found
-/// flag, fresh-until Unix ms (big-endian), the value.
-fn encode_value(value: Option<&[u8]>, fresh_until_ms: u64) -> Vec<u8> {
-    let mut out = vec![1, u8::from(value.is_some())];
+/// The stored form of a result, as the daemon writes it: version 2, found
+/// flag, fresh-until Unix ms and the map's configuration fingerprint
+/// (big-endian, see [`Node::fingerprint`]), the value.
+fn encode_value(value: Option<&[u8]>, fresh_until_ms: u64, fingerprint: u64) -> Vec<u8> {
+    let mut out = vec![2, u8::from(value.is_some())];
     out.extend_from_slice(&fresh_until_ms.to_be_bytes());
+    out.extend_from_slice(&fingerprint.to_be_bytes());
     out.extend_from_slice(value.unwrap_or_default());
     out
 }
@@ -669,6 +671,17 @@ impl Node {
 
     fn config_str(&self) -> &str {
         self.config().to_str().unwrap()
+    }
+
+    /// The fingerprint this node stores with (and wants on) the values of
+    /// `map`, from its configuration file as the daemon reads it.
+    fn fingerprint(&self, map: &str) -> u64 {
+        let cfg = httpmapd::config::load(self.config()).expect("the node's configuration");
+        cfg.maps
+            .iter()
+            .find(|m| m.name == map)
+            .expect("the map")
+            .answers_fingerprint()
     }
 
     fn log(&self) -> String {
@@ -1535,8 +1548,10 @@ fn redis_commands_per_lookup() {
     let found = c
         .get(b"fleet7:v:virtual:user000-t7@example.com")
         .expect("stored");
-    assert_eq!(&found[..2], &[1, 1], "version 1, found");
-    assert_eq!(&found[10..], b"v1-user000-t7@example.com");
+    assert_eq!(&found[..2], &[2, 1], "version 2, found");
+    let fingerprint = node.fingerprint("virtual").to_be_bytes();
+    assert_eq!(&found[10..18], &fingerprint, "the map's fingerprint");
+    assert_eq!(&found[18..], b"v1-user000-t7@example.com");
     let fresh = u64::from_be_bytes(found[2..10].try_into().unwrap());
     assert!(
         fresh.abs_diff(now + 3_600_000) < 5_000,
@@ -1550,8 +1565,9 @@ fn redis_commands_per_lookup() {
     let nf = c
         .get(b"fleet7:v:virtual:nobody009-t7@example.com")
         .expect("stored");
-    assert_eq!(nf.len(), 10);
-    assert_eq!(&nf[..2], &[1, 0], "version 1, not found");
+    assert_eq!(nf.len(), 18);
+    assert_eq!(&nf[..2], &[2, 0], "version 2, not found");
+    assert_eq!(&nf[10..18], &fingerprint, "the map's fingerprint");
     let fresh = u64::from_be_bytes(nf[2..10].try_into().unwrap());
     assert!(fresh.abs_diff(now + 60_000) < 5_000);
     let pttl = c.pttl(b"fleet7:v:virtual:nobody009-t7@example.com");
@@ -2085,13 +2101,14 @@ fn refused_writes_do_not_swallow_later_invalidations() {
     c.ok(&[b"CONFIG", b"SET", b"maxmemory", b"0"]);
     // Another node stores newer values.
     let fresh = unix_ms() + 3_600_000;
+    let fingerprint = a.fingerprint("virtual");
     for k in &keys {
         let v = if k.starts_with("nobody") {
             None
         } else {
             Some(format!("v2-{k}"))
         };
-        let stored = encode_value(v.as_deref().map(str::as_bytes), fresh);
+        let stored = encode_value(v.as_deref().map(str::as_bytes), fresh, fingerprint);
         c.ok(&[b"SET", &vkey("virtual", k), &stored, b"PX", b"7200000"]);
     }
     let deadline = Instant::now() + Duration::from_secs(1);
@@ -2336,9 +2353,9 @@ fn a_fresh_value_from_redis_with_a_zero_ttl_is_answered_from_the_servers() {
     a.wait_connected();
     let mut c = redis.conn();
     let fresh = unix_ms() + 3_600_000;
-    let found = encode_value(Some(b"from-another-node"), fresh);
+    let found = encode_value(Some(b"from-another-node"), fresh, a.fingerprint("virtual"));
     c.ok(&[b"SET", &vkey("virtual", "alice"), &found, b"PX", b"7200000"]);
-    let none = encode_value(None, fresh);
+    let none = encode_value(None, fresh, a.fingerprint("virtual"));
     c.ok(&[
         b"SET",
         &vkey("virtual", "nobody-x"),
@@ -2425,7 +2442,7 @@ fn waiting_on_another_nodes_claim_counts_one_stale_hit() {
     a.wait_connected();
     let key = "sam@example.com";
     let mut c = redis.conn();
-    let stale = encode_value(Some(b"old"), unix_ms() - 1000);
+    let stale = encode_value(Some(b"old"), unix_ms() - 1000, a.fingerprint("virtual"));
     c.ok(&[b"SET", &vkey("virtual", key), &stale, b"PX", b"3600000"]);
     // Another node holds the claim (and never writes).
     let claim = format!("httpmapd:l:virtual:{key}").into_bytes();
@@ -2439,4 +2456,64 @@ fn waiting_on_another_nodes_claim_counts_one_stale_hit() {
     assert_eq!(a.metric("httpmapd_shared_cache_stale_total"), 1.0);
     assert_eq!(a.metric("httpmapd_shared_cache_misses_total"), 0.0);
     assert_eq!(a.metric("httpmapd_shared_cache_hits_total"), 0.0);
+}
+
+// ---------------------------------------------------------------------------
+// Every value carries its map's configuration
+// ---------------------------------------------------------------------------
+
+/// Two nodes whose map `virtual` asks different servers (a fleet half way
+/// through a change) share one Redis: neither answers with what the other's
+/// servers said, fresh or stale, and `show` says whose the value is. A
+/// reload that gives a node the other's servers makes their values its own.
+#[test]
+fn a_value_fetched_under_another_configuration_is_never_an_answer() {
+    let redis = Redis::start();
+    let old = Backend::start(Duration::ZERO);
+    let new = Backend::start(Duration::ZERO);
+    new.set_version(2);
+    let cfg = |server: &Backend| {
+        Cfg::new(Some(&redis.url()), &server.url())
+            .cache("ttl = \"1h\"")
+            .cache("stale_ttl = \"1h\"")
+    };
+    let a = Node::start(&cfg(&old));
+    let b = Node::start(&cfg(&new));
+    a.wait_connected();
+    b.wait_connected();
+    assert_ne!(a.fingerprint("virtual"), b.fingerprint("virtual"));
+    let mut c = redis.conn();
+    let key = "lee@example.com";
+    assert_eq!(a.get(key), want(key, 1));
+    wait_keys(&mut c, "httpmapd:v:*", 1);
+    // Node b: the key is in Redis, but fetched from other servers.
+    assert_eq!(b.get(key), want(key, 2));
+    assert_eq!((old.requests(), new.requests()), (1, 1));
+    assert_eq!(b.metric("httpmapd_shared_cache_hits_total"), 0.0);
+    assert_eq!(b.metric("httpmapd_shared_cache_stale_total"), 0.0);
+    assert_eq!(b.metric("httpmapd_shared_cache_misses_total"), 1.0);
+    // b wrote its own value over a's: a's next miss of the key is b's
+    // servers' answer for b only; a (L1 dropped by the invalidation, or
+    // purged here) asks its own servers again.
+    let stored = c.get(&vkey("virtual", key)).expect("b's value");
+    assert!(stored.ends_with(format!("v2-{key}").as_bytes()));
+    assert_eq!(
+        &stored[10..18],
+        &b.fingerprint("virtual").to_be_bytes(),
+        "b's fingerprint"
+    );
+    let out = httpmapd(&["show", "-c", a.config_str(), "virtual", key]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.ends_with("shared\tother-configuration\n"),
+        "{out:?}"
+    );
+    // A reload gives a b's servers: b's value in Redis is now a's answer.
+    let text = std::fs::read_to_string(a.config()).unwrap();
+    std::fs::write(a.config(), text.replace(&old.url(), &new.url())).unwrap();
+    a.daemon.reload_ok();
+    assert_eq!(a.fingerprint("virtual"), b.fingerprint("virtual"));
+    assert_eq!(a.get(key), want(key, 2));
+    assert_eq!((old.requests(), new.requests()), (1, 1), "from Redis");
+    assert_eq!(a.metric("httpmapd_shared_cache_hits_total"), 1.0);
 }

@@ -302,6 +302,36 @@ impl MapConfig {
             MapKind::Policy(_) => format!("policy:{}", self.name),
         }
     }
+
+    /// A fingerprint of what makes this map's answers (its servers' URLs,
+    /// in any order, how their replies are read, key folding): stored with
+    /// every value in the shared cache, so a node whose map differs (a
+    /// reload gave it other servers, a fleet half way through a change)
+    /// never takes another configuration's answer. Stable across builds and
+    /// nodes (FNV-1a over a fixed text); header values (secrets) are not in
+    /// it.
+    pub fn answers_fingerprint(&self) -> u64 {
+        let mut urls: Vec<&str> = self.servers.iter().map(|s| s.url.as_str()).collect();
+        urls.sort_unstable();
+        let result = match &self.result {
+            ResultMode::Header => "header".to_string(),
+            ResultMode::Body => "body".to_string(),
+            ResultMode::Json(p) => format!("json:{p}"),
+        };
+        let kind = match self.kind {
+            MapKind::Table => "table",
+            MapKind::Policy(_) => "policy",
+        };
+        let text = format!(
+            "{kind}\n{}\n{result}\n{:?}\n{}",
+            urls.join("\n"),
+            self.separator,
+            self.fold_case
+        );
+        text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
 }
 
 /// One HTTP server of a map, its address resolved.
@@ -471,6 +501,41 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_fingerprint_follows_what_makes_answers() {
+        let fp = |extra: &str| {
+            let text =
+                format!("[maps.m]\ntcp_listen = \"127.0.0.1:10099\"\nservers = [\"http://127.0.0.1:1/x\", \"http://127.0.0.2:2/x\"]\n{extra}\n");
+            parse("f", &text).unwrap().maps[0].answers_fingerprint()
+        };
+        let base = fp("");
+        // Stable: the same text gives the same number on every node.
+        assert_eq!(base, fp(""));
+        assert_eq!(base, fp("headers = { Authorization = \"Bearer secret\" }"));
+        assert_eq!(base, fp("ttl = \"1h\""));
+        for other in [
+            "result = \"body\"",
+            "result = \"json:/v\"",
+            "separator = \";\"",
+            "fold_case = false",
+        ] {
+            assert_ne!(base, fp(other), "{other}");
+        }
+        let servers = |list: &str| {
+            let text = format!("[maps.m]\ntcp_listen = \"127.0.0.1:10099\"\nservers = [{list}]\n");
+            parse("f", &text).unwrap().maps[0].answers_fingerprint()
+        };
+        assert_eq!(
+            base,
+            servers("\"http://127.0.0.2:2/x\", \"http://127.0.0.1:1/x\"")
+        );
+        assert_ne!(base, servers("\"http://127.0.0.1:1/x\""));
+        assert_ne!(
+            base,
+            servers("\"http://127.0.0.1:1/x\", \"http://127.0.0.3:2/x\"")
+        );
+    }
 
     #[test]
     fn maps_and_policies_share_the_id_budget() {

@@ -2,12 +2,15 @@
 //! lookup (`PREFIX` `v:` `MAP` `:` `KEY`; the cold-key claim `PREFIX` `l:`
 //! ...), and the stored value: a version byte, found or not found, when it
 //! stops being fresh (Unix milliseconds, so every node of a fleet reads the
-//! same lifetime), and the value bytes (binary-safe). Anything else under
-//! the prefix is not ours and reads as a miss.
+//! same lifetime), the fingerprint of the map's configuration that fetched
+//! it ([`crate::config::MapConfig::answers_fingerprint`]: a node whose map
+//! asks other servers, or reads their replies otherwise, never takes it),
+//! and the value bytes (binary-safe). Anything else under the prefix is not
+//! ours and reads as a miss.
 
 /// The first byte of every value we store.
-pub const VERSION: u8 = 1;
-const HEADER_BYTES: usize = 10;
+pub const VERSION: u8 = 2;
+const HEADER_BYTES: usize = 18;
 
 /// A decoded shared-cache value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,9 +19,10 @@ pub struct Entry {
     pub value: Option<Vec<u8>>,
     /// Until then (Unix ms) it answers as fresh; after, only as stale.
     pub fresh_until_unix_ms: u64,
+    /// The fingerprint of the map configuration that fetched it.
+    pub fingerprint: u64,
 }
 
-/// Appends the stored form of a result to `out`.
 /// Milliseconds since the Unix epoch: the clock of the lifetimes stored
 /// (every node of a fleet reads the same).
 pub fn unix_ms() -> u64 {
@@ -27,10 +31,12 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-pub fn encode(value: Option<&[u8]>, fresh_until_unix_ms: u64, out: &mut Vec<u8>) {
+/// Appends the stored form of a result to `out`.
+pub fn encode(value: Option<&[u8]>, fresh_until_unix_ms: u64, fingerprint: u64, out: &mut Vec<u8>) {
     out.push(VERSION);
     out.push(u8::from(value.is_some()));
     out.extend_from_slice(&fresh_until_unix_ms.to_be_bytes());
+    out.extend_from_slice(&fingerprint.to_be_bytes());
     out.extend_from_slice(value.unwrap_or_default());
 }
 
@@ -40,6 +46,7 @@ pub fn decode(b: &[u8]) -> Option<Entry> {
         return None;
     }
     let fresh = u64::from_be_bytes(b[2..10].try_into().ok()?);
+    let fingerprint = u64::from_be_bytes(b[10..18].try_into().ok()?);
     let value = (b[1] == 1).then(|| b[HEADER_BYTES..].to_vec());
     if value.is_none() && b.len() > HEADER_BYTES {
         return None;
@@ -47,6 +54,7 @@ pub fn decode(b: &[u8]) -> Option<Entry> {
     Some(Entry {
         value,
         fresh_until_unix_ms: fresh,
+        fingerprint,
     })
 }
 
@@ -110,23 +118,32 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for (v, t) in [(Some(&b"a\0b"[..]), 5u64), (Some(b""), 0), (None, u64::MAX)] {
+        for (v, t, f) in [
+            (Some(&b"a\0b"[..]), 5u64, 7u64),
+            (Some(b""), 0, u64::MAX),
+            (None, u64::MAX, 0),
+        ] {
             let mut out = Vec::new();
-            encode(v, t, &mut out);
+            encode(v, t, f, &mut out);
+            assert_eq!(out.len(), HEADER_BYTES + v.map_or(0, <[u8]>::len));
             assert_eq!(
                 decode(&out),
                 Some(Entry {
                     value: v.map(<[u8]>::to_vec),
-                    fresh_until_unix_ms: t
+                    fresh_until_unix_ms: t,
+                    fingerprint: f,
                 })
             );
         }
         for junk in [
             &b""[..],
             b"x",
-            b"\x02\x01000000000",
-            b"\x01\x00\0\0\0\0\0\0\0\0extra",
-            b"\x01\x05\0\0\0\0\0\0\0\0",
+            b"\x03\x0100000000000000000",
+            // The first version (no fingerprint): not ours any more.
+            b"\x01\x01\0\0\0\0\0\0\0\0value",
+            b"\x02\x00\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0extra",
+            b"\x02\x05\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            b"\x02\x01\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
         ] {
             assert_eq!(decode(junk), None, "{junk:?}");
         }

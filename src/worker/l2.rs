@@ -138,6 +138,9 @@ impl Worker {
         let stats = &self.shared.stats.l2;
         let now_unix = unix_ms();
         let now_ms = self.shared.cache.ms_at(now);
+        // Fetched by a node whose map differs (other servers, other
+        // reading of their replies): not an answer here, not even stale.
+        let entry = entry.filter(|e| e.fingerprint == self.shared.fingerprint(lk.map));
         let stale = if let Some(e) = entry {
             let own_ttl = ttls.fresh_for(e.value.is_some());
             let stale_ms = ttls.stale_ttl.as_millis() as u64;
@@ -274,7 +277,12 @@ impl Worker {
             &mut redis_key,
         );
         let mut stored = Vec::new();
-        value::encode(value, unix_ms() + ttl.as_millis() as u64, &mut stored);
+        value::encode(
+            value,
+            unix_ms() + ttl.as_millis() as u64,
+            self.shared.fingerprint(map),
+            &mut stored,
+        );
         // Worker 0 will hear of this write: tell it the write is ours.
         let counted = self.id != 0 && self.shared.own_writes.add(&redis_key);
         let registry = self.poll.registry();

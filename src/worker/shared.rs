@@ -92,6 +92,9 @@ pub struct Shared {
     /// By map id: the generation in this configuration's cache keys (see
     /// [`crate::cache`]); it changes when a reload changes a map's answers.
     pub gens: Vec<u32>,
+    /// By map id: [`crate::config::MapConfig::answers_fingerprint`], stored
+    /// with (and checked on) every value in the shared cache.
+    pub fingerprints: Vec<u64>,
     pub map_by_name: HashMap<Vec<u8>, u16>,
     pub mailboxes: Arc<Vec<(Sender<Msg>, Arc<Waker>)>>,
     /// This node's writes to the shared cache that worker 0 will hear of
@@ -118,6 +121,13 @@ impl Shared {
 
     pub(crate) fn gen(&self, id: u16) -> u32 {
         self.gens.get(id as usize).copied().unwrap_or_default()
+    }
+
+    pub(crate) fn fingerprint(&self, id: u16) -> u64 {
+        self.fingerprints
+            .get(id as usize)
+            .copied()
+            .unwrap_or_default()
     }
 }
 
