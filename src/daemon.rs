@@ -290,13 +290,8 @@ fn bind_admin(
     path: &std::path::Path,
     a: &crate::config::AdminSocket,
 ) -> Result<std::os::unix::net::UnixListener, String> {
-    // SAFETY: umask only changes this process's file creation mask; it is
-    // restored at once, before any other thread creates files.
-    let old = unsafe { libc::umask(0o077) };
-    let bound = crate::net::bind_unix(path, a.mode, a.owner, a.group);
-    unsafe { libc::umask(old) };
-    let l =
-        bound.map_err(|e| format!("cannot listen on {} (admin_socket): {e}", path.display()))?;
+    let l = crate::net::bind_unix(path, a.mode, a.owner, a.group)
+        .map_err(|e| format!("cannot listen on {} (admin_socket): {e}", path.display()))?;
     l.set_nonblocking(false)
         .map_err(|e| format!("admin_socket: {e}"))?;
     Ok(l)

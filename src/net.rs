@@ -70,7 +70,14 @@ pub fn bind_unix(
         }
         std::fs::remove_file(path)?;
     }
-    let l = std::os::unix::net::UnixListener::bind(path)?;
+    // Created with no permission beyond `mode` (the umask decides a new
+    // socket's mode), so nobody else connects before the chmod below.
+    // SAFETY: umask only changes this process's file creation mask; it is
+    // restored at once (no thread of ours creates files meanwhile).
+    let old = unsafe { libc::umask(!(mode as libc::mode_t) & 0o777) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let l = bound?;
     l.set_nonblocking(true)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     if owner.is_some() || group.is_some() {
