@@ -204,6 +204,14 @@ pub fn load(s: &TlsSettings) -> Result<TlsClient, (Setting, String)> {
     })
 }
 
+/// An IO error of a connection verifying `name`, in words: a TLS failure
+/// as [`describe`] says it, anything else as it is.
+pub fn io_text(e: &std::io::Error, name: &ServerName<'_>) -> String {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .map_or_else(|| e.to_string(), |t| describe(t, name))
+}
+
 /// A TLS failure in an operator's words (for the "server is down" line).
 pub fn describe(e: &rustls::Error, name: &ServerName<'_>) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};

@@ -85,6 +85,16 @@ fn write_pending(sock: &mut TcpStream, conn: &mut ClientConnection) -> io::Resul
     Ok(Written { any, all: true })
 }
 
+/// Takes in the records read: on an error (a certificate refused, garbage)
+/// the alert rustls queued for the server is sent first, as far as the
+/// socket takes it, so the server learns why.
+fn process(sock: &mut TcpStream, conn: &mut ClientConnection) -> io::Result<()> {
+    conn.process_new_packets().map(|_| ()).map_err(|e| {
+        let _ = write_pending(sock, conn);
+        io_tls(e)
+    })
+}
+
 impl Transport {
     /// A TLS client connection on `sock`, verifying `name`.
     pub fn tls(
@@ -158,7 +168,7 @@ impl Transport {
                         ))
                     }
                     Ok(_) => {
-                        conn.process_new_packets().map_err(io_tls)?;
+                        process(sock, conn)?;
                         progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -219,7 +229,7 @@ impl Transport {
             }
             match conn.read_tls(sock) {
                 Ok(0) => {
-                    conn.process_new_packets().map_err(io_tls)?;
+                    process(sock, conn)?;
                     // Loop once more: buffered plaintext first, then EOF.
                     return match conn.reader().read(buf) {
                         Ok(n) => Ok(n),
@@ -229,7 +239,7 @@ impl Transport {
                     };
                 }
                 Ok(_) => {
-                    conn.process_new_packets().map_err(io_tls)?;
+                    process(sock, conn)?;
                     // Alerts or key updates rustls answers (what the socket
                     // does not take now, `flush` writes later).
                     write_pending(sock, conn)?;

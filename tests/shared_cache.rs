@@ -25,6 +25,7 @@
 
 mod common;
 
+use common::pki::{write_leaf, Ca, TempDir};
 use common::{
     count_lines, free_port, log_lines, metric, metrics, output_within, show, stats_get,
     unique_temp_dir, wait_until, Acceptor, Daemon, LineClient, Reply, TestServer,
@@ -64,13 +65,29 @@ fn redis_server_path() -> PathBuf {
 
 /// A private `redis-server`: 127.0.0.1 on a free port (and a Unix socket in
 /// its directory), `--requirepass` (unless started without), no RDB, no
-/// AOF. Killed (SIGKILL) on drop; its log is printed if the test panics.
+/// AOF; optionally a TLS port beside the plain one ([`RedisTls`]). Killed
+/// (SIGKILL) on drop; its log is printed if the test panics.
 struct Redis {
     bin: PathBuf,
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
     password: Option<&'static str>,
+    tls: Option<RedisTls>,
+}
+
+/// redis-server's TLS listener: `--tls-port` (on 127.0.0.1, beside the
+/// plain port the tests' own [`RespConn`] keeps using), its certificate and
+/// key, the CA client certificates must come from, and
+/// `--tls-auth-clients` (`optional`: a client certificate is checked when
+/// one is sent; `yes`: one is required).
+#[derive(Clone)]
+struct RedisTls {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    auth_clients: &'static str,
 }
 
 impl Redis {
@@ -81,6 +98,26 @@ impl Redis {
     }
 
     fn start_with(password: Option<&'static str>) -> Redis {
+        Redis::start_opts(password, None)
+    }
+
+    /// With [`PASSWORD`] and a TLS port: the server certificate of `pki`
+    /// (for 127.0.0.1, from its CA), client certificates checked against
+    /// its CA, `--tls-auth-clients auth_clients`. `pki` must outlive it.
+    fn start_tls(pki: &RedisPki, auth_clients: &'static str) -> Redis {
+        Redis::start_opts(
+            Some(PASSWORD),
+            Some(RedisTls {
+                port: 0,
+                cert: pki.server.0.clone(),
+                key: pki.server.1.clone(),
+                ca: pki.ca_file.clone(),
+                auth_clients,
+            }),
+        )
+    }
+
+    fn start_opts(password: Option<&'static str>, tls: Option<RedisTls>) -> Redis {
         let bin = redis_server_path();
         let dir = unique_temp_dir("httpmapd-redis");
         let mut r = Redis {
@@ -89,11 +126,20 @@ impl Redis {
             port: 0,
             dir,
             password,
+            tls,
         };
         // A free port can be taken before redis-server binds it: try a few.
         let mut last = String::new();
         for _ in 0..5 {
             r.port = free_port();
+            if let Some(t) = r.tls.as_mut() {
+                t.port = loop {
+                    let p = free_port();
+                    if p != r.port {
+                        break p;
+                    }
+                };
+            }
             match r.spawn() {
                 Ok(()) => return r,
                 Err(e) => last = e,
@@ -119,6 +165,16 @@ impl Redis {
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"]);
         if let Some(p) = self.password {
             cmd.args(["--requirepass", p]);
+        }
+        if let Some(t) = &self.tls {
+            cmd.args(["--tls-port", &t.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&t.cert)
+                .arg("--tls-key-file")
+                .arg(&t.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&t.ca)
+                .args(["--tls-auth-clients", t.auth_clients]);
         }
         cmd.args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir)
@@ -162,6 +218,26 @@ impl Redis {
     /// How the daemon names it in logs and errors.
     fn described(&self) -> String {
         format!("redis://:***@127.0.0.1:{}/0", self.port)
+    }
+
+    /// The TLS port (panics without one).
+    fn tls_port(&self) -> u16 {
+        self.tls.as_ref().expect("redis-server with TLS").port
+    }
+
+    /// `rediss://:PASSWORD@127.0.0.1:TLSPORT`
+    fn tls_url(&self) -> String {
+        format!(
+            "rediss://:{}@127.0.0.1:{}",
+            self.password.expect("a password"),
+            self.tls_port()
+        )
+    }
+
+    /// How the daemon names the TLS URL in logs and errors (the scheme is
+    /// not said).
+    fn tls_described(&self) -> String {
+        format!("redis://:***@127.0.0.1:{}/0", self.tls_port())
     }
 
     fn try_conn(&self) -> io::Result<RespConn> {
@@ -369,6 +445,75 @@ impl RespConn {
     fn reset_stats(&mut self) {
         self.ok(&[b"CONFIG", b"RESETSTAT"]);
     }
+
+    /// The daemons' connections (`CLIENT LIST`, clients named
+    /// `httpmapd-...`) as (name, the port they reached: `laddr`), sorted.
+    fn daemon_clients(&mut self) -> Vec<(String, u16)> {
+        let Resp::Bulk(text) = self.cmd(&[b"CLIENT", b"LIST"]).expect("CLIENT LIST") else {
+            panic!("CLIENT LIST: not a bulk string");
+        };
+        let mut v: Vec<(String, u16)> = show(&text)
+            .lines()
+            .filter_map(|line| {
+                let field = |name: &str| {
+                    line.split(' ')
+                        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+                };
+                let name = field("name");
+                let port = field("laddr").rsplit(':').next().unwrap().parse().unwrap();
+                name.starts_with("httpmapd-")
+                    .then(|| (name.to_string(), port))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// A test PKI for a Redis with TLS, as files in a directory of its own: a
+/// CA, Redis's server certificate for 127.0.0.1 and a client certificate
+/// (both from the CA), and another CA that signed neither.
+struct RedisPki {
+    ca_file: PathBuf,
+    other_ca_file: PathBuf,
+    /// (certificate, key)
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+    _dir: TempDir,
+}
+
+impl RedisPki {
+    fn new() -> RedisPki {
+        let dir = TempDir::new("httpmapd-redis-pki");
+        let ca = Ca::new("Redis test CA");
+        let other = Ca::new("Another test CA");
+        RedisPki {
+            ca_file: dir.write("ca.pem", &ca.pem),
+            other_ca_file: dir.write("other-ca.pem", &other.pem),
+            server: write_leaf(&dir, "redis", &ca.server(&["127.0.0.1"])),
+            client: write_leaf(&dir, "client", &ca.client("httpmapd-node")),
+            _dir: dir,
+        }
+    }
+
+    /// The `[shared_cache]` line trusting the CA.
+    fn trust(&self) -> String {
+        setting("tls_ca_file", &self.ca_file)
+    }
+
+    /// The `[shared_cache]` lines of the client certificate and key.
+    fn identity(&self) -> [String; 2] {
+        [
+            setting("tls_client_cert", &self.client.0),
+            setting("tls_client_key", &self.client.1),
+        ]
+    }
+}
+
+/// `name = "PATH"`, a configuration line.
+fn setting(name: &str, path: &Path) -> String {
+    format!("{name} = {:?}", path.display().to_string())
 }
 
 fn show_args(args: &[&[u8]]) -> Vec<String> {
@@ -2516,4 +2661,388 @@ fn a_value_fetched_under_another_configuration_is_never_an_answer() {
     assert_eq!(a.get(key), want(key, 2));
     assert_eq!((old.requests(), new.requests()), (1, 1), "from Redis");
     assert_eq!(a.metric("httpmapd_shared_cache_hits_total"), 1.0);
+}
+
+// ---------------------------------------------------------------------------
+// 11. rediss://: the shared cache over TLS, against redis-server with TLS
+// ---------------------------------------------------------------------------
+
+/// `rediss://` with the test CA in `tls_ca_file`: every worker's connection
+/// reaches the TLS port; two nodes share a value over it (the second node's
+/// lookup is a shared-cache hit); `show` reads the shared value and `purge`
+/// deletes it over the admin commands' own (blocking) TLS connection; the
+/// purge reaches the other node through its TLS tracking connection; after
+/// Redis restarts, every worker reconnects over TLS and sharing resumes.
+#[test]
+fn rediss_two_nodes_share_show_and_purge_over_tls() {
+    let pki = RedisPki::new();
+    let mut redis = Redis::start_tls(&pki, "optional");
+    let backend = Backend::start(Duration::ZERO);
+    let cfg = Cfg::new(Some(&redis.tls_url()), &backend.url())
+        .shared(&pki.trust())
+        .cache("ttl = \"1h\"");
+    let a = Node::start(&cfg);
+    let b = Node::start(&cfg);
+    a.wait_connected();
+    b.wait_connected();
+    let mut c = redis.conn();
+    let clients = c.daemon_clients();
+    assert_eq!(clients.len(), 4, "two workers per node: {clients:?}");
+    assert!(
+        clients.iter().all(|(_, port)| *port == redis.tls_port()),
+        "every daemon connection on the TLS port {}: {clients:?}",
+        redis.tls_port()
+    );
+    c.reset_stats();
+
+    // Node a fetches the key; node b reads it from Redis.
+    let k = "tess@example.com";
+    assert_eq!(a.get(k), want(k, 1));
+    assert_eq!(backend.requests(), 1);
+    wait_keys(&mut c, "httpmapd:v:*", 1);
+    assert_eq!(b.get("Tess@EXAMPLE.com"), want(k, 1));
+    assert_eq!(backend.requests(), 1, "node b asked the server");
+    // a's miss: GET, the claim, the value, the claim released; b's hit: GET
+    // (the test's own KEYS aside).
+    let daemons_commands = |c: &mut RespConn| {
+        let mut stats = c.commandstats();
+        stats.remove("keys");
+        stats
+    };
+    let expected = stats_of(&[("get", 2), ("set", 2), ("unlink", 1)]);
+    let mut stats = BTreeMap::new();
+    wait_until(WAIT, || {
+        stats = daemons_commands(&mut c);
+        stats == expected
+    });
+    assert_eq!(stats, expected);
+    let (ma, mb) = (a.metrics(), b.metrics());
+    for (m, what, hits, misses, writes, won) in [
+        (&ma, "node a", 0.0, 1.0, 1.0, 1.0),
+        (&mb, "node b", 1.0, 0.0, 0.0, 0.0),
+    ] {
+        assert_eq!(
+            (
+                metric(m, "httpmapd_shared_cache_hits_total"),
+                metric(m, "httpmapd_shared_cache_misses_total"),
+                metric(m, "httpmapd_shared_cache_writes_total"),
+                metric(m, "httpmapd_shared_cache_claims_total{result=\"won\"}"),
+                metric(m, "httpmapd_shared_cache_connections"),
+            ),
+            (hits, misses, writes, won, 2.0),
+            "{what}: hits, misses, writes, claims won, connections"
+        );
+        for kind in ["unavailable", "timeout", "reply", "protocol"] {
+            let series = format!("httpmapd_shared_cache_errors_total{{kind=\"{kind}\"}}");
+            assert_eq!(metric(m, &series), 0.0, "{what}: {series}");
+        }
+    }
+
+    // show: the shared value, read over TLS (one HELLO, one GET).
+    let show_b = |key: &str| httpmapd(&["show", "-c", b.config_str(), "virtual", key]);
+    let out = show_b(k);
+    assert_eq!((out.code, out.stderr.as_str()), (0, ""), "{out:?}");
+    let l = parse_show(&out.stdout);
+    assert_eq!(l.len(), 2, "{out:?}");
+    let value = "v1-tess@example.com";
+    assert_show_line(&l[0], "in-process", "fresh", 3590.0, 3600.0, "found", value);
+    assert_show_line(&l[1], "shared", "fresh", 3590.0, 3600.0, "found", value);
+    let expected = stats_of(&[("get", 3), ("hello", 1), ("set", 2), ("unlink", 1)]);
+    assert_eq!(daemons_commands(&mut c), expected, "show's commands");
+
+    // purge on node a, over TLS: gone from a's L1 and from Redis, and (the
+    // invalidation on b's TLS tracking connection) from b's L1.
+    let out = httpmapd(&["purge", "-c", a.config_str(), "virtual", k]);
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (
+            0,
+            "dropped 1 entries from the in-process cache and 1 from the shared cache\n",
+            ""
+        ),
+        "{out:?}"
+    );
+    assert_eq!(c.keys("httpmapd:*"), Vec::<String>::new());
+    let mut last = None;
+    let dropped = wait_until(WAIT, || {
+        let out = show_b(k);
+        let gone = out.stdout == "in-process\tabsent\nshared\tabsent\n";
+        last = Some(out);
+        gone
+    });
+    assert!(dropped, "node b still holds the purged key: {last:?}");
+    assert!(b.metric("httpmapd_shared_cache_invalidations_total") >= 1.0);
+    backend.set_version(2);
+    assert_eq!(b.get(k), want(k, 2));
+    assert_eq!(backend.requests(), 2);
+    wait_keys(&mut c, "httpmapd:v:*", 1);
+    assert_eq!(a.get(k), want(k, 2));
+    assert_eq!(backend.requests(), 2, "node a asked the server");
+    assert_eq!(a.metric("httpmapd_shared_cache_hits_total"), 1.0);
+
+    // 100 more keys (10 not found): fetched by a, read by b over TLS.
+    let keys = key_set("tls", 100);
+    for key in &keys {
+        assert_eq!(a.get(key), want(key, 2));
+    }
+    assert_eq!(backend.requests(), 102);
+    wait_keys(&mut c, "httpmapd:v:*", 101);
+    for key in &keys {
+        assert_eq!(b.get(key), want(key, 2), "{key}");
+    }
+    assert_eq!(backend.requests(), 102, "node b asked the server");
+    assert_eq!(b.metric("httpmapd_shared_cache_hits_total"), 101.0);
+    for (n, what) in [(&a, "node a"), (&b, "node b")] {
+        assert_eq!(n.down_lines(), 0, "{what}:\n{}", n.log());
+    }
+
+    // Redis restarted (empty, a new process: the TLS sessions the nodes
+    // remember are unknown to it): every worker reconnects over TLS, one
+    // line down and one up each, and sharing resumes.
+    drop(c);
+    redis.restart();
+    for (n, what) in [(&a, "node a"), (&b, "node b")] {
+        n.wait_connected();
+        let up = wait_until(WAIT, || n.up_lines() == n.workers);
+        assert!(up, "{what}:\n{}", n.log());
+        assert_eq!(n.down_lines(), n.workers, "{what}:\n{}", n.log());
+    }
+    let mut c = redis.conn();
+    let clients = c.daemon_clients();
+    assert_eq!(clients.len(), 4, "{clients:?}");
+    assert!(
+        clients.iter().all(|(_, port)| *port == redis.tls_port()),
+        "{clients:?}"
+    );
+    let k = "uma@example.com";
+    assert_eq!(a.get(k), want(k, 2));
+    assert_eq!(backend.requests(), 103);
+    wait_keys(&mut c, "httpmapd:v:*", 1);
+    assert_eq!(b.get(k), want(k, 2));
+    assert_eq!(backend.requests(), 103, "node b asked the server");
+    assert_eq!(b.metric("httpmapd_shared_cache_hits_total"), 102.0);
+
+    for (n, what) in [(&a, "node a"), (&b, "node b")] {
+        assert_no_password(&format!("{what}'s log"), &n.log());
+    }
+}
+
+/// A node on `rediss://` whose TLS check of Redis fails (`tls`: its
+/// `[shared_cache]` TLS lines): Redis trouble is only a miss. Every lookup
+/// is answered from the servers (then L1), no connection is ever up, no
+/// command reaches Redis, each worker logs one "is down" line with `reason`
+/// (and no more as it retries), the admin commands fail naming Redis, and
+/// the password shows nowhere; Redis hears the TLS alert `redis_hears`.
+fn refused_over_tls(redis: &Redis, tls: &[String], reason: &str, redis_hears: &str) {
+    let backend = Backend::start(Duration::ZERO);
+    let mut cfg = Cfg::new(Some(&redis.tls_url()), &backend.url()).cache("ttl = \"1h\"");
+    for l in tls {
+        cfg = cfg.shared(l);
+    }
+    let mut c = redis.conn();
+    c.reset_stats();
+    let node = Node::start(&cfg);
+    let line = format!(
+        "httpmapd: warning: shared cache {} is down: TLS handshake: {reason}",
+        redis.tls_described()
+    );
+    let logged = wait_until(WAIT, || count_lines(&node.log(), &[&line]) == node.workers);
+    assert!(
+        logged,
+        "not one line per worker containing {line:?}:\n{}",
+        lines_with(&node.log(), "shared cache")
+    );
+    // The workers told Redis why (the TLS alert), not just hung up (before
+    // any admin command connects).
+    assert!(
+        wait_until(WAIT, || redis.log().contains(redis_hears)),
+        "no {redis_hears:?} in the Redis log:\n{}",
+        redis.log()
+    );
+    let keys = key_set("tls", 20);
+    for k in &keys {
+        assert_eq!(node.get(k), want(k, 1));
+    }
+    assert_eq!(backend.requests(), 20);
+    for k in &keys {
+        assert_eq!(node.get(k), want(k, 1));
+    }
+    assert_eq!(backend.requests(), 20, "asked again: L1 answers");
+    // Retries (after 100, 300, 700 ms...) add no line.
+    thread::sleep(Duration::from_millis(1000));
+    let log = node.log();
+    assert_eq!(node.down_lines(), node.workers, "{log}");
+    assert_eq!(count_lines(&log, &[&line]), node.workers, "{log}");
+    assert_eq!(node.up_lines(), 0, "{log}");
+    let m = node.metrics();
+    for (series, want) in [
+        ("httpmapd_shared_cache_connections", 0.0),
+        ("httpmapd_shared_cache_hits_total", 0.0),
+        ("httpmapd_shared_cache_misses_total", 0.0),
+        ("httpmapd_shared_cache_writes_total", 0.0),
+        (
+            "httpmapd_shared_cache_errors_total{kind=\"unavailable\"}",
+            20.0,
+        ),
+    ] {
+        assert_eq!(metric(&m, series), want, "{series}");
+    }
+    assert_eq!(c.commandstats(), BTreeMap::new(), "commands reached Redis");
+    assert_eq!(c.daemon_clients(), Vec::new());
+
+    // The admin commands' own connection fails the same way.
+    let out = httpmapd(&["purge", "-c", node.config_str(), "virtual", &keys[0]]);
+    eprintln!("purge: {out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("purged from this node's cache, but not from the shared cache")
+            && out.stderr.contains(&redis.tls_described()),
+        "{out:?}"
+    );
+    assert_no_password("purge's output", &format!("{}{}", out.stdout, out.stderr));
+    let out = httpmapd(&["show", "-c", node.config_str(), "virtual", &keys[1]]);
+    eprintln!("show: {out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&redis.tls_described()), "{out:?}");
+    assert_no_password("show's output", &format!("{}{}", out.stdout, out.stderr));
+    assert_no_password("the log", &node.log());
+}
+
+/// Redis's certificate is from a CA the node does not trust.
+#[test]
+fn rediss_with_an_unknown_ca_is_only_misses() {
+    let pki = RedisPki::new();
+    let redis = Redis::start_tls(&pki, "optional");
+    refused_over_tls(
+        &redis,
+        &[setting("tls_ca_file", &pki.other_ca_file)],
+        "unknown CA: the certificate is not signed by a trusted authority (tls_ca_file)",
+        "alert unknown ca",
+    );
+}
+
+/// Redis's certificate (for 127.0.0.1) does not name `tls_server_name`.
+#[test]
+fn rediss_with_a_name_mismatch_is_only_misses() {
+    let pki = RedisPki::new();
+    let redis = Redis::start_tls(&pki, "optional");
+    refused_over_tls(
+        &redis,
+        &[pki.trust(), "tls_server_name = \"other.example\"".into()],
+        "name mismatch: wanted other.example",
+        "alert bad certificate",
+    );
+}
+
+/// Redis with `--tls-auth-clients yes`: nodes with a client certificate
+/// from the CA connect and share; a node without one is down (one line per
+/// worker), its lookups answered from the servers.
+#[test]
+fn rediss_mutual_tls_with_and_without_a_client_certificate() {
+    let pki = RedisPki::new();
+    let redis = Redis::start_tls(&pki, "yes");
+    let backend = Backend::start(Duration::ZERO);
+    let anonymous = Cfg::new(Some(&redis.tls_url()), &backend.url())
+        .shared(&pki.trust())
+        .cache("ttl = \"1h\"");
+    let [cert, key] = pki.identity();
+    let identified = anonymous.clone().shared(&cert).shared(&key);
+    let a = Node::start(&identified);
+    let b = Node::start(&identified);
+    let anon = Node::start(&anonymous);
+    a.wait_connected();
+    b.wait_connected();
+    let ok = wait_until(WAIT, || anon.down_lines() == anon.workers);
+    assert!(
+        ok,
+        "the node without a certificate is not down:\n{}",
+        anon.log()
+    );
+    let mut c = redis.conn();
+    let clients = c.daemon_clients();
+    assert_eq!(clients.len(), 4, "nodes a and b only: {clients:?}");
+    assert!(
+        clients.iter().all(|(_, port)| *port == redis.tls_port()),
+        "{clients:?}"
+    );
+
+    let k = "una@example.com";
+    assert_eq!(a.get(k), want(k, 1));
+    assert_eq!(backend.requests(), 1);
+    wait_keys(&mut c, "httpmapd:v:*", 1);
+    assert_eq!(b.get(k), want(k, 1));
+    assert_eq!(backend.requests(), 1, "node b asked the server");
+    assert_eq!(b.metric("httpmapd_shared_cache_hits_total"), 1.0);
+    // The node without a certificate: from the servers.
+    assert_eq!(anon.get(k), want(k, 1));
+    assert_eq!(backend.requests(), 2);
+    let keys = key_set("mtls", 10);
+    for key in &keys {
+        assert_eq!(anon.get(key), want(key, 1));
+    }
+    assert_eq!(backend.requests(), 12);
+    let m = anon.metrics();
+    for (series, want) in [
+        ("httpmapd_shared_cache_connections", 0.0),
+        ("httpmapd_shared_cache_hits_total", 0.0),
+        ("httpmapd_shared_cache_writes_total", 0.0),
+        (
+            "httpmapd_shared_cache_errors_total{kind=\"unavailable\"}",
+            11.0,
+        ),
+    ] {
+        assert_eq!(metric(&m, series), want, "{series}");
+    }
+    assert_eq!(c.keys("httpmapd:v:*").len(), 1, "only node a wrote");
+
+    // The admin connection presents the certificate too.
+    let out = httpmapd(&["purge", "-c", a.config_str(), "virtual", k]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (
+            0,
+            "dropped 1 entries from the in-process cache and 1 from the shared cache\n"
+        ),
+        "{out:?}"
+    );
+    assert_eq!(c.keys("httpmapd:*"), Vec::<String>::new());
+    // Without a certificate: Redis asks for one (the TLS 1.3 handshake
+    // ends on the client's side first, so the alert comes with the answer
+    // to HELLO).
+    let out = httpmapd(&["purge", "-c", anon.config_str(), "virtual", k]);
+    eprintln!("purge without a certificate: {out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("purged from this node's cache, but not from the shared cache")
+            && out.stderr.contains(&redis.tls_described())
+            && out
+                .stderr
+                .contains("the server requires a client certificate (tls_client_cert)"),
+        "{out:?}"
+    );
+    assert_no_password("purge's output", &format!("{}{}", out.stdout, out.stderr));
+
+    let log = anon.log();
+    eprintln!("{}", lines_with(&log, "shared cache"));
+    let line = format!("shared cache {} is down: ", redis.tls_described());
+    assert_eq!(
+        count_lines(
+            &log,
+            &[
+                &line,
+                "the server requires a client certificate (tls_client_cert)"
+            ]
+        ),
+        anon.workers,
+        "one line per worker naming the reason:\n{log}"
+    );
+    assert_eq!(anon.down_lines(), anon.workers, "{log}");
+    for (n, what) in [(&a, "node a"), (&b, "node b"), (&anon, "anon")] {
+        if what != "anon" {
+            assert_eq!(n.down_lines(), 0, "{what}:\n{}", n.log());
+        }
+        assert_no_password(&format!("{what}'s log"), &n.log());
+    }
 }

@@ -7,23 +7,20 @@
 //! names whose addresses change (a private mount namespace with its own
 //! /etc/hosts).
 //!
-//! Certificates are made here with rcgen: a CA, server certificates (valid,
-//! expired, not yet valid, for another name, from another CA), a client CA
-//! and client certificates. Each test runs its own nginx (its own prefix
-//! directory, pid file and logs, on free ports) whose access log has one
-//! line per request with `$connection`, `$ssl_session_reused`,
-//! `$ssl_client_s_dn` and the key, so requests and connections are counted
-//! exactly.
+//! Certificates are made with rcgen (`common::pki`): a CA, server
+//! certificates (valid, expired, not yet valid, for another name, from
+//! another CA), a client CA and client certificates. Each test runs its own
+//! nginx (its own prefix directory, pid file and logs, on free ports) whose
+//! access log has one line per request with `$connection`,
+//! `$ssl_session_reused`, `$ssl_client_s_dn` and the key, so requests and
+//! connections are counted exactly.
 
 mod common;
 
+use common::pki::{write_leaf, Ca, Leaf, TempDir, Validity};
 use common::{
     assert_temp, free_port, log_lines, metric, metrics, postmap_q, run_check, show, stats_body,
-    unique_temp_dir, wait_until, Acceptor, Daemon, LineClient, NginxProcess, Reply, TestServer,
-};
-use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    wait_until, Acceptor, Daemon, LineClient, NginxProcess, Reply, TestServer,
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -38,124 +35,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_httpmapd");
 
 /// Bound on every poll below (generous for a loaded 2-core machine).
 const WAIT: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------
-// Certificates
-// ---------------------------------------------------------------------------
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> TempDir {
-        TempDir(unique_temp_dir(prefix))
-    }
-
-    /// Writes `name` in the directory; returns its path.
-    fn write(&self, name: &str, content: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, content).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-        p
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Validity {
-    Valid,
-    Expired,
-    NotYetValid,
-}
-
-/// A certificate authority made for the test.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A certificate and its key, PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-fn dn(cn: &str) -> DistinguishedName {
-    let mut d = DistinguishedName::new();
-    d.push(DnType::CommonName, cn);
-    d
-}
-
-impl Ca {
-    fn new(cn: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name = dn(cn);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        p.not_before = date_time_ymd(2020, 1, 1);
-        p.not_after = date_time_ymd(2120, 1, 1);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    /// A certificate for `names` (DNS names or IP addresses) with subject
-    /// CN=`cn`, for a TLS server or (`client`) a TLS client.
-    fn issue(&self, names: &[&str], cn: &str, validity: Validity, client: bool) -> Leaf {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name = dn(cn);
-        p.use_authority_key_identifier_extension = true;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        (p.not_before, p.not_after) = match validity {
-            Validity::Valid => (date_time_ymd(2020, 1, 1), date_time_ymd(2110, 1, 1)),
-            Validity::Expired => (date_time_ymd(2001, 1, 1), date_time_ymd(2002, 1, 1)),
-            Validity::NotYetValid => (date_time_ymd(2100, 1, 1), date_time_ymd(2110, 1, 1)),
-        };
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    fn server(&self, names: &[&str]) -> Leaf {
-        self.issue(names, names[0], Validity::Valid, false)
-    }
-
-    fn client(&self, cn: &str) -> Leaf {
-        self.issue(&[], cn, Validity::Valid, true)
-    }
-}
-
-/// Writes `leaf` as NAME.crt and NAME.key in `dir`: (cert path, key path).
-fn write_leaf(dir: &TempDir, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
-    (
-        dir.write(&format!("{name}.crt"), &leaf.cert),
-        dir.write(&format!("{name}.key"), &leaf.key),
-    )
-}
 
 // ---------------------------------------------------------------------------
 // A private nginx with TLS sites

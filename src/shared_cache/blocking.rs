@@ -17,12 +17,18 @@ impl<T: Read + Write + Send> Stream for T {}
 pub struct Blocking {
     stream: Box<dyn Stream>,
     rbuf: Vec<u8>,
+    /// The name TLS verifies (errors are worded by [`crate::tls::describe`]).
+    tls_name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 impl Blocking {
     /// Connects and logs in; errors never show the password.
     pub fn connect(cfg: &SharedCache, timeout: Duration) -> Result<Blocking, String> {
         let target = cfg.target.describe();
+        let tls_name = match (&cfg.tls, &cfg.target.addr) {
+            (Some(tls), RedisAddr::Tcp { host, .. }) => Some(tls.name_for(host)),
+            _ => None,
+        };
         let stream: Box<dyn Stream> = match &cfg.target.addr {
             RedisAddr::Tcp { host, .. } => {
                 let addr = *cfg
@@ -55,6 +61,7 @@ impl Blocking {
         let mut b = Blocking {
             stream,
             rbuf: Vec::new(),
+            tls_name,
         };
         b.ok(&super::hello_args(&cfg.target, "httpmapd-admin"))
             .map_err(|e| format!("{target}: HELLO: {e}"))?;
@@ -72,8 +79,10 @@ impl Blocking {
         resp::write_command(&mut out, args);
         self.stream
             .write_all(&out)
-            .map_err(|e| format!("write: {e}"))?;
-        self.stream.flush().map_err(|e| format!("write: {e}"))?;
+            .map_err(|e| format!("write: {}", self.io_text(&e)))?;
+        self.stream
+            .flush()
+            .map_err(|e| format!("write: {}", self.io_text(&e)))?;
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match resp::parse(&self.rbuf, MAX_REPLY_BYTES).map_err(|e| e.to_string())? {
@@ -88,13 +97,21 @@ impl Blocking {
                     let n = self
                         .stream
                         .read(&mut chunk)
-                        .map_err(|e| format!("read: {e}"))?;
+                        .map_err(|e| format!("read: {}", self.io_text(&e)))?;
                     if n == 0 {
                         return Err("the server closed the connection".into());
                     }
                     self.rbuf.extend_from_slice(&chunk[..n]);
                 }
             }
+        }
+    }
+
+    /// An IO error in words (a TLS failure as the HTTPS servers' are).
+    fn io_text(&self, e: &std::io::Error) -> String {
+        match &self.tls_name {
+            Some(name) => crate::tls::io_text(e, name),
+            None => e.to_string(),
         }
     }
 

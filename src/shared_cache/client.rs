@@ -178,6 +178,15 @@ impl L2 {
         }
     }
 
+    /// An IO error in words: a TLS failure as the HTTPS servers' are
+    /// worded ([`crate::tls::describe`]: "unknown CA", "name mismatch"...).
+    fn io_text(&self, e: &io::Error) -> String {
+        match (&self.cfg.tls, &self.cfg.target.addr) {
+            (Some(tls), RedisAddr::Tcp { host, .. }) => crate::tls::io_text(e, &tls.name_for(host)),
+            _ => e.to_string(),
+        }
+    }
+
     /// Closes the connection (a reload replaced it).
     pub fn close(&mut self, registry: &Registry) {
         if let Some(mut io) = self.io.take() {
@@ -525,7 +534,7 @@ impl L2 {
                         Err(e) => {
                             return self.down(
                                 registry,
-                                format!("TLS handshake: {}", tls_text(&e)),
+                                format!("TLS handshake: {}", self.io_text(&e)),
                                 now,
                             )
                         }
@@ -588,7 +597,10 @@ impl L2 {
                 Ok(n) => self.rbuf.extend_from_slice(&self.read_buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return self.down(registry, format!("read: {e}"), now),
+                Err(e) => {
+                    let why = format!("read: {}", self.io_text(&e));
+                    return self.down(registry, why, now);
+                }
             }
             let mut used = 0;
             loop {
@@ -711,12 +723,5 @@ impl L2 {
             Value::Null => self.flush_all = true,
             _ => {}
         }
-    }
-}
-
-fn tls_text(e: &io::Error) -> String {
-    match crate::transport::tls_error(e) {
-        Some(t) => format!("{t}"),
-        None => e.to_string(),
     }
 }

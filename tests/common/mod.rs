@@ -5,8 +5,9 @@
 //! side (`postmap_q`, `LineClient`), a private real nginx (`NginxProcess`,
 //! and `Nginx` serving dict_http from it), the daemon's stats listener
 //! (`stats_get`, `metrics`, `metric`), small helpers (log lines, replies,
-//! netstrings, programs, /proc), and a private real Postfix instance (the
-//! `postfix` submodule).
+//! netstrings, programs, /proc), a private real Postfix instance (the
+//! `postfix` submodule) and a test PKI (the `pki` submodule: CAs and the
+//! certificates they issue, written to a temporary directory).
 //!
 //! Everything talks over real loopback sockets; nothing here knows the
 //! daemon's internals. Most `tests/*.rs` do `mod common;`; not every test
@@ -18,6 +19,7 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod postfix;
 
 use std::io::{self, Read, Write};
