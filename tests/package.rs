@@ -12,9 +12,12 @@
 //! - The extracted binaries run, carry no debug info and no symbol table, and
 //!   the extracted `httpmapd` accepts the extracted config with `--check`.
 //! - The man pages render without a warning (`groff -man -ww` and `man -l`);
-//!   httpmapd.toml(5) has an entry for every key the
+//!   every program in /usr/bin has one (man1 or man8) whose NAME line names
+//!   it; httpmapd.toml(5) has an entry for every key the
 //!   config parser accepts (its `Raw*` structs under src/config) and for no
-//!   other, and for every key the shipped config shows.
+//!   other, and for every key the shipped config shows; httpmapd-load(1) has
+//!   an entry for every option `httpmapd-load --help` lists and names no
+//!   option the program lacks.
 //! - The unit runs the packaged paths with the settings the daemon relies on,
 //!   and passes `systemd-analyze verify`.
 //!
@@ -75,6 +78,11 @@ const FILES: &[(&str, &str, Option<&str>)] = &[
         Some("conf/man/httpmapd.toml.5"),
     ),
     (
+        "usr/share/man/man1/httpmapd-load.1.gz",
+        "-rw-r--r--",
+        Some("conf/man/httpmapd-load.1"),
+    ),
+    (
         "usr/share/doc/httpmapd/README.md",
         "-rw-r--r--",
         Some("README.md"),
@@ -92,6 +100,7 @@ const UNIT: &str = "usr/lib/systemd/system/httpmapd.service";
 const MAN_PAGES: &[&str] = &[
     "usr/share/man/man8/httpmapd.8.gz",
     "usr/share/man/man5/httpmapd.toml.5.gz",
+    "usr/share/man/man1/httpmapd-load.1.gz",
 ];
 
 /// Tools the package cannot be built or inspected without, and how to get
@@ -686,6 +695,211 @@ fn man_pages_render_without_warnings() {
             stderr(&o)
         );
     }
+}
+
+#[test]
+fn every_program_has_a_man_page() {
+    require_tools();
+    let p = package();
+    let mut programs: Vec<String> = std::fs::read_dir(p.path("usr/bin"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    programs.sort();
+    let mut expected: Vec<String> = BINARIES
+        .iter()
+        .map(|b| b.strip_prefix("usr/bin/").unwrap().to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(programs, expected, "the programs in /usr/bin");
+    for name in &programs {
+        // NAME.1 or NAME.8 (gzipped or not) in the directory of its section.
+        let pages: Vec<String> = ["1", "8"]
+            .iter()
+            .flat_map(|section| {
+                [
+                    format!("usr/share/man/man{section}/{name}.{section}"),
+                    format!("usr/share/man/man{section}/{name}.{section}.gz"),
+                ]
+            })
+            .filter(|page| p.path(page).is_file())
+            .collect();
+        assert!(
+            pages.len() == 1,
+            "/usr/bin/{name} should have one man page, in usr/share/man/man1 or man8, found {pages:?}"
+        );
+        let page = &pages[0];
+        assert!(
+            MAN_PAGES.contains(&page.as_str()),
+            "{page} is not in MAN_PAGES, so its rendering is not checked"
+        );
+        // What whatis(1) and apropos(1) show: "NAME \- summary".
+        let roff = String::from_utf8(if page.ends_with(".gz") {
+            gunzip(&p.path(page))
+        } else {
+            read(&p.path(page))
+        })
+        .unwrap();
+        let name_line = roff
+            .lines()
+            .skip_while(|l| *l != ".SH NAME")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{page} has no NAME section"))
+            .replace("\\-", "-");
+        assert!(
+            name_line.starts_with(&format!("{name} - ")),
+            "{page}: the NAME line should be \"{name} \\- summary\", not {name_line:?}"
+        );
+    }
+}
+
+/// The options an option listing of clap's `--help` defines, as
+/// (short, long): lines such as `  -c, --connections <N>  Connections` and
+/// `      --depth <N>  ...` (not the options its prose mentions).
+fn help_options(help: &str) -> Vec<(Option<String>, String)> {
+    help.lines()
+        .filter(|l| l.starts_with("  ") && l.trim_start().starts_with('-'))
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let first = words.next().unwrap();
+            let (short, long) = match first.strip_suffix(',') {
+                Some(short) => (Some(short.to_string()), words.next().unwrap_or("")),
+                None => (None, first),
+            };
+            assert!(
+                long.starts_with("--") && short.as_deref().is_none_or(|s| s.len() == 2),
+                "not an option line of --help: {l:?}"
+            );
+            (short, long.to_string())
+        })
+        .collect()
+}
+
+/// The option names (`-x`, `--name`) a piece of roff writes, comments
+/// left out: `\-` read as `-`, font escapes dropped.
+fn roff_options(roff: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in roff.lines() {
+        if line.starts_with(".\\\"") {
+            continue;
+        }
+        let line = line.split("\\\"").next().unwrap();
+        let mut text = line.replace("\\-", "-");
+        for font in ["\\fB", "\\fI", "\\fR", "\\fP"] {
+            text = text.replace(font, "");
+        }
+        let b = text.as_bytes();
+        for i in 0..b.len() {
+            let starts_word = i == 0 || matches!(b[i - 1], b' ' | b'(' | b'[' | b'"' | b'|');
+            if b[i] != b'-' || !starts_word {
+                continue;
+            }
+            if b.get(i + 1) == Some(&b'-') {
+                // --name
+                let len = b[i + 2..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || **c == b'-')
+                    .count();
+                let name = text[i..i + 2 + len].trim_end_matches('-');
+                if name.len() > 2 {
+                    out.push(name.to_string());
+                }
+            } else if b.get(i + 1).is_some_and(u8::is_ascii_alphabetic)
+                && !b.get(i + 2).is_some_and(u8::is_ascii_alphanumeric)
+            {
+                // -x
+                out.push(text[i..i + 2].to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Options of other commands httpmapd-load(1) cites: the command (as run
+/// with the `httpmapd` binary) and its options, checked against its --help.
+const LOAD_PAGE_FOREIGN_OPTIONS: &[(&[&str], &[&str])] = &[(&["backend"], &["--listen", "--map"])];
+
+#[test]
+fn load_man_page_documents_every_option() {
+    let roff = String::from_utf8(source("conf/man/httpmapd-load.1")).unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_httpmapd-load"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        help.status.success(),
+        "httpmapd-load --help: {}",
+        help.status
+    );
+    let options = help_options(&stdout(&help));
+    assert!(
+        options.len() > 20,
+        "parsing httpmapd-load --help found only {options:?}"
+    );
+
+    // Each option has an entry under OPTIONS (a .TP head naming it, with its
+    // short form if it has one).
+    let mut section = "";
+    let mut heads: Vec<Vec<String>> = Vec::new();
+    let mut after_tp = false;
+    for line in roff.lines() {
+        if let Some(s) = line.strip_prefix(".SH ") {
+            section = s;
+        } else if after_tp && section == "OPTIONS" {
+            heads.push(roff_options(line));
+        }
+        after_tp = line == ".TP";
+    }
+    for (short, long) in &options {
+        let head = heads.iter().find(|h| h.contains(long)).unwrap_or_else(|| {
+            panic!("httpmapd-load(1) has no OPTIONS entry for {long}, which --help lists")
+        });
+        let page_short = head.iter().find(|o| !o.starts_with("--"));
+        assert_eq!(
+            page_short,
+            short.as_ref(),
+            "the short form of {long} (left: httpmapd-load(1), right: --help)"
+        );
+    }
+
+    // And every option the page names anywhere is one of them, or one of
+    // another command's it cites (which that command has).
+    let mut known: BTreeSet<String> = options
+        .iter()
+        .flat_map(|(s, l)| s.iter().chain([l]).cloned())
+        .collect();
+    for (command, foreign) in LOAD_PAGE_FOREIGN_OPTIONS {
+        let o = Command::new(env!("CARGO_BIN_EXE_httpmapd"))
+            .args(command.iter())
+            .arg("--help")
+            .output()
+            .unwrap();
+        let theirs: Vec<String> = help_options(&stdout(&o))
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect();
+        for f in *foreign {
+            assert!(
+                theirs.iter().any(|l| l == f),
+                "httpmapd {} --help does not list {f}, which httpmapd-load(1) cites",
+                command.join(" ")
+            );
+            assert!(
+                roff_options(&roff).iter().any(|o| o == f),
+                "httpmapd-load(1) no longer cites {f}: drop it from LOAD_PAGE_FOREIGN_OPTIONS"
+            );
+            known.insert(f.to_string());
+        }
+    }
+    let unknown: BTreeSet<String> = roff_options(&roff)
+        .into_iter()
+        .filter(|o| !known.contains(o))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "httpmapd-load(1) names {unknown:?}, which httpmapd-load --help does not list"
+    );
 }
 
 /// The `.TP` entry names of each `.SH` section of a man page:
