@@ -215,6 +215,18 @@ impl Redis {
         }
     }
 
+    /// Exactly `n` daemon connections (`CLIENT LIST` through `c`, on the
+    /// plain port), every one of them on the TLS port.
+    fn assert_daemon_clients_on_tls(&self, c: &mut RespConn, n: usize, what: &str) {
+        let clients = c.daemon_clients();
+        assert_eq!(clients.len(), n, "{what}: {clients:?}");
+        assert!(
+            clients.iter().all(|(_, port)| *port == self.tls_port()),
+            "every daemon connection on the TLS port {}: {clients:?}",
+            self.tls_port()
+        );
+    }
+
     /// How the daemon names it in logs and errors.
     fn described(&self) -> String {
         format!("redis://:***@127.0.0.1:{}/0", self.port)
@@ -2686,13 +2698,7 @@ fn rediss_two_nodes_share_show_and_purge_over_tls() {
     a.wait_connected();
     b.wait_connected();
     let mut c = redis.conn();
-    let clients = c.daemon_clients();
-    assert_eq!(clients.len(), 4, "two workers per node: {clients:?}");
-    assert!(
-        clients.iter().all(|(_, port)| *port == redis.tls_port()),
-        "every daemon connection on the TLS port {}: {clients:?}",
-        redis.tls_port()
-    );
+    redis.assert_daemon_clients_on_tls(&mut c, 4, "two workers per node");
     c.reset_stats();
 
     // Node a fetches the key; node b reads it from Redis.
@@ -2808,12 +2814,7 @@ fn rediss_two_nodes_share_show_and_purge_over_tls() {
         assert_eq!(n.down_lines(), n.workers, "{what}:\n{}", n.log());
     }
     let mut c = redis.conn();
-    let clients = c.daemon_clients();
-    assert_eq!(clients.len(), 4, "{clients:?}");
-    assert!(
-        clients.iter().all(|(_, port)| *port == redis.tls_port()),
-        "{clients:?}"
-    );
+    redis.assert_daemon_clients_on_tls(&mut c, 4, "two workers per node");
     let k = "uma@example.com";
     assert_eq!(a.get(k), want(k, 2));
     assert_eq!(backend.requests(), 103);
@@ -2960,12 +2961,7 @@ fn rediss_mutual_tls_with_and_without_a_client_certificate() {
         anon.log()
     );
     let mut c = redis.conn();
-    let clients = c.daemon_clients();
-    assert_eq!(clients.len(), 4, "nodes a and b only: {clients:?}");
-    assert!(
-        clients.iter().all(|(_, port)| *port == redis.tls_port()),
-        "{clients:?}"
-    );
+    redis.assert_daemon_clients_on_tls(&mut c, 4, "nodes a and b only");
 
     let k = "una@example.com";
     assert_eq!(a.get(k), want(k, 1));
