@@ -141,6 +141,17 @@ pub enum RedisAddr {
     Unix(PathBuf),
 }
 
+impl SharedCache {
+    /// The name TLS verifies (`rediss://` to a host): `tls_server_name`,
+    /// else the URL's host. `None` without TLS.
+    pub fn tls_name(&self) -> Option<rustls::pki_types::ServerName<'static>> {
+        match (&self.tls, &self.target.addr) {
+            (Some(tls), RedisAddr::Tcp { host, .. }) => Some(tls.name_for(host)),
+            _ => None,
+        }
+    }
+}
+
 impl RedisTarget {
     /// The URL without the password, for logs and errors.
     pub fn describe(&self) -> String {

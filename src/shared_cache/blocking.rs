@@ -25,12 +25,9 @@ impl Blocking {
     /// Connects and logs in; errors never show the password.
     pub fn connect(cfg: &SharedCache, timeout: Duration) -> Result<Blocking, String> {
         let target = cfg.target.describe();
-        let tls_name = match (&cfg.tls, &cfg.target.addr) {
-            (Some(tls), RedisAddr::Tcp { host, .. }) => Some(tls.name_for(host)),
-            _ => None,
-        };
+        let tls_name = cfg.tls_name();
         let stream: Box<dyn Stream> = match &cfg.target.addr {
-            RedisAddr::Tcp { host, .. } => {
+            RedisAddr::Tcp { .. } => {
                 let addr = *cfg
                     .addrs
                     .first()
@@ -40,14 +37,13 @@ impl Blocking {
                 s.set_read_timeout(Some(timeout)).ok();
                 s.set_write_timeout(Some(timeout)).ok();
                 let _ = s.set_nodelay(true);
-                match &cfg.tls {
-                    None => Box::new(s),
-                    Some(tls) => {
-                        let name = tls.name_for(host);
-                        let conn = rustls::ClientConnection::new(tls.config.clone(), name)
+                match (&cfg.tls, &tls_name) {
+                    (Some(tls), Some(name)) => {
+                        let conn = rustls::ClientConnection::new(tls.config.clone(), name.clone())
                             .map_err(|e| format!("{target}: TLS: {e}"))?;
                         Box::new(rustls::StreamOwned::new(conn, s))
                     }
+                    _ => Box::new(s),
                 }
             }
             RedisAddr::Unix(p) => {

@@ -181,9 +181,9 @@ impl L2 {
     /// An IO error in words: a TLS failure as the HTTPS servers' are
     /// worded ([`crate::tls::describe`]: "unknown CA", "name mismatch"...).
     fn io_text(&self, e: &io::Error) -> String {
-        match (&self.cfg.tls, &self.cfg.target.addr) {
-            (Some(tls), RedisAddr::Tcp { host, .. }) => crate::tls::io_text(e, &tls.name_for(host)),
-            _ => e.to_string(),
+        match self.cfg.tls_name() {
+            Some(name) => crate::tls::io_text(e, &name),
+            None => e.to_string(),
         }
     }
 
